@@ -1,0 +1,42 @@
+# Set-up and the two README commands. Everything a fresh machine needs is installed from here.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+WHEELS      ?= .wheels
+HOROVOD_VER := 0.28.1
+TF_SPEC     := tensorflow-cpu==2.17.1
+
+# Horovod: TensorFlow + Gloo, no MPI / PyTorch / MXNet. CMAKE_POLICY_VERSION_MINIMUM lets cmake 4.x
+# (pip's) configure Horovod's old CMakeLists; Debian's cmake 3.25 ignores it.
+HOROVOD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+               HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
+
+.PHONY: setup test demo bench clean-venv
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TF_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	@# Build the Horovod wheel once and keep it: later set-ups install it in seconds.
+	@if ! ls $(WHEELS)/horovod-$(HOROVOD_VER)-*.whl >/dev/null 2>&1; then \
+	  echo "building horovod $(HOROVOD_VER) (a few minutes, once)"; \
+	  $(PIP) install -q cmake packaging && \
+	  $(HOROVOD_ENV) $(PIP) wheel --no-build-isolation --no-deps --no-cache-dir -w $(WHEELS) horovod==$(HOROVOD_VER); \
+	fi
+	$(PIP) install -q --no-deps $(WHEELS)/horovod-$(HOROVOD_VER)-*.whl
+	$(PIP) install -q cloudpickle psutil pyyaml
+	$(PY) -c "import horovod.tensorflow as hvd, tensorflow as tf, tensorflow_io; print('stack ok: tf', tf.__version__)"
+	@touch $@
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/pfc bench fc --classes 100000 --dim 512 --batch 256
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,50 @@
+"""Horovod (Gloo on CPU, NCCL on GPU) as the cluster backend. The only module importing horovod."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import tensorflow as tf
+
+from cluster.base import Cluster
+
+
+class HorovodCluster(Cluster):
+    """Workers started by `horovodrun` (or `mpirun` with an MPI-enabled Horovod)."""
+
+    backend = "horovod"
+
+    def __init__(self) -> None:
+        import horovod.tensorflow as hvd  # the import error is turned into a clear one by init()
+
+        hvd.init()
+        self._hvd = hvd
+        self._barriers = itertools.count()
+
+    rank = property(lambda self: self._hvd.rank())
+    size = property(lambda self: self._hvd.size())
+    local_rank = property(lambda self: self._hvd.local_rank())
+    local_size = property(lambda self: self._hvd.local_size())
+
+    def _allgather(self, x):
+        return self._hvd.allgather(x)
+
+    def _allreduce(self, x, op):
+        ops = {"sum": self._hvd.Sum, "max": self._hvd.Max}
+        if op not in ops:
+            raise ValueError(f"unknown reduction {op!r}; expected one of {sorted(ops)}")
+        return self._hvd.allreduce(x, op=ops[op])
+
+    def _reduce_scatter(self, x):
+        # Horovod's default reduction here is Average: ask for Sum explicitly.
+        return self._hvd.reducescatter(x, op=self._hvd.Sum)
+
+    def broadcast_variables(self, variables: Sequence[tf.Variable], root: int = 0) -> None:
+        self._hvd.broadcast_variables(list(variables), root_rank=root)
+
+    def barrier(self) -> None:
+        # Horovod's TensorFlow binding has no barrier; a named scalar allreduce is one.
+        self._hvd.allreduce(tf.zeros([1]), op=self._hvd.Sum, name=f"pfc_barrier_{next(self._barriers)}")
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()

@@ -1,0 +1,380 @@
+"""The margin family of MARGINS.md: what each loss does to the target ("label") logit.
+
+A margin is a small, immutable description: whether class weights and embeddings are
+L2-normalized, the scale `s`, and a pure function that maps the target's `cos θ_y` (and the
+factor `k` with plain target logit `f_y = k·cos θ_y`) to the margin logit `f'_y`. Non-target
+logits are never touched. All functions are elementwise on `[B]` tensors and keep finite
+gradients at cos θ = ±1; no `acos` sits in a gradient path except through `_acos`, whose
+derivative is floored the same way as `_sin_from_cos`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import tensorflow as tf
+
+
+# --------------------------------------------------------------------------------------------
+# Safe trigonometry on c = cos θ
+# --------------------------------------------------------------------------------------------
+def _sin_floor(dtype: tf.DType) -> float:
+    """Smallest sin θ used in a derivative.
+
+    Half of sqrt(eps) lies below the smallest non-zero sin θ that any representable cos θ < 1
+    produces, so the floor changes no derivative except at exactly |cos θ| = 1, where the true one
+    is infinite. Margins are evaluated in float32 or float64 only.
+    """
+    eps = 2.0 ** -52 if dtype == tf.float64 else 2.0 ** -23
+    return 0.5 * math.sqrt(eps)
+
+
+@tf.custom_gradient
+def _sin_from_cos(c: tf.Tensor) -> tf.Tensor:
+    """sin θ = sqrt(1 - c²) for θ in [0, π]; exact value, derivative -c / max(sin θ, floor)."""
+    s = tf.sqrt(tf.maximum(1.0 - c * c, 0.0))
+
+    def grad(dy):
+        return dy * (-c / tf.maximum(s, _sin_floor(c.dtype)))
+
+    return s, grad
+
+
+@tf.custom_gradient
+def _acos(c: tf.Tensor) -> tf.Tensor:
+    """θ = acos(c); derivative -1 / max(sin θ, floor) (finite at c = +-1)."""
+    theta = tf.acos(c)
+
+    def grad(dy):
+        s = tf.sqrt(tf.maximum(1.0 - c * c, 0.0))
+        return dy * (-1.0 / tf.maximum(s, _sin_floor(c.dtype)))
+
+    return theta, grad
+
+
+def cos_multiple_angle(c: tf.Tensor, m: int) -> tf.Tensor:
+    """cos(mθ) from c = cos θ by the multiple-angle expansion (a polynomial: finite gradients).
+
+    cos(mθ) = Σ_{n=0}^{⌊m/2⌋} (−1)^n C(m, 2n) c^{m−2n} (1−c²)^n
+    """
+    one_minus = 1.0 - c * c
+    out = tf.zeros_like(c)
+    for n in range(m // 2 + 1):
+        out += ((-1) ** n) * math.comb(m, 2 * n) * c ** (m - 2 * n) * one_minus ** n
+    return out
+
+
+def psi(c: tf.Tensor, m: int) -> tf.Tensor:
+    """ψ(θ) = (−1)^k cos(mθ) − 2k on θ ∈ [kπ/m, (k+1)π/m]: continuous, decreasing on [0, π].
+
+    k (piecewise constant, no gradient) counts the thresholds cos(jπ/m), j = 1..m-1, above c.
+    """
+    k = tf.zeros_like(c)
+    for j in range(1, m):
+        k += tf.cast(c < math.cos(j * math.pi / m), c.dtype)
+    k = tf.stop_gradient(k)
+    sign = 1.0 - 2.0 * tf.math.floormod(k, 2.0)  # (−1)^k
+    return sign * cos_multiple_angle(c, m) - 2.0 * k
+
+
+# --------------------------------------------------------------------------------------------
+# λ annealing (L-Softmax, A-Softmax)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LambdaSchedule:
+    """SphereFace's schedule λ_t = max(minimum, base · (1 + gamma·t)^(−power))."""
+
+    base: float = 1000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    minimum: float = 5.0
+
+    def __post_init__(self):
+        if self.base < 0 or self.minimum < 0 or self.gamma < 0 or self.power < 0:
+            raise ValueError(f"LambdaSchedule parameters must be >= 0, got {self}")
+
+    def __call__(self, step) -> tf.Tensor:
+        t = tf.cast(step, tf.float32)
+        return tf.maximum(self.minimum, self.base * tf.pow(1.0 + self.gamma * t, -self.power))
+
+
+def _lambda_at(lambda_, step) -> tf.Tensor:
+    if isinstance(lambda_, LambdaSchedule):
+        return lambda_(step)
+    return tf.constant(float(lambda_), tf.float32)
+
+
+def _parse_lambda(value: Any) -> float | LambdaSchedule:
+    if isinstance(value, LambdaSchedule):
+        return value
+    if isinstance(value, dict):
+        return LambdaSchedule(**value)
+    if isinstance(value, (tuple, list)):
+        return LambdaSchedule(*value)
+    value = float(value)
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"lambda_ must be a finite number >= 0 or a LambdaSchedule, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The family
+# --------------------------------------------------------------------------------------------
+class Margin:
+    """Base class. Subclasses are frozen dataclasses.
+
+    normalize_weights / normalize_embeddings: which side is L2-normalized before the dot product.
+    scale: multiplies every logit (None: no scale). Non-target logit f_j = scale·(a(x)·b(W_j)).
+    """
+
+    name: ClassVar[str] = "margin"
+    normalize_weights: ClassVar[bool] = True
+    normalize_embeddings: ClassVar[bool] = True
+    uses_step: ClassVar[bool] = False
+
+    @property
+    def logit_scale(self) -> float:
+        return 1.0
+
+    def target_logit(self, cos: tf.Tensor, k: tf.Tensor, step=0) -> tf.Tensor:
+        """[B] cos θ_y, [B] factor k (plain f_y = k·cos θ_y) -> [B] margin logit f'_y."""
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        cfg = dataclasses.asdict(self)
+        for key, val in list(cfg.items()):
+            if isinstance(getattr(self, key), LambdaSchedule):
+                cfg[key] = dataclasses.asdict(getattr(self, key))
+        return {"name": self.name, **cfg}
+
+
+def _check_scale(scale: float, name: str = "scale") -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {scale!r}")
+
+
+def _check_int_margin(m: Any) -> None:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"margin must be an integer >= 1 for L-Softmax / A-Softmax, got {m!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax(Margin):
+    """Plain softmax: f_j = W_j·x, nothing normalized, no margin."""
+
+    name: ClassVar[str] = "softmax"
+    normalize_weights: ClassVar[bool] = False
+    normalize_embeddings: ClassVar[bool] = False
+
+    def target_logit(self, cos, k, step=0):
+        return k * cos
+
+
+@dataclasses.dataclass(frozen=True)
+class NormFace(Margin):
+    """Modified softmax / NormFace: W normalized. scale=None: f_j = |x| cos θ_j (x not normalized);
+    scale=s: x normalized too and f_j = s cos θ_j."""
+
+    name: ClassVar[str] = "normface"
+    scale: float | None = None
+
+    def __post_init__(self):
+        if self.scale is not None:
+            _check_scale(self.scale)
+
+    @property
+    def normalize_embeddings(self) -> bool:  # type: ignore[override]
+        return self.scale is not None
+
+    @property
+    def logit_scale(self) -> float:
+        return 1.0 if self.scale is None else float(self.scale)
+
+    def target_logit(self, cos, k, step=0):
+        return k * cos
+
+
+@dataclasses.dataclass(frozen=True)
+class LSoftmax(Margin):
+    """L-Softmax (Liu et al. 2016): f'_y = |W_y||x| ψ(θ_y), blended with λ."""
+
+    name: ClassVar[str] = "lsoftmax"
+    normalize_weights: ClassVar[bool] = False
+    normalize_embeddings: ClassVar[bool] = False
+    margin: int = 4
+    lambda_: float | LambdaSchedule = 0.0
+
+    def __post_init__(self):
+        _check_int_margin(self.margin)
+        object.__setattr__(self, "lambda_", _parse_lambda(self.lambda_))
+
+    @property
+    def uses_step(self) -> bool:  # type: ignore[override]
+        return isinstance(self.lambda_, LambdaSchedule)
+
+    def target_logit(self, cos, k, step=0):
+        lam = tf.cast(_lambda_at(self.lambda_, step), cos.dtype)
+        return (lam * k * cos + k * psi(cos, self.margin)) / (1.0 + lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class ASoftmax(LSoftmax):
+    """A-Softmax / SphereFace (Liu et al. 2017): W normalized, f'_y = |x| ψ(θ_y), blended with λ."""
+
+    name: ClassVar[str] = "asoftmax"
+    normalize_weights: ClassVar[bool] = True
+    normalize_embeddings: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AMSoftmax(Margin):
+    """AM-Softmax (Wang et al. 2018) = CosFace: f'_y = s (cos θ_y − m)."""
+
+    name: ClassVar[str] = "amsoftmax"
+    scale: float = 30.0
+    margin: float = 0.35
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        if not math.isfinite(self.margin) or self.margin < 0:
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.scale)
+
+    def target_logit(self, cos, k, step=0):
+        return k * (cos - self.margin)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosFace(AMSoftmax):
+    """CosFace (Wang et al. 2018): the AM-Softmax formula with CosFace's defaults s=64, m=0.4."""
+
+    name: ClassVar[str] = "cosface"
+    scale: float = 64.0
+    margin: float = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class CombinedMargin(Margin):
+    """InsightFace's combined margin: f'_y = s (cos(m1 θ_y + m2) − m3).
+
+    Beyond the point where m1·θ + m2 reaches π the cosine would turn back up; there the logit
+    continues monotonically. For m1 = 1 the rule is ArcFace's (MARGINS.md): cos θ − m2·sin(π − m2).
+    For m1 ≠ 1 it is the continuous extension −1 − (cos θ_t − cos θ) from the turning point θ_t.
+    """
+
+    name: ClassVar[str] = "combined"
+    scale: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        for key in ("m1", "m2", "m3"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{key} must be a finite number, got {v!r}")
+        if self.m1 <= 0:
+            raise ValueError(f"m1 must be > 0, got {self.m1!r}")
+        if not 0 <= self.m2 < math.pi:
+            raise ValueError(f"m2 must be in [0, π), got {self.m2!r}")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.scale)
+
+    def _angular(self, c):
+        """cos(m1 θ + m2) with the monotone continuation past π."""
+        m1, m2 = float(self.m1), float(self.m2)
+        if m1 == 1.0:
+            sin_t = _sin_from_cos(c)
+            cos_tm = c * math.cos(m2) - sin_t * math.sin(m2)
+            threshold = math.cos(math.pi - m2)
+            return tf.where(c > threshold, cos_tm, c - m2 * math.sin(math.pi - m2))
+        theta = _acos(c)
+        cos_tm = tf.cos(m1 * theta + m2)
+        theta_t = (math.pi - m2) / m1
+        if theta_t >= math.pi:
+            return cos_tm
+        c_t = math.cos(theta_t)
+        return tf.where(c > c_t, cos_tm, -1.0 - (c_t - c))
+
+    def target_logit(self, cos, k, step=0):
+        return k * (self._angular(cos) - self.m3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArcFace(CombinedMargin):
+    """ArcFace (Deng et al. 2019): f'_y = s cos(θ_y + m); exact derivative
+    cos m + cos θ·sin m / sin θ (finite at cos θ = ±1, see _sin_from_cos)."""
+
+    name: ClassVar[str] = "arcface"
+    scale: float = 64.0
+    margin: float = 0.5
+    m1: float = dataclasses.field(default=1.0, init=False, repr=False)
+    m2: float = dataclasses.field(default=0.5, init=False, repr=False)
+    m3: float = dataclasses.field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "m2", self.margin)
+        super().__post_init__()
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "scale": self.scale, "margin": self.margin}
+
+
+_REGISTRY: dict[str, type[Margin]] = {
+    cls.name: cls for cls in (Softmax, NormFace, LSoftmax, ASoftmax, AMSoftmax, CosFace, ArcFace,
+                              CombinedMargin)
+}
+_ALIASES = {"sphereface": "asoftmax", "l-softmax": "lsoftmax", "a-softmax": "asoftmax",
+            "am-softmax": "amsoftmax", "modified_softmax": "normface"}
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **params) -> Margin:
+    """Build a margin by name ("arcface", "cosface", ...) with its parameters."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown margin {name!r}; expected one of {available()}")
+    cls = _REGISTRY[key]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for margin {key!r}; it takes {sorted(fields)}")
+    return cls(**params)
+
+
+def from_config(config: dict) -> Margin:
+    config = dict(config)
+    return get(config.pop("name"), **config)
+
+
+# --------------------------------------------------------------------------------------------
+# From embeddings and class rows to the target logit (shared by the layer and the reference)
+# --------------------------------------------------------------------------------------------
+def clip_cos(c: tf.Tensor) -> tf.Tensor:
+    """Clip cos θ to [-1, 1] with a straight-through gradient: rounding that pushes a dot product
+    of unit vectors past 1 must not zero its gradient."""
+    return c + tf.stop_gradient(tf.clip_by_value(c, -1.0, 1.0) - c)
+
+
+def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0) -> tf.Tensor:
+    """[B, D] embeddings, [B, D] their label rows W_y (raw, unnormalized) -> [B] f'_y."""
+    x_norm = tf.norm(x, axis=1)
+    w_norm = tf.norm(w_rows, axis=1)
+    cos = clip_cos(tf.reduce_sum(tf.math.l2_normalize(x, axis=1) *
+                                 tf.math.l2_normalize(w_rows, axis=1), axis=1))
+    k = tf.fill(tf.shape(cos), tf.cast(margin.logit_scale, cos.dtype))
+    if not margin.normalize_embeddings:
+        k = k * x_norm
+    if not margin.normalize_weights:
+        k = k * w_norm
+    return margin.target_logit(cos, k, step)

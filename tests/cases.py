@@ -1,0 +1,50 @@
+"""Shared test cases: global batches, margins, the class counts that split unevenly."""
+from __future__ import annotations
+
+import numpy as np
+
+from partitioned_fc import margins as M
+from partitioned_fc.sharding import all_shard_ranges
+
+LOCAL_BATCH = 5
+DIM = 16
+IN_DIM = 6  # width of the inputs of the linear "backbone" used for the gradient convention
+
+# Every margin of MARGINS.md with non-default parameters where that exercises more code.
+MARGINS = {
+    "softmax": M.Softmax(),
+    "normface": M.NormFace(),
+    "normface_s": M.NormFace(scale=16.0),
+    "lsoftmax": M.LSoftmax(margin=4, lambda_=0.0),
+    "lsoftmax3_lam": M.LSoftmax(margin=3, lambda_=2.0),
+    "asoftmax": M.ASoftmax(margin=4, lambda_=0.0),
+    "asoftmax_sched": M.ASoftmax(margin=4, lambda_=M.LambdaSchedule(1000.0, 0.12, 1.0, 5.0)),
+    "amsoftmax": M.AMSoftmax(scale=30.0, margin=0.35),
+    "cosface": M.CosFace(scale=64.0, margin=0.4),
+    "arcface": M.ArcFace(scale=64.0, margin=0.5),
+    "combined": M.CombinedMargin(scale=32.0, m1=1.2, m2=0.3, m3=0.1),
+}
+GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax")  # also checked inside tf.function
+STEP = 7  # the training step fed to λ schedules
+
+
+def class_counts(world_size: int) -> list[int]:
+    """C values that do not divide evenly by the world size (and one tiny: 1 class more than N)."""
+    return [37, world_size + 1]
+
+
+def global_batch(num_classes: int, world_size: int, seed: int = 0):
+    """(inputs [B, IN_DIM], labels [B], backbone [IN_DIM, DIM]) with repeated labels and labels on
+    every shard boundary of this world size."""
+    rng = np.random.default_rng(seed + 1000 * num_classes + world_size)
+    b = LOCAL_BATCH * world_size
+    special = []
+    for start, end in all_shard_ranges(num_classes, world_size):
+        special += [start, end - 1]
+    labels = rng.integers(0, num_classes, b)
+    labels[: min(len(special), b - 2)] = special[: b - 2]
+    labels[-1] = labels[0]  # a repeat
+    rng.shuffle(labels)
+    inputs = rng.normal(size=(b, IN_DIM)).astype(np.float32)
+    backbone = rng.normal(size=(IN_DIM, DIM)).astype(np.float32)
+    return inputs, labels.astype(np.int64), backbone

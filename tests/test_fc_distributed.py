@@ -1,0 +1,71 @@
+"""PartitionedFC at world sizes 1, 2, 3 (real horovodrun on localhost) vs the dense reference."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import partitioned_fc
+from cases import GRAPH_MARGINS, LOCAL_BATCH, MARGINS, STEP, class_counts, global_batch
+from conftest import horovodrun
+from partitioned_fc.sharding import all_shard_ranges, full_matrix
+
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def dense(num_classes, name, world_size):
+    inputs, labels, backbone = global_batch(num_classes, world_size)
+    w = tf.Variable(full_matrix(num_classes, backbone.shape[1], seed=11))
+    a = tf.Variable(backbone)
+    x_in = tf.constant(inputs)
+    with tf.GradientTape() as tape:
+        tape.watch(x_in)
+        loss, acc = partitioned_fc.dense_loss(tf.matmul(x_in, a), labels, w, MARGINS[name],
+                                              step=STEP, return_accuracy=True)
+    gx, gw, ga = tape.gradient(loss, [x_in, w, a])
+    return {"loss": loss.numpy(), "acc": acc.numpy(), "gx": gx.numpy(), "gw": gw.numpy(),
+            "ga": ga.numpy(), "w": w.numpy()}
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"np{n}")
+def worker_results(request, tmp_path_factory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"fc_np{n}")
+    horovodrun(n, "tests/workers/fc_worker.py", str(out))
+    ranks = [dict(np.load(out / f"rank{r}.npz")) for r in range(n)]
+    assert all(int(r["world_size"]) == n for r in ranks)
+    return n, ranks
+
+
+@pytest.mark.parametrize("name", sorted(MARGINS))
+def test_matches_dense_reference(worker_results, name):
+    n, ranks = worker_results
+    for num_classes in class_counts(n):
+        ref = dense(num_classes, name, n)
+        key = f"{num_classes}/{name}"
+        ranges = all_shard_ranges(num_classes, n)
+        tags = ["loss", "acc", "gx", "gw", "ga"]
+        variants = [""] + (["graph_"] if name in GRAPH_MARGINS else [])
+        for r, res in enumerate(ranks):
+            start, end = ranges[r]
+            assert tuple(res[key + "/range"]) == (start, end)
+            # the shard is the same rows of the same matrix at every world size
+            np.testing.assert_array_equal(res[key + "/w0"], ref["w"][start:end])
+            rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+            for v in variants:
+                got = {t: res[f"{key}/{v}{t}"] for t in tags}
+                where = f"{key} rank {r}/{n} {v or 'eager'}"
+                assert abs(got["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), where
+                assert got["acc"] == pytest.approx(ref["acc"]), where
+                assert rel(got["gx"], ref["gx"][rows]) <= GRAD_RTOL, where
+                assert rel(got["gw"], ref["gw"][start:end]) <= GRAD_RTOL, where
+        # the loss is identical on every worker
+        assert len({float(res[key + "/loss"]) for res in ranks}) == 1
+        # backbone convention: the SUM over workers of the replicated backbone's gradients is the
+        # single-device gradient of the global mean loss.
+        ga = sum(res[key + "/ga"] for res in ranks)
+        assert rel(ga, ref["ga"]) <= GRAD_RTOL, key

@@ -1,0 +1,52 @@
+"""Run by `horovodrun -np N` (or directly for N = 1): every margin's loss and gradients on this
+worker's share, saved for the test process to compare with the dense reference."""
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cluster  # noqa: E402
+import partitioned_fc  # noqa: E402
+from cases import GRAPH_MARGINS, LOCAL_BATCH, MARGINS, STEP, class_counts, global_batch  # noqa: E402
+
+
+def step(fc, inputs, labels, backbone):
+    """Linear backbone x = inputs @ A, then the layer. Returns loss, acc and the three gradients."""
+    x_in = tf.convert_to_tensor(inputs)
+    with tf.GradientTape() as tape:
+        tape.watch(x_in)
+        x = tf.matmul(x_in, backbone)
+        loss, acc = fc(x, labels, step=STEP, return_accuracy=True)
+    g_x, g_w, g_a = tape.gradient(loss, [x_in, fc.weight, backbone])
+    return loss, acc, g_x, g_w, g_a
+
+
+def main(out_dir: str) -> None:
+    comm = cluster.init()
+    assert cluster.init() is comm
+    r, n = comm.rank, comm.size
+    results = {"world_size": n}
+    for num_classes in class_counts(n):
+        inputs, labels, backbone = global_batch(num_classes, n)
+        sl = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+        a_var = tf.Variable(backbone)
+        for name, margin in MARGINS.items():
+            fc = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], margin, comm, seed=11)
+            key = f"{num_classes}/{name}"
+            results[key + "/range"] = np.array(fc.class_range)
+            results[key + "/w0"] = fc.weight.numpy()
+            label_dtype = tf.int32 if name == "arcface" else tf.int64  # both dtypes accepted
+            outs = step(fc, inputs[sl], tf.constant(labels[sl], label_dtype), a_var)
+            for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
+                results[f"{key}/{tag}"] = np.asarray(v)
+            if name in GRAPH_MARGINS:
+                g = tf.function(step)(fc, inputs[sl], tf.constant(labels[sl]), a_var)
+                for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), g):
+                    results[f"{key}/graph_{tag}"] = np.asarray(v)
+    np.savez(os.path.join(out_dir, f"rank{r}.npz"), **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
