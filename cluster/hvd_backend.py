@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+import horovod.tensorflow as hvd  # cluster.init() turns an ImportError here into a clear error
 import tensorflow as tf
 
 from cluster.base import Cluster
@@ -15,8 +16,6 @@ class HorovodCluster(Cluster):
     backend = "horovod"
 
     def __init__(self) -> None:
-        import horovod.tensorflow as hvd  # the import error is turned into a clear one by init()
-
         hvd.init()
         self._hvd = hvd
         self._barriers = itertools.count()

@@ -53,6 +53,14 @@ def _acos(c: tf.Tensor) -> tf.Tensor:
     return theta, grad
 
 
+def _ipow(t: tf.Tensor, n: int) -> tf.Tensor:
+    """t**n for an integer n >= 0 by multiplication: no 0·inf in the gradient at t = 0."""
+    out = tf.ones_like(t)
+    for _ in range(n):
+        out = out * t
+    return out
+
+
 def cos_multiple_angle(c: tf.Tensor, m: int) -> tf.Tensor:
     """cos(mθ) from c = cos θ by the multiple-angle expansion (a polynomial: finite gradients).
 
@@ -61,7 +69,7 @@ def cos_multiple_angle(c: tf.Tensor, m: int) -> tf.Tensor:
     one_minus = 1.0 - c * c
     out = tf.zeros_like(c)
     for n in range(m // 2 + 1):
-        out += ((-1) ** n) * math.comb(m, 2 * n) * c ** (m - 2 * n) * one_minus ** n
+        out += ((-1) ** n) * math.comb(m, 2 * n) * _ipow(c, m - 2 * n) * _ipow(one_minus, n)
     return out
 
 

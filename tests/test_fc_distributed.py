@@ -69,3 +69,12 @@ def test_matches_dense_reference(worker_results, name):
         # single-device gradient of the global mean loss.
         ga = sum(res[key + "/ga"] for res in ranks)
         assert rel(ga, ref["ga"]) <= GRAD_RTOL, key
+
+
+def test_accuracy_is_argmax_over_all_shards(worker_results):
+    n, ranks = worker_results
+    for num_classes in class_counts(n):
+        for res in ranks:
+            expected = float(res[f"{num_classes}/acc_half_expected"])
+            assert 0.0 < expected < 1.0
+            assert float(res[f"{num_classes}/acc_half"]) == pytest.approx(expected)

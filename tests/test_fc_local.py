@@ -1,0 +1,137 @@
+"""PartitionedFC in the single-process cluster: contract, bad input, numerics, sharding."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cluster
+import partitioned_fc
+from partitioned_fc import margins as M
+from partitioned_fc.sharding import all_shard_ranges, full_matrix, owner_of, shard_range
+
+C, D = 23, 8
+
+
+def make(margin=None, **kw):
+    return partitioned_fc.PartitionedFC(num_classes=C, embedding_dim=D, margin=margin or M.ArcFace(),
+                                        cluster=cluster.init(), **kw)
+
+
+def batch(b=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(b, D)).astype(np.float32)),
+            tf.constant(rng.integers(0, C, b)))
+
+
+def test_contract_attributes():
+    fc = make()
+    assert fc.class_range == (0, C)
+    assert isinstance(fc.weight, tf.Variable) and fc.weight.shape == (C, D)
+    assert fc.weight in fc.trainable_variables
+    np.testing.assert_array_equal(fc.weight.numpy(), full_matrix(C, D, seed=0).numpy())
+    std = full_matrix(4000, 64, seed=1).numpy().std()
+    assert 0.0095 < std < 0.0105  # N(0, 0.01)
+
+
+@pytest.mark.parametrize("num_classes, n", [(10, 3), (37, 2), (37, 3), (7, 7), (100003, 8)])
+def test_shard_split_formula(num_classes, n):
+    ranges = all_shard_ranges(num_classes, n)
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+    for r, (start, end) in enumerate(ranges):
+        base, rem = divmod(num_classes, n)
+        assert end - start == base + (r < rem)
+        assert start == r * base + min(r, rem)
+        if r:
+            assert start == ranges[r - 1][1]
+        assert owner_of(start, num_classes, n) == r and owner_of(end - 1, num_classes, n) == r
+
+
+def test_shard_split_errors():
+    with pytest.raises(ValueError, match="smaller than the world size"):
+        shard_range(2, 3, 0)
+    with pytest.raises(ValueError, match="rank 3 is not in a world of size 3"):
+        shard_range(10, 3, 3)
+
+
+def test_label_dtypes_and_graph_mode_agree():
+    fc = make()
+    x, y = batch()
+    eager = fc(x, y).numpy()
+    assert fc(x, tf.cast(y, tf.int32)).numpy() == eager
+    assert tf.function(lambda a, b: fc(a, b))(x, y).numpy() == pytest.approx(eager, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [(-1, "label -1 at local batch position 2"),
+                                        (C, f"label {C} at local batch position 2 is outside")])
+def test_out_of_range_labels_are_named(bad, match):
+    fc = make()
+    x, y = batch()
+    y = tf.tensor_scatter_nd_update(y, [[2]], tf.constant([bad], y.dtype))
+    with pytest.raises(ValueError, match=match):
+        fc(x, y)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"offending values:.*{bad}"):
+        tf.function(lambda a, b: fc(a, b))(x, y)
+
+
+def test_other_bad_inputs():
+    fc = make()
+    x, y = batch()
+    with pytest.raises(TypeError, match="labels must be int32 or int64.*float32"):
+        fc(x, tf.cast(y, tf.float32))
+    with pytest.raises(ValueError, match=rf"shape \[batch, {D}\], got \(6, 5\)"):
+        fc(x[:, :5], y)
+    with pytest.raises(ValueError, match="6 rows but labels have 5"):
+        fc(x, y[:5])
+    with pytest.raises(TypeError, match="embeddings must be a float tensor"):
+        fc(tf.cast(x, tf.int32), y)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        partitioned_fc.PartitionedFC(0, D)
+
+
+@pytest.mark.parametrize("margin", [M.Softmax(), M.NormFace(), M.LSoftmax(), M.ASoftmax(),
+                                    M.AMSoftmax(), M.ArcFace(), M.CombinedMargin(m1=1.3, m2=0.2)],
+                         ids=lambda m: m.name)
+def test_gradients_finite_when_embeddings_are_class_rows(margin):
+    fc = make(margin)
+    y = tf.constant([0, 1, 2, 3])
+    rows = tf.gather(fc.weight, y)
+    x = tf.concat([rows[:2] * 3.0, -rows[2:] * 3.0], axis=0)  # cos θ_y = +1 and -1 exactly
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = fc(x, y)
+    gx, gw = tape.gradient(loss, [x, fc.weight])
+    assert np.isfinite(loss.numpy())
+    assert np.all(np.isfinite(gx.numpy())) and np.all(np.isfinite(gw.numpy()))
+
+
+@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()],
+                         ids=lambda m: m.name)
+def test_large_logits_are_stable(margin):
+    """Logits of hundreds (s=64; unnormalized L-Softmax with long vectors) overflow a naive exp."""
+    fc = make(margin)
+    x, y = batch(8, seed=3)
+    fc.weight.assign(fc.weight * 3000.0)
+    x = x * 30.0
+    loss = fc(x, y)
+    ref = partitioned_fc.dense_loss(tf.cast(x, tf.float64), y, tf.cast(fc.weight, tf.float64), margin)
+    assert np.isfinite(loss.numpy())
+    assert loss.numpy() == pytest.approx(ref.numpy(), rel=1e-5)
+
+
+def test_accuracy_flag_and_step_driven_lambda():
+    fc = make(M.ASoftmax(lambda_=M.LambdaSchedule()))
+    x, y = batch()
+    loss0 = fc(x, y).numpy()
+    fc.step.assign(10_000)
+    loss_late = fc(x, y).numpy()
+    assert loss_late > loss0  # λ falls from 1000 to 5: the margin bites
+    assert fc(x, y, step=0).numpy() == pytest.approx(loss0)
+    x_right = tf.gather(fc.weight, y)
+    loss, acc = fc(x_right, y, return_accuracy=True)
+    assert acc.numpy() == 1.0 and loss.shape == ()
+
+
+def test_get_config_round_trip():
+    fc = make(M.CombinedMargin(scale=30.0, m1=1.1, m2=0.3, m3=0.05), seed=5)
+    clone = partitioned_fc.PartitionedFC.from_config(fc.get_config(), cluster=cluster.init())
+    assert clone.get_config() == fc.get_config()
+    np.testing.assert_array_equal(clone.weight.numpy(), fc.weight.numpy())
