@@ -87,16 +87,9 @@ class PartitionedFC(tf.Module):
         owned = (y_all >= start) & (y_all < end)
         local_label = tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
 
-        margin = self.margin
-        x_feat = tf.math.l2_normalize(x_all, axis=1) if margin.normalize_embeddings else x_all
-        w = tf.convert_to_tensor(self.weight)
-        w_rows = tf.gather(w, tf.maximum(local_label, 0))         # [B, D] label rows held here
-        target = margins_lib.target_logit_from_rows(
-            margin, x_all, w_rows, self.step if step is None else step)
-        target = tf.where(owned, target, tf.zeros_like(target))
         per_sample, correct = sharded_cross_entropy(
-            comm, x_feat, w, target, local_label,
-            scale=margin.logit_scale, normalize_weights=margin.normalize_weights)
+            comm, x_all, tf.convert_to_tensor(self.weight), local_label, self.margin,
+            self.step if step is None else step)
         loss = tf.reduce_mean(per_sample)
         if return_accuracy:
             return loss, tf.reduce_mean(correct)

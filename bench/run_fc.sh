@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The FC table of docs/benchmarks.md: C in {100k, 1M}, D=512, global B=256, 1 and 2 workers,
+# ArcFace (normalized weights) and plain softmax. Prints one line per run; JSON lines to $1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench/fc_results.jsonl}"
+: > "$out"
+for classes in 100000 1000000; do
+  for workers in 1 2; do
+    for margin in arcface softmax; do
+      .venv/bin/pfc bench fc --classes "$classes" --dim 512 --batch 256 --workers "$workers" \
+        --steps 5 --margin "$margin" --json "$out" 2>&1 | grep -E "fc  C="
+    done
+  done
+done
