@@ -5,6 +5,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 WHEELS      ?= .wheels
 HOROVOD_VER := 0.28.1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 TF_SPEC     := tensorflow-cpu==2.17.1
 
 # Horovod: TensorFlow + Gloo, no MPI / PyTorch / MXNet. CMAKE_POLICY_VERSION_MINIMUM lets cmake 4.x
@@ -35,8 +36,12 @@ $(VENV)/.stamp: pyproject.toml Makefile
 test: setup
 	$(VENV)/bin/pytest -q
 
+# Until `pfc train` lands: the core layer trained data-parallel by 2 workers on synthetic identities.
+demo: setup
+	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) -m launch.core_demo
+
 bench: setup
-	$(VENV)/bin/pfc bench fc --classes 100000 --dim 512 --batch 256
+	bash bench/run_fc.sh
 
 clean-venv:
 	rm -rf $(VENV)
