@@ -60,7 +60,3 @@ def init(backend: str | None = None) -> Cluster:
         _cluster = LocalCluster()
     return _cluster
 
-
-def _reset_for_tests() -> None:
-    global _cluster
-    _cluster = None

@@ -1,0 +1,1 @@
+"""Prometheus exporter, Grafana dashboards and alert rules (coming with the monitoring issue)."""

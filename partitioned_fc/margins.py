@@ -139,7 +139,6 @@ class Margin:
     name: ClassVar[str] = "margin"
     normalize_weights: ClassVar[bool] = True
     normalize_embeddings: ClassVar[bool] = True
-    uses_step: ClassVar[bool] = False
 
     @property
     def logit_scale(self) -> float:
@@ -216,10 +215,6 @@ class LSoftmax(Margin):
     def __post_init__(self):
         _check_int_margin(self.margin)
         object.__setattr__(self, "lambda_", _parse_lambda(self.lambda_))
-
-    @property
-    def uses_step(self) -> bool:  # type: ignore[override]
-        return isinstance(self.lambda_, LambdaSchedule)
 
     def target_logit(self, cos, k, step=0):
         lam = tf.cast(_lambda_at(self.lambda_, step), cos.dtype)
