@@ -28,10 +28,15 @@ class PartitionedFC(tf.Module):
       cluster: a `cluster.Cluster` (default `cluster.init()`).
       seed: the initial matrix is N(0, 0.01²) drawn from `seed`; for the same seed the union of
         the shards is the same [C, D] matrix at every world size.
+      sample_rate: Partial FC (An et al.). Below 1, each call keeps every owned class that is a
+        label in the global batch and fills up to max(1, int(sample_rate · C_r)) classes with
+        uniformly sampled negatives (seeded, reproducible); logits, softmax and gradient use only
+        those rows, whose local indices are left in `sampled_index`. 1.0 is the full layer.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: margins_lib.Margin | None = None,
-                 cluster: cluster_lib.Cluster | None = None, seed: int = 0, name: str | None = None):
+                 cluster: cluster_lib.Cluster | None = None, seed: int = 0, sample_rate: float = 1.0,
+                 name: str | None = None):
         super().__init__(name=name or "partitioned_fc")
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -44,12 +49,21 @@ class PartitionedFC(tf.Module):
         self.margin = margin if margin is not None else margins_lib.ArcFace()
         self.cluster = cluster if cluster is not None else cluster_lib.init()
         self.seed = int(seed)
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.sample_rate = float(sample_rate)
         self.class_range = shard_range(self.num_classes, self.cluster.size, self.cluster.rank)
         rows = self.class_range[1] - self.class_range[0]
         with self.name_scope:
             self.weight = tf.Variable(tf.zeros([rows, self.embedding_dim]), name="weight")
             # Drives λ schedules (SphereFace); the training loop advances it.
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            if self.sample_rate < 1.0:
+                # Negative sampling: a per-shard stream, part of the checkpointed state.
+                self.sampler = tf.random.Generator.from_seed(
+                    self.seed * 1_000_003 + self.class_range[0], alg="philox")
+                self.sampled_index = tf.Variable(tf.zeros([0], tf.int32), trainable=False,
+                                                 shape=tf.TensorShape([None]), name="sampled_index")
         init_rows(self.weight, self.class_range[0], self.seed)
 
     @property
@@ -58,7 +72,7 @@ class PartitionedFC(tf.Module):
 
     def get_config(self) -> dict:
         return {"num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "margin": self.margin.get_config(), "seed": self.seed}
+                "margin": self.margin.get_config(), "seed": self.seed, "sample_rate": self.sample_rate}
 
     @classmethod
     def from_config(cls, config: dict, cluster: cluster_lib.Cluster | None = None) -> "PartitionedFC":
@@ -87,13 +101,29 @@ class PartitionedFC(tf.Module):
         owned = (y_all >= start) & (y_all < end)
         local_label = tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
 
+        weight = tf.convert_to_tensor(self.weight)
+        if self.sample_rate < 1.0:
+            index = self._sample(local_label)
+            self.sampled_index.assign(index)
+            weight = tf.gather(self.weight, index)  # [K, D]; its gradient reaches only these rows
+            local_label = tf.where(local_label >= 0,
+                                   tf.searchsorted(index, local_label, out_type=tf.int32), -1)
         per_sample, correct = sharded_cross_entropy(
-            comm, x_all, tf.convert_to_tensor(self.weight), local_label, self.margin,
-            self.step if step is None else step)
+            comm, x_all, weight, local_label, self.margin, self.step if step is None else step)
         loss = tf.reduce_mean(per_sample)
         if return_accuracy:
             return loss, tf.reduce_mean(correct)
         return loss
+
+    def _sample(self, local_label: tf.Tensor) -> tf.Tensor:
+        """[B] local labels (-1: not owned) -> [K] sorted local rows: all positives + random negatives."""
+        rows = self.num_local_classes
+        owned = tf.boolean_mask(local_label, local_label >= 0)
+        positive = tf.scatter_nd(owned[:, None], tf.ones_like(owned), [rows]) > 0
+        scores = tf.where(positive, 2.0, self.sampler.uniform([rows]))  # positives sort first
+        k = tf.maximum(max(1, int(self.sample_rate * rows)),
+                       tf.reduce_sum(tf.cast(positive, tf.int32)))
+        return tf.sort(tf.math.top_k(scores, k, sorted=False).indices)
 
     def _validate_local(self, embeddings, labels):
         x = tf.convert_to_tensor(embeddings)

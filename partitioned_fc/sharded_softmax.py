@@ -38,7 +38,8 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
     @tf.custom_gradient
     def _ce(x, w):
         w_rows = tf.gather(w, label_rows[:, 0])                    # [B, D] the label rows held here
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
+        # persistent: an outer persistent tape may run this backward more than once
+        with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
             tape.watch([x, w_rows])
             x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
             target = margins_lib.target_logit_from_rows(margin, x, w_rows, step)

@@ -25,6 +25,8 @@ MARGINS = {
     "combined": M.CombinedMargin(scale=32.0, m1=1.2, m2=0.3, m3=0.1),
 }
 GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax")  # also checked inside tf.function
+SAMPLED_MARGINS = ("arcface", "cosface", "softmax")  # also run with Partial FC sampling
+SAMPLE_RATE = 0.3
 STEP = 7  # the training step fed to λ schedules
 
 

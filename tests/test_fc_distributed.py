@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 import partitioned_fc
-from cases import GRAPH_MARGINS, LOCAL_BATCH, MARGINS, STEP, class_counts, global_batch
+from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
+                   class_counts, global_batch)
 from conftest import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 
@@ -17,9 +18,15 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def dense(num_classes, name, world_size):
+def dense(num_classes, name, world_size, classes=None):
+    """Dense reference; with `classes` (sorted class ids) restricted to those rows, labels remapped."""
     inputs, labels, backbone = global_batch(num_classes, world_size)
-    w = tf.Variable(full_matrix(num_classes, backbone.shape[1], seed=11))
+    w = full_matrix(num_classes, backbone.shape[1], seed=11)
+    if classes is not None:
+        w = tf.gather(w, classes)
+        assert np.isin(labels, classes).all(), "a positive class was not sampled"
+        labels = np.searchsorted(classes, labels)
+    w = tf.Variable(w)
     a = tf.Variable(backbone)
     x_in = tf.constant(inputs)
     with tf.GradientTape() as tape:
@@ -78,3 +85,35 @@ def test_accuracy_is_argmax_over_all_shards(worker_results):
             expected = float(res[f"{num_classes}/acc_half_expected"])
             assert 0.0 < expected < 1.0
             assert float(res[f"{num_classes}/acc_half"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", SAMPLED_MARGINS)
+def test_partial_fc_matches_dense_reference_on_sampled_classes(worker_results, name):
+    n, ranks = worker_results
+    for num_classes in class_counts(n):
+        key = f"{num_classes}/sampled_{name}"
+        ranges = all_shard_ranges(num_classes, n)
+        sampled = [ranges[r][0] + res[key + "/index"] for r, res in enumerate(ranks)]
+        classes = np.concatenate(sampled)
+        assert np.all(np.diff(classes) > 0)
+        inputs, labels, _ = global_batch(num_classes, n)
+        for r, (start, end) in enumerate(ranges):
+            owned_pos = np.unique(labels[(labels >= start) & (labels < end)])
+            assert len(sampled[r]) == max(len(owned_pos), max(1, int(SAMPLE_RATE * (end - start))))
+        ref = dense(num_classes, name, n, classes)
+        pos = 0
+        for r, res in enumerate(ranks):
+            start, end = ranges[r]
+            k = len(sampled[r])
+            where = f"{key} rank {r}/{n}"
+            assert abs(res[key + "/loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), where
+            assert res[key + "/acc"] == pytest.approx(ref["acc"]), where
+            rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+            assert rel(res[key + "/gx"], ref["gx"][rows]) <= GRAD_RTOL, where
+            gw = res[key + "/gw"]
+            assert rel(gw[sampled[r] - start], ref["gw"][pos:pos + k]) <= GRAD_RTOL, where
+            untouched = np.setdiff1d(np.arange(end - start), sampled[r] - start)
+            assert not np.any(gw[untouched]), where  # unsampled rows get exactly no gradient
+            pos += k
+        ga = sum(res[key + "/ga"] for res in ranks)
+        assert rel(ga, ref["ga"]) <= GRAD_RTOL, key

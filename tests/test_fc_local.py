@@ -135,3 +135,50 @@ def test_get_config_round_trip():
     clone = partitioned_fc.PartitionedFC.from_config(fc.get_config(), cluster=cluster.init())
     assert clone.get_config() == fc.get_config()
     np.testing.assert_array_equal(clone.weight.numpy(), fc.weight.numpy())
+
+
+def test_partial_fc_rate_one_is_the_full_layer_bit_for_bit():
+    x, y = batch()
+    full, sampled = make(), make(sample_rate=1.0)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        a, b = full(x, y), sampled(x, y)
+    assert a.numpy() == b.numpy()
+    np.testing.assert_array_equal(tape.gradient(a, full.weight).numpy(), tape.gradient(b, sampled.weight).numpy())
+    np.testing.assert_array_equal(tape.gradient(a, x).numpy(), tape.gradient(b, x).numpy())
+
+
+def test_partial_fc_keeps_positives_and_is_seeded():
+    x, y = batch(12, seed=4)
+    # 12 labels but only int(0.05 * 23) = 1 sample slot: the positives alone are kept
+    fc = make(sample_rate=0.05)
+    fc(x, y)
+    np.testing.assert_array_equal(fc.sampled_index.numpy(), np.unique(y.numpy()))
+    a, b = make(sample_rate=0.5, seed=7), make(sample_rate=0.5, seed=7)
+    runs = []
+    for layer in (a, b):
+        seq = []
+        for _ in range(3):
+            layer(x[:2], y[:2])
+            seq.append(layer.sampled_index.numpy())
+        runs.append(seq)
+    for ia, ib in zip(*runs):
+        np.testing.assert_array_equal(ia, ib)
+        assert len(ia) == int(0.5 * C) and set(y.numpy()[:2]) <= set(ia)
+    assert any(len(set(runs[0][0]) ^ set(s)) for s in runs[0][1:])  # negatives change per call
+
+
+def test_partial_fc_gradient_is_sparse():
+    fc = make(sample_rate=0.25)
+    x, y = batch()
+    with tf.GradientTape() as tape:
+        loss = fc(x, y)
+    g = tape.gradient(loss, fc.weight)
+    assert isinstance(g, tf.IndexedSlices)
+    np.testing.assert_array_equal(np.sort(g.indices.numpy()), fc.sampled_index.numpy())
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, "0.1"])
+def test_bad_sample_rate(rate):
+    with pytest.raises(ValueError, match="sample_rate must be in \\(0, 1\\]"):
+        make(sample_rate=rate)

@@ -9,7 +9,8 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
-from cases import GRAPH_MARGINS, LOCAL_BATCH, MARGINS, STEP, class_counts, global_batch  # noqa: E402
+from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
+                   class_counts, global_batch)  # noqa: E402
 
 
 def step(fc, inputs, labels, backbone):
@@ -45,6 +46,15 @@ def main(out_dir: str) -> None:
                 g = tf.function(step)(fc, inputs[sl], tf.constant(labels[sl]), a_var)
                 for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), g):
                     results[f"{key}/graph_{tag}"] = np.asarray(v)
+        # Partial FC: the sampled index is left on the layer so the test can rebuild the dense problem.
+        for name in SAMPLED_MARGINS:
+            fc = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], MARGINS[name], comm,
+                                              seed=11, sample_rate=SAMPLE_RATE)
+            outs = step(fc, inputs[sl], tf.constant(labels[sl]), a_var)
+            key = f"{num_classes}/sampled_{name}"
+            for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
+                results[f"{key}/{tag}"] = np.asarray(tf.convert_to_tensor(v))
+            results[key + "/index"] = fc.sampled_index.numpy()
         # Accuracy across shards: embeddings equal to the label's row for even samples and to another
         # class's row for odd ones -> exactly half are right, wherever the rows live.
         w_full = tf.concat(comm.allgather(fc.weight), axis=0)
