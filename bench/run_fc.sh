@@ -13,3 +13,8 @@ for classes in 100000 1000000; do
     done
   done
 done
+# The larger-batch rows (the overhead is per class row, the matmuls grow with B).
+for workers in 1 2; do
+  .venv/bin/pfc bench fc --classes 100000 --dim 512 --batch 1024 --workers "$workers" \
+    --steps 5 --margin arcface --json "$out" 2>&1 | grep -E "fc  C="
+done

@@ -48,7 +48,7 @@ def run_fc(args: argparse.Namespace) -> int:
 
 def _relaunch(args) -> int:
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])  # the same `bench fc ...` arguments, run by every worker
     cmd = [horovodrun, "-np", str(args.workers), "-H", f"localhost:{args.workers}", "--gloo",
            sys.executable, "-m", "launch.cli", *argv]
     env = dict(os.environ, **{_CHILD_ENV: "1"})
