@@ -101,8 +101,9 @@ class PartitionedFC(tf.Module):
         owned = (y_all >= start) & (y_all < end)
         local_label = tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
 
-        weight = tf.convert_to_tensor(self.weight)
-        if self.sample_rate < 1.0:
+        if self.sample_rate == 1.0:
+            weight = tf.convert_to_tensor(self.weight)
+        else:
             index = self._sample(local_label)
             self.sampled_index.assign(index)
             weight = tf.gather(self.weight, index)  # [K, D]; its gradient reaches only these rows

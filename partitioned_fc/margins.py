@@ -30,27 +30,29 @@ def _sin_floor(dtype: tf.DType) -> float:
     return 0.5 * math.sqrt(eps)
 
 
+def _floored_sin(c: tf.Tensor) -> tf.Tensor:
+    """max(sin θ, floor): the denominator of every d/dc through sin θ or acos."""
+    return tf.maximum(tf.sqrt(tf.maximum(1.0 - c * c, 0.0)), _sin_floor(c.dtype))
+
+
 @tf.custom_gradient
 def _sin_from_cos(c: tf.Tensor) -> tf.Tensor:
     """sin θ = sqrt(1 - c²) for θ in [0, π]; exact value, derivative -c / max(sin θ, floor)."""
-    s = tf.sqrt(tf.maximum(1.0 - c * c, 0.0))
 
     def grad(dy):
-        return dy * (-c / tf.maximum(s, _sin_floor(c.dtype)))
+        return dy * (-c / _floored_sin(c))
 
-    return s, grad
+    return tf.sqrt(tf.maximum(1.0 - c * c, 0.0)), grad
 
 
 @tf.custom_gradient
 def _acos(c: tf.Tensor) -> tf.Tensor:
     """θ = acos(c); derivative -1 / max(sin θ, floor) (finite at c = +-1)."""
-    theta = tf.acos(c)
 
     def grad(dy):
-        s = tf.sqrt(tf.maximum(1.0 - c * c, 0.0))
-        return dy * (-1.0 / tf.maximum(s, _sin_floor(c.dtype)))
+        return dy * (-1.0 / _floored_sin(c))
 
-    return theta, grad
+    return tf.acos(c), grad
 
 
 def _ipow(t: tf.Tensor, n: int) -> tf.Tensor:
@@ -149,11 +151,7 @@ class Margin:
         raise NotImplementedError
 
     def get_config(self) -> dict:
-        cfg = dataclasses.asdict(self)
-        for key, val in list(cfg.items()):
-            if isinstance(getattr(self, key), LambdaSchedule):
-                cfg[key] = dataclasses.asdict(getattr(self, key))
-        return {"name": self.name, **cfg}
+        return {"name": self.name, **dataclasses.asdict(self)}  # a LambdaSchedule becomes a dict
 
 
 def _check_scale(scale: float, name: str = "scale") -> None:

@@ -6,8 +6,8 @@ import tensorflow as tf
 from partitioned_fc import margins as margins_lib
 
 
-def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
-    """[B, D], [B], [C, D] -> [B, C] logits with the margin target f'_y in each label's entry."""
+def _dense(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
+    """-> plain logits [B, C], margin logits [B, C] (f'_y in each label's entry), f'_y [B]."""
     x = tf.convert_to_tensor(embeddings)
     w = tf.cast(tf.convert_to_tensor(full_weight), x.dtype)
     y = tf.cast(labels, tf.int64)
@@ -16,20 +16,21 @@ def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, st
     z = margin.logit_scale * tf.matmul(x_feat, w_feat, transpose_b=True)
     target = margins_lib.target_logit_from_rows(margin, x, tf.gather(w, y), step)
     idx = tf.stack([tf.range(tf.shape(y, out_type=tf.int64)[0]), y], axis=1)
-    return tf.tensor_scatter_nd_update(z, idx, target), target
+    return z, tf.tensor_scatter_nd_update(z, idx, target), target
+
+
+def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
+    """[B, D], [B], [C, D] -> [B, C] logits with the margin target f'_y in each label's entry, f'_y [B]."""
+    _, logits, target = _dense(embeddings, labels, full_weight, margin, step)
+    return logits, target
 
 
 def dense_loss(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0,
                return_accuracy: bool = False):
     """Mean margin softmax loss over the batch: [B, D], [B], [C, D] -> scalar (, accuracy)."""
-    logits, target = dense_logits(embeddings, labels, full_weight, margin, step)
+    plain, logits, target = _dense(embeddings, labels, full_weight, margin, step)
     loss = tf.reduce_mean(tf.reduce_logsumexp(logits, axis=1) - target)
     if not return_accuracy:
         return loss
-    x = tf.convert_to_tensor(embeddings)
-    w = tf.cast(full_weight, x.dtype)
-    x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
-    w_feat = tf.math.l2_normalize(w, axis=1) if margin.normalize_weights else w
-    plain = tf.matmul(x_feat, w_feat, transpose_b=True)
     correct = tf.equal(tf.argmax(plain, axis=1), tf.cast(labels, tf.int64))
-    return loss, tf.reduce_mean(tf.cast(correct, x.dtype))
+    return loss, tf.reduce_mean(tf.cast(correct, loss.dtype))

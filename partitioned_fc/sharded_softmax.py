@@ -44,14 +44,13 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
             x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
             target = margins_lib.target_logit_from_rows(margin, x, w_rows, step)
             target = tf.where(owned, target, tf.zeros_like(target))
-        e, s_loc, m_loc, plain_max, plain_t, inv = _forward(x_feat * scale, w, target, local_label,
-                                                             normalize_w)
+        x_s = x_feat * scale
+        e, s_loc, m_loc, plain_max, plain_t, inv = _forward(x_s, w, target, local_label, normalize_w)
         maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
         m = maxes[0]
         # Each worker exponentiated against its own max; rescale its partial sum to the global one.
-        zero = tf.zeros_like(m)
-        sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target,
-                                            tf.where(owned, plain_t, zero)]))
+        # target and plain_t are 0 where another worker owns the label: their sums are the owner's.
+        sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target, plain_t]))
         lse = m + tf.math.log(sums[0])
         loss = lse - sums[1]
         correct = tf.cast(sums[2] >= maxes[1], x.dtype)
@@ -64,7 +63,7 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
             # The target entry came from f'_y: its softmax share, and the −f'_y term of the loss (an
             # allreduced sum of which the owner holds the share), go back through the margin.
             d_t = tf.where(owned, p_t - d_loss, tf.zeros_like(p_t))
-            dx_feat_s, dw = _backward(e, coeff, local_label, x_feat * scale, w, inv)
+            dx_feat_s, dw = _backward(e, coeff, local_label, x_s, w, inv)
             dx, dw_rows = tape.gradient([target, x_feat], [x, w_rows],
                                         output_gradients=[d_t, dx_feat_s * scale])
             dw = tf.tensor_scatter_nd_add(dw, label_rows, dw_rows)
