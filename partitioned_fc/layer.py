@@ -1,13 +1,26 @@
 """`PartitionedFC`: the model-parallel classification layer and its exact margin loss."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
 import cluster as cluster_lib
 from partitioned_fc import margins as margins_lib
-from partitioned_fc.sharded_softmax import sharded_cross_entropy
+from partitioned_fc import sharded_softmax
+from partitioned_fc.optimizer import ShardOptimizer
 from partitioned_fc.sharding import init_rows, shard_range
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class FCStep(NamedTuple):
+    """What `PartitionedFC.train_step` returns."""
+    loss: tf.Tensor            # [] mean loss over the global batch, the same on every worker
+    accuracy: tf.Tensor        # [] top-1 accuracy over the global batch
+    d_embeddings: tf.Tensor    # [B_r, D] dloss/d(local embeddings); SUM backbone grads over workers
+    applied: tf.Tensor         # [] bool: False when the loss was not finite and nothing was updated
 
 
 class PartitionedFC(tf.Module):
@@ -22,6 +35,13 @@ class PartitionedFC(tf.Module):
     local embeddings is exact for the global mean loss, so a data-parallel backbone must SUM its
     gradients over workers (not average them).
 
+    Two ways to train it:
+    - `loss = fc(emb, labels)` under a `tf.GradientTape`, then `optimizer.apply_gradient(grad, lr)`
+      with a `partitioned_fc.optimizer` (the gradient is dense, or IndexedSlices when sampling);
+    - `fc.train_step(emb, labels, optimizer, lr)`: loss, accuracy and d(loss)/d(emb); the shard
+      rows are updated block by block inside the backward, so no weight-sized gradient ever exists.
+      With `chunk_size` this bounds a step's memory by weights + optimizer state + O(B·chunk_size).
+
     Args:
       num_classes: C. embedding_dim: D.
       margin: a `partitioned_fc.margins.Margin` (default ArcFace).
@@ -32,11 +52,18 @@ class PartitionedFC(tf.Module):
         label in the global batch and fills up to max(1, int(sample_rate · C_r)) classes with
         uniformly sampled negatives (seeded, reproducible); logits, softmax and gradient use only
         those rows, whose local indices are left in `sampled_index`. 1.0 is the full layer.
+      chunk_size: None (the `[B, C_r]` exponentials are kept, fastest) or K: logits in blocks of K
+        rows with a streaming logsumexp, recomputed in the backward; `[B, C_r]` never exists.
+      compute_dtype: dtype of the logits matmuls ('float32', 'bfloat16', 'float16'); softmax
+        statistics and gradients stay float32.
+      param_dtype: dtype of the stored shard (and of its optimizer state); 16-bit halves the bytes
+        per identity. Updates are computed in float32 and rounded once when stored.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, margin: margins_lib.Margin | None = None,
                  cluster: cluster_lib.Cluster | None = None, seed: int = 0, sample_rate: float = 1.0,
-                 name: str | None = None):
+                 chunk_size: int | None = None, compute_dtype: str = "float32",
+                 param_dtype: str = "float32", name: str | None = None):
         super().__init__(name=name or "partitioned_fc")
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -44,18 +71,26 @@ class PartitionedFC(tf.Module):
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         if margin is not None and not isinstance(margin, margins_lib.Margin):
             raise TypeError(f"margin must be a partitioned_fc.margins.Margin, got {type(margin).__name__}")
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}")
+        for key, value in (("compute_dtype", compute_dtype), ("param_dtype", param_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"{key} must be one of {DTYPES}, got {value!r}")
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
         self.margin = margin if margin is not None else margins_lib.ArcFace()
         self.cluster = cluster if cluster is not None else cluster_lib.init()
         self.seed = int(seed)
-        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         self.sample_rate = float(sample_rate)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.compute_dtype = compute_dtype
+        self.param_dtype = param_dtype
         self.class_range = shard_range(self.num_classes, self.cluster.size, self.cluster.rank)
         rows = self.class_range[1] - self.class_range[0]
         with self.name_scope:
-            self.weight = tf.Variable(tf.zeros([rows, self.embedding_dim]), name="weight")
+            self.weight = tf.Variable(tf.zeros([rows, self.embedding_dim], param_dtype), name="weight")
             # Drives λ schedules (SphereFace); the training loop advances it.
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             if self.sample_rate < 1.0:
@@ -72,7 +107,9 @@ class PartitionedFC(tf.Module):
 
     def get_config(self) -> dict:
         return {"num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "margin": self.margin.get_config(), "seed": self.seed, "sample_rate": self.sample_rate}
+                "margin": self.margin.get_config(), "seed": self.seed, "sample_rate": self.sample_rate,
+                "chunk_size": self.chunk_size, "compute_dtype": self.compute_dtype,
+                "param_dtype": self.param_dtype}
 
     @classmethod
     def from_config(cls, config: dict, cluster: cluster_lib.Cluster | None = None) -> "PartitionedFC":
@@ -82,6 +119,61 @@ class PartitionedFC(tf.Module):
 
     def __call__(self, embeddings, labels, *, step=None, return_accuracy: bool = False):
         """[B_r, D] float, [B_r] int -> scalar loss (and [] top-1 accuracy if return_accuracy)."""
+        x_all, local_label = self._gather_batch(embeddings, labels)
+        index, local_label = self._select_rows(local_label)
+        # The tape form differentiates w.r.t. a tensor of the rows taking part (the whole shard,
+        # or a gather of the sampled rows, whose gradient is then IndexedSlices).
+        weight = tf.convert_to_tensor(self.weight) if index is None else tf.gather(self.weight, index)
+        per_sample, correct = sharded_softmax.sharded_cross_entropy(
+            self.cluster, x_all, weight, local_label, self.margin, self._step(step),
+            chunk_size=self.chunk_size, compute_dtype=tf.as_dtype(self.compute_dtype))
+        loss = tf.reduce_mean(per_sample)
+        if return_accuracy:
+            return loss, tf.reduce_mean(correct)
+        return loss
+
+    def train_step(self, embeddings, labels, optimizer: ShardOptimizer, lr, *, step=None) -> FCStep:
+        """Forward, backward and the shard update in one pass: [B_r, D], [B_r] -> `FCStep`.
+
+        The shard rows taking part are updated by `optimizer` (built on `self.weight`) with their
+        exact gradient as each block of them is done; other rows and their state are untouched. If
+        the loss is not finite (the same verdict on every worker), nothing is updated and
+        `applied` is False. Call it outside the backbone's tape and pass `d_embeddings` to
+        `tape.gradient(emb, backbone_vars, output_gradients=...)`.
+        """
+        if optimizer.weight is not self.weight:
+            raise ValueError("the optimizer was built for another layer's weight")
+        x = tf.convert_to_tensor(embeddings)
+        x_all, local_label = self._gather_batch(x, labels)
+        index, local_label = self._select_rows(local_label)
+        source = sharded_softmax.RowSource(self.weight, index)
+        fwd = sharded_softmax.forward(
+            self.cluster, x_all, source, local_label, self.margin, self._step(step),
+            chunk_size=self.chunk_size, compute_dtype=tf.as_dtype(self.compute_dtype))
+        loss = tf.reduce_mean(fwd.loss)
+        finite = tf.math.is_finite(loss)
+        lr = tf.cast(lr, tf.float32)
+
+        def update(state, pos, grad):
+            with tf.control_dependencies([optimizer.apply_rows(source.rows(pos), grad, lr)]):
+                return state + 1  # threads the updates into the loop (and the cond) as outputs
+
+        def run_backward():
+            d_loss = tf.fill(tf.shape(fwd.loss), 1.0 / tf.cast(tf.size(fwd.loss), tf.float32))
+            dx, done = sharded_softmax.backward(fwd, source, d_loss, update, tf.constant(0),
+                                                self.margin, chunk_size=self.chunk_size)
+            with tf.control_dependencies([done]):
+                return tf.identity(dx)
+
+        dx_all = tf.cond(finite, run_backward, lambda: tf.zeros_like(x_all))
+        d_emb = self.cluster.reduce_scatter_sum(dx_all)  # each worker's rows, summed over shards
+        return FCStep(loss, tf.reduce_mean(fwd.correct), tf.cast(d_emb, x.dtype), finite)
+
+    def _step(self, step):
+        return self.step if step is None else step
+
+    def _gather_batch(self, embeddings, labels):
+        """-> the global batch [B, D] float32 and each label's row in this shard [B] (-1: not here)."""
         x, y = self._validate_local(embeddings, labels)
         comm = self.cluster
         x_all = comm.allgather(x)                                  # [B, D]
@@ -99,22 +191,16 @@ class PartitionedFC(tf.Module):
             y_all = tf.identity(y_all)
         start, end = self.class_range
         owned = (y_all >= start) & (y_all < end)
-        local_label = tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
+        return x_all, tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
 
+    def _select_rows(self, local_label):
+        """-> (sampled rows [K] or None for all, labels as positions among the rows taking part)."""
         if self.sample_rate == 1.0:
-            weight = tf.convert_to_tensor(self.weight)
-        else:
-            index = self._sample(local_label)
-            self.sampled_index.assign(index)
-            weight = tf.gather(self.weight, index)  # [K, D]; its gradient reaches only these rows
-            local_label = tf.where(local_label >= 0,
-                                   tf.searchsorted(index, local_label, out_type=tf.int32), -1)
-        per_sample, correct = sharded_cross_entropy(
-            comm, x_all, weight, local_label, self.margin, self.step if step is None else step)
-        loss = tf.reduce_mean(per_sample)
-        if return_accuracy:
-            return loss, tf.reduce_mean(correct)
-        return loss
+            return None, local_label
+        index = self._sample(local_label)
+        self.sampled_index.assign(index)
+        return index, tf.where(local_label >= 0,
+                               tf.searchsorted(index, local_label, out_type=tf.int32), -1)
 
     def _sample(self, local_label: tf.Tensor) -> tf.Tensor:
         """[B] local labels (-1: not owned) -> [K] sorted local rows: all positives + random negatives."""
@@ -144,7 +230,8 @@ class PartitionedFC(tf.Module):
             if bad.size:
                 raise ValueError(f"label {int(y.numpy()[bad[0]])} at local batch position {bad[0]} "
                                  f"is outside [0, {self.num_classes})")
-        return tf.cast(x, self.weight.dtype), tf.cast(y, tf.int64)
+        # Softmax statistics are float32 whatever the backbone's dtype; the gradient casts back.
+        return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
 
 
 def _assert_labels_in_range(labels: tf.Tensor, num_classes: int):

@@ -50,3 +50,24 @@ def global_batch(num_classes: int, world_size: int, seed: int = 0):
     inputs = rng.normal(size=(b, IN_DIM)).astype(np.float32)
     backbone = rng.normal(size=(IN_DIM, DIM)).astype(np.float32)
     return inputs, labels.astype(np.int64), backbone
+
+# Chunked logits under an autodiff tape (the fused train step covers the rest).
+TAPE_CHUNK_MARGINS = ("arcface", "asoftmax_sched", "softmax", "normface")
+
+# The fused train step: margin, sampling, chunking, optimizer, inside tf.function or eager.
+TRAIN_CASES = [
+    {"id": "arc_full_sgd", "margin": "arcface", "rate": 1.0, "chunk": None, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
+    {"id": "arc_chunk_sgd", "margin": "arcface", "rate": 1.0, "chunk": 3, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
+    {"id": "cos_pfc_chunk_nesterov", "margin": "cosface", "rate": SAMPLE_RATE, "chunk": 2, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.8, "nesterov": True, "weight_decay": 1e-3}},
+    {"id": "soft_pfc_adamw", "margin": "softmax", "rate": SAMPLE_RATE, "chunk": None, "graph": False,
+     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
+    {"id": "sphere_chunk_adamw", "margin": "asoftmax_sched", "rate": 1.0, "chunk": 4, "graph": True,
+     "opt": "adamw", "opt_params": {"beta_1": 0.8, "beta_2": 0.9, "weight_decay": 0.0}},
+    {"id": "arc_pfc_chunk_bf16", "margin": "arcface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},
+    {"id": "cos_fp16", "margin": "cosface", "rate": 1.0, "chunk": None, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "float16"},
+]
