@@ -28,6 +28,14 @@ def add_parser(sub) -> None:
     fc.add_argument("--workers", type=int, default=1, help="run N workers with horovodrun on localhost")
     fc.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     fc.add_argument("--margin", default="arcface", help="margin name (default arcface)")
+    fc.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate r in (0, 1]")
+    fc.add_argument("--chunk-size", type=int, default=None,
+                    help="logits in blocks of K classes (default: one block, [B, C_r] kept)")
+    fc.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="param_dtype and compute_dtype of the layer")
+    fc.add_argument("--mode", default="train", choices=("train", "tape"),
+                    help="train: the fused step with the sparse SGD-momentum update (what training "
+                         "runs); tape: loss and gradients through an autodiff tape, no update")
     fc.add_argument("--threads", type=int, default=0,
                     help="intra-op threads per worker (default: cores // workers)")
     fc.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
@@ -35,6 +43,10 @@ def add_parser(sub) -> None:
 
 
 def run_fc(args: argparse.Namespace) -> int:
+    if not 0.0 < args.sample_rate <= 1.0:
+        raise SystemExit(f"pfc bench fc: --sample-rate must be in (0, 1], got {args.sample_rate}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise SystemExit(f"pfc bench fc: --chunk-size must be >= 1, got {args.chunk_size}")
     for name in ("classes", "dim", "batch", "workers", "steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"pfc bench fc: --{name} must be >= 1, got {getattr(args, name)}")
@@ -44,6 +56,35 @@ def run_fc(args: argparse.Namespace) -> int:
         return _relaunch(args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     return _measure(args, threads)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _rss_now() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak is this layer's, not start-up's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # fallback: peak, KiB
 
 
 def _relaunch(args) -> int:
@@ -64,29 +105,32 @@ def _measure(args, threads: int) -> int:
     import partitioned_fc
     from partitioned_fc import margins
 
+    from partitioned_fc import optimizer as shard_opt
+
     comm = cluster.init()
     b_local = args.batch // comm.size
-    fc = partitioned_fc.PartitionedFC(args.classes, args.dim, margins.get(args.margin), comm, seed=0)
+    rss_before = _rss_now()
+    _reset_peak_rss()
+    fc = partitioned_fc.PartitionedFC(
+        args.classes, args.dim, margins.get(args.margin), comm, seed=0, sample_rate=args.sample_rate,
+        chunk_size=args.chunk_size, compute_dtype=args.dtype, param_dtype=args.dtype)
+    opt = shard_opt.SGD(fc.weight, momentum=0.9, weight_decay=5e-4)
     rows = fc.num_local_classes
+    state_bytes = sum(v.shape.num_elements() * v.dtype.size for v in (fc.weight, *opt.state().values()))
     rng = tf.random.Generator.from_seed(1 + comm.rank)
     x = rng.normal([b_local, args.dim])
     y = rng.uniform([b_local], 0, args.classes, dtype=tf.int64)
 
     @tf.function
     def fc_step(x, y):
+        if args.mode == "train":
+            out = fc.train_step(x, y, opt, 0.1)
+            return out.loss, out.d_embeddings
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = fc(x, y)
         gx, gw = tape.gradient(loss, [x, fc.weight])
         return loss, gx, gw
-
-    x_all = comm.allgather(x)
-    w = tf.convert_to_tensor(fc.weight)
-
-    @tf.function
-    def matmuls(x_all, w):
-        z = tf.matmul(x_all, w, transpose_b=True)            # [B, C_r] logits
-        return tf.matmul(z, w), tf.matmul(z, x_all, transpose_a=True)  # [B, D], [C_r, D]
 
     def timed(fn, *a):
         comm.barrier()
@@ -95,25 +139,54 @@ def _measure(args, threads: int) -> int:
         _ = [o.numpy() if o.shape.rank == 0 else o.shape for o in tf.nest.flatten(out)]
         dt = time.perf_counter() - t0
         # a step is as slow as its slowest worker
-        return float(comm.allreduce_max(tf.constant([dt]))[0])
+        return float(comm.allreduce_max(tf.constant([dt]))[0]), float(tf.nest.flatten(out)[0])
 
-    timed(fc_step, x, y), timed(matmuls, x_all, w)  # warm-up: tracing, allocation
-    fc_times, mm_times = [], []
-    for _ in range(args.steps):  # interleaved so drift hits both alike
-        fc_times.append(timed(fc_step, x, y))
-        mm_times.append(timed(matmuls, x_all, w))
-    fc_t, mm_t = sorted(fc_times)[len(fc_times) // 2], sorted(mm_times)[len(mm_times) // 2]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # The FC steps first, so the peak memory is theirs and not the baseline's.
+    timed(fc_step, x, y)  # warm-up: tracing, compilation, allocation
+    fc_times, losses = [], []
+    for _ in range(args.steps):
+        dt, loss = timed(fc_step, x, y)
+        fc_times.append(dt)
+        losses.append(loss)
+    peak = _peak_rss()
+
+    # The bare matmuls of the same work (the rows taking part, in the same dtype), in blocks of at
+    # most 65,536 rows so that the baseline itself never holds a huge [B, C_r].
+    k = rows if args.sample_rate == 1.0 else max(1, int(args.sample_rate * rows))
+    x_all = tf.cast(comm.allgather(x), args.dtype)
+    w = tf.cast(tf.gather(fc.weight, tf.range(k)), args.dtype)
+    block = min(k, 65536)
+
+    @tf.function
+    def matmuls(x_all, w):
+        outs = []
+        for lo in range(0, k, block):
+            wb = w[lo:lo + block]
+            z = tf.matmul(x_all, wb, transpose_b=True)                    # [B, k] logits
+            outs += [tf.reduce_sum(tf.matmul(z, wb)), tf.reduce_sum(tf.matmul(z, x_all, transpose_a=True))]
+        return tf.add_n(outs)
+
+    timed(matmuls, x_all, w)
+    mm_times = [timed(matmuls, x_all, w)[0] for _ in range(max(3, min(args.steps, 5)))]
+    fc_t, mm_t = _median(fc_times), _median(mm_times)
     peak_max = float(comm.allreduce_max(tf.constant([float(peak)]))[0])
+    over_max = float(comm.allreduce_max(tf.constant([float(peak - rss_before - state_bytes)]))[0])
     if comm.rank == 0:
-        result = {"bench": "fc", "classes": args.classes, "dim": args.dim, "batch": args.batch,
-                  "workers": comm.size, "classes_per_worker": rows, "margin": args.margin,
-                  "threads_per_worker": threads, "step_s": round(fc_t, 4), "matmul_s": round(mm_t, 4),
-                  "ratio": round(fc_t / mm_t, 3), "samples_per_s": round(args.batch / fc_t, 1),
-                  "peak_rss_gib_per_worker": round(peak_max / 2**30, 2)}
-        print(f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size}: "
-              f"step {fc_t:.3f}s  bare matmuls {mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x  "
-              f"{args.batch / fc_t:,.1f} samples/s  peak RSS {peak_max / 2**30:.2f} GiB/worker", flush=True)
+        result = {"bench": "fc", "mode": args.mode, "classes": args.classes, "dim": args.dim,
+                  "batch": args.batch, "workers": comm.size, "classes_per_worker": rows,
+                  "margin": args.margin, "sample_rate": args.sample_rate, "chunk_size": args.chunk_size,
+                  "dtype": args.dtype, "threads_per_worker": threads, "step_s": round(fc_t, 4),
+                  "matmul_s": round(mm_t, 4), "ratio": round(fc_t / mm_t, 3),
+                  "samples_per_s": round(args.batch / fc_t, 1),
+                  "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),
+                  "state_gib_per_worker": round(state_bytes / 2**30, 2),
+                  "overhead_gib_per_worker": round(over_max / 2**30, 3),
+                  "losses": [round(v, 4) for v in losses]}
+        print(f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size} r={args.sample_rate} "
+              f"chunk={args.chunk_size} {args.dtype} {args.mode}: step {fc_t:.3f}s  bare matmuls "
+              f"{mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x  {args.batch / fc_t:,.1f} samples/s  peak RSS "
+              f"{peak_max / 2**30:.2f} GiB/worker (weights+state {state_bytes / 2**30:.2f}, step overhead "
+              f"{over_max / 2**30:.3f})  loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -56,8 +56,8 @@ class ShardOptimizer(tf.Module):
         with self.name_scope:
             return tf.Variable(tf.zeros(self.weight.shape, self.weight.dtype), trainable=False, name=name)
 
-    def apply_rows(self, rows: tf.Tensor, grad: tf.Tensor, lr):
-        """rows [k] int32 unique shard rows, grad [k, D] their gradient, lr a scalar -> an op."""
+    def apply_rows(self, rows: tf.Tensor | None, grad: tf.Tensor, lr):
+        """rows [k] int32 unique shard rows (None: all, in order), grad [k, D], lr [] -> an op."""
         raise NotImplementedError
 
     def apply_gradient(self, grad, lr):
@@ -66,8 +66,7 @@ class ShardOptimizer(tf.Module):
             rows, pos = tf.unique(tf.cast(grad.indices, tf.int32))
             values = tf.math.unsorted_segment_sum(tf.cast(grad.values, tf.float32), pos, tf.shape(rows)[0])
         else:
-            rows = tf.range(tf.shape(self.weight)[0])
-            values = tf.cast(grad, tf.float32)
+            rows, values = None, tf.cast(grad, tf.float32)
         return self.apply_rows(rows, values, lr)
 
     def state(self) -> dict[str, tf.Variable]:
@@ -79,10 +78,14 @@ class ShardOptimizer(tf.Module):
 
 
 def _read(var: tf.Variable, rows):
+    if rows is None:
+        return tf.cast(var, tf.float32)
     return tf.cast(tf.gather(var, rows), tf.float32)
 
 
 def _write(var: tf.Variable, rows, values):
+    if rows is None:  # every row: one dense assignment
+        return var.assign(tf.cast(values, var.dtype))
     # ResourceScatterUpdate writes in place: no copy of the (possibly multi-GB) shard.
     return var.scatter_update(tf.IndexedSlices(tf.cast(values, var.dtype), rows))
 
@@ -135,12 +138,13 @@ class AdamW(ShardOptimizer):
                                      name="count")
 
     def apply_rows(self, rows, grad, lr):
-        t = tf.gather(self.count, rows) + 1
+        t = (self.count if rows is None else tf.gather(self.count, rows)) + 1
         w, m, v = adamw_update(_read(self.weight, rows), grad, _read(self.m, rows), _read(self.v, rows),
                                tf.cast(t, tf.float32), tf.cast(lr, tf.float32), self.beta_1,
                                self.beta_2, self.epsilon, self.weight_decay)
         return tf.group(_write(self.weight, rows, w), _write(self.m, rows, m), _write(self.v, rows, v),
-                        self.count.scatter_update(tf.IndexedSlices(t, rows)))
+                        self.count.assign(t) if rows is None
+                        else self.count.scatter_update(tf.IndexedSlices(t, rows)))
 
     def state(self):
         return {"m": self.m, "v": self.v, "count": self.count}

@@ -30,7 +30,8 @@ import tensorflow as tf
 from cluster import Cluster
 from partitioned_fc import margins as margins_lib
 
-# sink(state, positions [K] int32, grad [K, D] float32) -> state: consumes one block's gradient.
+# sink(state, positions [K] int32 or None for all, grad [K, D] float32) -> state: consumes one
+# block's gradient.
 Sink = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
@@ -47,7 +48,10 @@ class RowSource:
         self.index = index
         self.n = tf.shape(index)[0] if index is not None else tf.shape(weight)[0]
 
-    def rows(self, pos: tf.Tensor) -> tf.Tensor:
+    def rows(self, pos: tf.Tensor | None) -> tf.Tensor | None:
+        """Shard rows at these positions; None (every position, in order) stays None."""
+        if pos is None:
+            return None if self.index is None else self.index
         return pos if self.index is None else tf.gather(self.index, pos)
 
     def gather(self, pos: tf.Tensor) -> tf.Tensor:
@@ -136,7 +140,7 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: Sink, sta
         if normalize:
             dw = _remove_radial(dw, tf.cast(source.block(), tf.float32), fwd.inv)
         dw = _add_label_rows(dw, dw_rows, fwd.local_label, 0)
-        state = sink(state, tf.range(source.n), dw)
+        state = sink(state, None, dw)  # None: every row taking part, in order
     else:
         dx_s, state = _backward_chunks(fwd, source, d_loss, dw_rows, sink, state, normalize,
                                        chunk_size)

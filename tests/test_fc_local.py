@@ -6,6 +6,7 @@ import tensorflow as tf
 import cluster
 import partitioned_fc
 from partitioned_fc import margins as M
+from partitioned_fc import optimizer as shard_opt
 from partitioned_fc.sharding import all_shard_ranges, full_matrix, owner_of, shard_range
 
 C, D = 23, 8
@@ -182,3 +183,44 @@ def test_partial_fc_gradient_is_sparse():
 def test_bad_sample_rate(rate):
     with pytest.raises(ValueError, match="sample_rate must be in \\(0, 1\\]"):
         make(sample_rate=rate)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chunk_size": 0}, "chunk_size must be None or a positive integer"),
+    ({"chunk_size": 2.5}, "chunk_size must be None or a positive integer"),
+    ({"compute_dtype": "float64"}, "compute_dtype must be one of"),
+    ({"param_dtype": "int8"}, "param_dtype must be one of"),
+])
+def test_bad_chunk_and_dtype_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        partitioned_fc.PartitionedFC(C, D, cluster=cluster.init("local"), **kwargs)
+
+
+@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()],
+                         ids=lambda m: m.name)
+def test_chunked_large_logits_are_stable(margin):
+    """The streaming logsumexp rescales each block's sum to the running max: no overflow."""
+    fc = partitioned_fc.PartitionedFC(C, D, margin, cluster.init("local"), seed=5, chunk_size=3)
+    x, y = batch(8, seed=3)
+    fc.weight.assign(fc.weight * 3000.0)
+    x = x * 30.0
+    ref = partitioned_fc.dense_loss(tf.cast(x, tf.float64), y, tf.cast(fc.weight, tf.float64), margin)
+    assert fc(x, y).numpy() == pytest.approx(ref.numpy(), rel=1e-5)
+
+
+def test_shard_optimizer_sums_duplicate_rows_and_checks_arguments():
+    w = tf.Variable(tf.ones([4, 2]))
+    opt = shard_opt.SGD(w, momentum=0.0)
+    grad = tf.IndexedSlices(tf.constant([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]), tf.constant([3, 1, 3]))
+    opt.apply_gradient(grad, 0.5)
+    np.testing.assert_array_equal(w.numpy(), [[1, 1], [0, 0], [1, 1], [-1.5, -1.5]])
+    assert opt.state() == {}
+    with pytest.raises(ValueError, match="momentum must be in"):
+        shard_opt.SGD(w, momentum=1.0)
+    with pytest.raises(ValueError, match="beta_2 must be in"):
+        shard_opt.AdamW(w, beta_2=1.5)
+    with pytest.raises(ValueError, match="unknown shard optimizer 'lamb'"):
+        shard_opt.get("lamb", w)
+    fc = make(M.Softmax())
+    with pytest.raises(ValueError, match="built for another layer"):
+        fc.train_step(*batch(), opt, 0.1)
