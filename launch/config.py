@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from launch.backbones import BACKBONES
+from launch.backbones import BACKBONES, MIN_IMAGE_SIZE
 from partitioned_fc import margins as margins_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,9 +55,9 @@ def _field(default: Any = dataclasses.MISSING, doc: str = "", *, ge: float | Non
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return " | ".join(str(a) for a in args)
+        return "one of " + ", ".join(str(a) for a in args)
     if origin is typing.Union:
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin in (list, tuple):
         inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
         return f"list[{inner}]" if origin is list else f"[{inner}]"
@@ -70,12 +70,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message, mentioning null
+            try:
+                return _coerce(value, options[0], key)
+            except ConfigError as e:
+                raise ConfigError(e.key, e.message.replace(", got", " or null, got", 1)) from None
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if isinstance(value, bool) or value not in args:
@@ -165,8 +170,8 @@ class _Section:
 @dataclasses.dataclass
 class DataConfig(_Section):
     _key: typing.ClassVar[str] = "data"
-    train: list[str] = _field(factory=list, doc="Training TFRecord shards: paths, globs or URLs "
-                              "(s3://, gs://, ...). A single string is a one-element list. Required.")
+    train: list[str] = _field(factory=list, doc="Training data (pipelines/): dataset directories, "
+                              "shard files or globs, local or URLs (s3://, gs://, hdfs://). A single string is a one-element list. Required.")
     val: list[str] = _field(factory=list, doc="Verification sets: InsightFace `.bin` files. The set's "
                             "name is the file name without `.bin` (`lfw.bin` -> `lfw`); names must differ.")
     num_classes: Optional[int] = _field(None, "C, the number of identities. null: read it from the "
@@ -317,7 +322,7 @@ class CheckpointConfig(_Section):
     _key: typing.ClassVar[str] = "checkpoint"
     every: int = _field(1000, "Steps between checkpoints; 0: only at the end.", ge=0)
     keep: int = _field(3, "Keep the last K checkpoints.", ge=1)
-    dir: Optional[str] = _field(None, "Checkpoint directory; null: <train.run_dir>/checkpoints.")
+    dir: Optional[str] = _field(None, "Checkpoint directory; null: the folder checkpoints in train.run_dir.")
     resume: str = _field("auto", "auto: continue from the newest checkpoint in dir if there is one; "
                          "none: start fresh; otherwise the path of a checkpoint to start from.")
 
@@ -374,6 +379,10 @@ class Config(_Section):
     monitoring: MonitoringConfig = _field(doc="Prometheus metrics.", factory=MonitoringConfig)
 
     def _check(self) -> None:
+        smallest = MIN_IMAGE_SIZE[self.model.backbone]
+        if self.data.image_size < smallest:
+            raise ConfigError("data.image_size", f"must be >= {smallest} for the {self.model.backbone} "
+                              f"backbone, got {self.data.image_size}")
         names = self.data.val_sets()
         for i, name in enumerate(self.eval.sets):
             if name not in names:
