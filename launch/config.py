@@ -171,7 +171,8 @@ class _Section:
 class DataConfig(_Section):
     _key: typing.ClassVar[str] = "data"
     train: list[str] = _field(factory=list, doc="Training data (pipelines/): dataset directories, "
-                              "shard files or globs, local or URLs (s3://, gs://, hdfs://). A single string is a one-element list. Required.")
+                              "shard files or globs, local or URLs (s3://, gs://, hdfs://). A single "
+                              "string is a one-element list. Required.")
     val: list[str] = _field(factory=list, doc="Verification sets: InsightFace `.bin` files. The set's "
                             "name is the file name without `.bin` (`lfw.bin` -> `lfw`); names must differ.")
     num_classes: Optional[int] = _field(None, "C, the number of identities. null: read it from the "
