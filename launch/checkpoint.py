@@ -102,7 +102,7 @@ def save(directory: str, step: int, comm, fc: FCState, backbone_vars: Sequence[t
             "fc": {"weight_dtype": fc.weight.dtype.name,
                    "slots": {k: v.dtype.name for k, v in fc.slots.items()},
                    "shards": [{k: s[k] for k in ("rank", "class_range", "files")} for s in shards]},
-            "backbone": {"variables": [v.name for v in backbone_vars],
+            "backbone": {"variables": [getattr(v, "path", v.name) for v in backbone_vars],
                          "optimizer_variables": len(backbone_opt_vars)},
             **meta,
         }
@@ -168,8 +168,15 @@ def restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
         local = _read_json(os.path.join(path, f"fc/rank.{comm.rank:05d}.json"))
         if local.get("sampler_state") is not None:
             fc.sampler.reset(tf.constant(local["sampler_state"], tf.int64))
-    _restore_npz(os.path.join(path, "backbone.npz"), backbone_vars)
+    restore_backbone(path, backbone_vars)
     _restore_npz(os.path.join(path, "backbone_optimizer.npz"), backbone_opt_vars)
+    return manifest
+
+
+def restore_backbone(path: str, backbone_vars: Sequence[tf.Variable]) -> dict:
+    """Only the backbone (for evaluation and export); -> manifest."""
+    manifest = read_manifest(path)
+    _restore_npz(os.path.join(path, "backbone.npz"), backbone_vars)
     return manifest
 
 

@@ -115,6 +115,12 @@ def _lambda_at(lambda_, step) -> tf.Tensor:
     return tf.constant(float(lambda_), tf.float32)
 
 
+def current_lambda(margin: "Margin", step) -> float:
+    """The annealing weight λ a margin uses at `step` (0 for margins without one)."""
+    lambda_ = getattr(margin, "lambda_", None)
+    return 0.0 if lambda_ is None else float(_lambda_at(lambda_, step))
+
+
 def _parse_lambda(value: Any) -> float | LambdaSchedule:
     if isinstance(value, LambdaSchedule):
         return value

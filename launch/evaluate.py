@@ -1,0 +1,84 @@
+"""`pfc eval` and verification during training: InsightFace-style `.bin` pair sets.
+
+Each image and its horizontal flip are embedded and summed; pairs are compared by squared L2
+distance of the normalized sums; 10-fold accuracy with a threshold chosen on the other folds, and
+TAR at a fixed FAR (launch/verification.py has the metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+import numpy as np
+
+from launch import verification
+
+EvalSets = dict  # name -> (images [2N, H, W, 3] float32 in [-1, 1], issame [N] bool)
+
+
+def load_sets(paths: dict[str, str], image_size: int) -> EvalSets:
+    from pipelines.verification import load_bin
+
+    return {name: load_bin(path, (image_size, image_size)) for name, path in paths.items()}
+
+
+def evaluate(embed: Callable[[np.ndarray], np.ndarray], sets: EvalSets, *, batch_size: int,
+             folds: int, far: float, flip: bool) -> dict[str, dict]:
+    """embed: [n, H, W, 3] -> [n, D]. -> {set: VerificationResult.as_dict()}."""
+    results = {}
+    for name, (images, issame) in sets.items():
+        if flip:
+            emb = verification.flip_sum(embed, images, batch_size)
+        else:
+            emb = np.concatenate([embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+        e1, e2 = verification.split_pairs(emb)
+        results[name] = verification.evaluate_pairs(e1, e2, issame, folds=folds, far=far).as_dict()
+    return results
+
+
+def summary_line(results: dict[str, dict], far: float) -> str:
+    return "  ".join(f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {r['tar']:.4f}"
+                     for name, r in results.items())
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="verification accuracy of a checkpoint on the config's .bin sets")
+    p.add_argument("--config", required=True, help="the experiment's YAML config")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (default: the newest in the config's checkpoint dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results here as JSON")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from launch import checkpoint as ckpt
+    from launch.backbones import build_backbone
+    from launch.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    path = args.checkpoint or ckpt.latest(cfg.checkpoint_dir)
+    if path is None:
+        raise ckpt.CheckpointError(f"{cfg.checkpoint_dir}: no checkpoint to evaluate (pass --checkpoint)")
+    manifest = ckpt.read_manifest(path)
+    if manifest["embedding_dim"] != cfg.model.embedding_dim:
+        raise ckpt.CheckpointError(f"{path}: embedding_dim {manifest['embedding_dim']} in the checkpoint, "
+                                   f"{cfg.model.embedding_dim} in the config")
+    sets_paths = cfg.eval_sets()
+    if not sets_paths:
+        raise SystemExit("pfc eval: the config lists no verification sets (data.val)")
+    model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
+                           cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
+    ckpt.restore_backbone(path, model.weights)
+    sets = load_sets(sets_paths, cfg.data.image_size)
+    results = evaluate(lambda x: model(x, training=False).numpy(), sets, batch_size=cfg.eval.batch_size,
+                       folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip)
+    print(f"step {manifest['step']}  {summary_line(results, cfg.eval.far)}", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"checkpoint": path, "step": manifest["step"], "eval": results}, f, indent=1)
+    sys.stdout.flush()
+    return 0
