@@ -368,3 +368,98 @@ def test_dockerfile_matches_the_manifests(rendered):
         # sshd's host and authorized keys are the operator's key files, mounted at sshAuthMountPath.
         assert re.search(rf"^HostKey {job['spec']['sshAuthMountPath']}/id_rsa$", sshd, re.M), name
         assert re.search(rf"^AuthorizedKeysFile {job['spec']['sshAuthMountPath']}/authorized_keys$", sshd, re.M), name
+
+
+# ---------------------------------------------------------------- the launch path, for real
+
+SSHD = "/usr/sbin/sshd"
+PROBE = """
+import os, horovod.tensorflow as hvd
+hvd.init()
+print(f"probe rank={hvd.rank()} size={hvd.size()} local={hvd.local_rank()} env={os.environ.get('PFC_PROBE')}", flush=True)
+"""
+
+
+def _free_port(host: str) -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(host: str, port: int, proc, timeout: float = 15.0) -> None:
+    import socket
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sshd exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"sshd not listening on {host}:{port} after {timeout} s")
+
+
+@pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh-keygen") is None,
+                    reason="openssh-server not installed (make setup installs it)")
+def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
+    """The README's launcher line, run by horovodrun against our sshd_config and ssh_config.
+
+    The worker is 127.0.0.2 (loopback, but not an address of this host, so horovodrun uses ssh as it
+    does for worker pods), listed in the operator's hostfile format. Only what a pod provides
+    differently is substituted: the port, the key files (the operator's Secret) and, when the
+    tests run as root, root login and sshd's privilege-separation directory.
+    """
+    import os
+    host, port = "127.0.0.2", _free_port("127.0.0.2")
+    key = tmp_path / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "521", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id_rsa.pub").read_text())
+    (tmp_path / "authorized_keys").chmod(0o600)
+    substitutions = {"Port": str(port), "HostKey": str(key), "PidFile": str(tmp_path / "sshd.pid"),
+                     "AuthorizedKeysFile": str(tmp_path / "authorized_keys")}
+    if os.geteuid() == 0:
+        substitutions["PermitRootLogin"] = "prohibit-password"
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    lines = []
+    for line in (K8S / "image" / "sshd_config").read_text().splitlines():
+        word = line.split(" ", 1)[0]
+        lines.append(f"{word} {substitutions.pop(word)}" if word in substitutions else line)
+    assert not substitutions, f"sshd_config lacks {sorted(substitutions)}"
+    config = tmp_path / "sshd_config"
+    config.write_text("\n".join(lines + [f"ListenAddress {host}"]) + "\n")
+    check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+    # The launcher's ssh client uses the image's client settings (no known_hosts, ...).
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {K8S / "image" / "ssh_config"} "$@"\n')
+    (bindir / "ssh").chmod(0o755)
+    (tmp_path / "hostfile").write_text(f"{host} slots=2\n")
+    (tmp_path / "probe.py").write_text(PROBE)
+
+    argv = readme_launcher_lines()["cpu-smoke"]
+    argv[argv.index("--hostfile") + 1] = str(tmp_path / "hostfile")
+    argv[argv.index("--ssh-port") + 1] = str(port)
+    train = argv.index("pfc")
+    assert " ".join(argv[train:]) == TRAIN_LINE
+    argv = [str(Path(sys.executable).parent / "horovodrun"), *argv[1:train],
+            "--ssh-identity-file", str(key), sys.executable, str(tmp_path / "probe.py")]
+    env = dict(os.environ, PATH=f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PFC_PROBE="from-the-launcher", TF_CPP_MIN_LOG_LEVEL="2")
+
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_listening(host, port, sshd)
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    probes = sorted(re.findall(r"probe rank=(\d) size=(\d) local=(\d) env=(\S+)", out))
+    # Two slots on the one worker; both processes got the launcher's environment over ssh.
+    assert probes == [("0", "2", "0", "from-the-launcher"), ("1", "2", "1", "from-the-launcher")], out[-4000:]
