@@ -463,3 +463,32 @@ def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
     probes = sorted(re.findall(r"probe rank=(\d) size=(\d) local=(\d) env=(\S+)", out))
     # Two slots on the one worker; both processes got the launcher's environment over ssh.
     assert probes == [("0", "2", "0", "from-the-launcher"), ("1", "2", "1", "from-the-launcher")], out[-4000:]
+
+
+@needs_kubectl
+def test_readme_names_what_the_manifests_use(rendered):
+    text = (K8S / "README.md").read_text() + (ROOT / "README.md").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
+    # The Secret the docs create is the one the gpu launcher requires, with the same keys.
+    launcher = one(rendered["gpu"], "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"]: set() for e in launcher["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    for e in launcher["env"]:
+        if "secretKeyRef" in e.get("valueFrom", {}):
+            refs[e["valueFrom"]["secretKeyRef"]["name"]].add(e["valueFrom"]["secretKeyRef"]["key"])
+            assert e["valueFrom"]["secretKeyRef"]["optional"] is False
+    for line in re.findall(r"kubectl create secret generic .*", text):
+        name = line.split()[4]
+        assert set(re.findall(r"--from-literal=(\w+)=", line)) == refs[name], line
+    example = yaml.safe_load((K8S / "example-secret.yaml").read_text())
+    assert {example["metadata"]["name"]: set(example["stringData"])} == refs
+    # kubectl commands for the smoke job name its real objects.
+    job = one(rendered["cpu-smoke"], "MPIJob")["metadata"]["name"]
+    assert f"kubectl logs -f job/{job}-launcher" in text
+    port = config_of(rendered["cpu-smoke"])["monitoring"]["port"]
+    assert f"kubectl port-forward pod/{job}-worker-0 {port}:{port}" in text
+    assert "kubectl apply -k k8s/overlays/cpu-smoke" in text and "kubectl apply -k k8s/overlays/gpu" in text
+    # The "leave the PodMonitor out" selector leaves out exactly the PodMonitor.
+    selector = re.search(r"-l '([\w./-]+)!=(\w+)'", text)
+    for objs in rendered.values():
+        dropped = [o["kind"] for o in objs if (o["metadata"].get("labels") or {}).get(selector.group(1)) == selector.group(2)]
+        assert dropped == ["PodMonitor"]
