@@ -7,11 +7,14 @@ writable paths of the config, and the Dockerfile against the manifests and pypro
 """
 import copy
 import importlib.util
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -360,7 +363,7 @@ def test_dockerfile_matches_the_manifests(rendered):
     assert user and user[-1] == ("1000", "1000")
     sshd = (K8S / "image" / "sshd_config").read_text()
     sshd_port = re.search(r"^Port (\d+)$", sshd, re.M).group(1)
-    assert f"COPY k8s/image/sshd_config /etc/ssh/pfc_sshd_config" in text
+    assert "COPY k8s/image/sshd_config /etc/ssh/pfc_sshd_config" in text
     for name, objs in rendered.items():
         job = one(objs, "MPIJob")
         specs = job["spec"]["mpiReplicaSpecs"]
@@ -389,15 +392,12 @@ print(f"probe rank={hvd.rank()} size={hvd.size()} local={hvd.local_rank()} env={
 
 
 def _free_port(host: str) -> int:
-    import socket
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def _wait_listening(host: str, port: int, proc, timeout: float = 15.0) -> None:
-    import socket
-    import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -420,7 +420,6 @@ def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
     differently is substituted: the port, the key files (the operator's Secret) and, when the
     tests run as root, root login and sshd's privilege-separation directory.
     """
-    import os
     host, port = "127.0.0.2", _free_port("127.0.0.2")
     key = tmp_path / "id_rsa"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "521", "-N", "", "-f", str(key)], check=True)
