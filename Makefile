@@ -13,9 +13,13 @@ TF_SPEC     := tensorflow-cpu==2.17.1
 HOROVOD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test demo bench clean-venv ssh-server
 
-setup: $(VENV)/.stamp
+setup: $(VENV)/.stamp ssh-server
+
+# tests/test_k8s.py runs the MPIJob launch path (horovodrun over ssh to our sshd_config): Debian's sshd.
+ssh-server:
+	@test -x /usr/sbin/sshd || (apt-get update -q && apt-get install -y -q --no-install-recommends openssh-server)
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
