@@ -117,13 +117,15 @@ def test_bad_settings_are_named(kwargs, message):
 
 # A real Pushgateway (Debian's prometheus-pushgateway, installed by `make setup`) rather than a fake
 # HTTP server: it parses and validates the pushed payload the way Prometheus would (types, label
-# consistency, grouping keys), so a malformed push fails here instead of in production.
+# consistency, grouping keys), so a malformed push fails here instead of in production. Debian's
+# default persists pushes to /var/lib/prometheus: --persistence.file= keeps them in memory only.
 @pytest.fixture
 def pushgateway():
     binary = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
     assert shutil.which(binary), f"{binary} missing: run `make setup` (installs prometheus-pushgateway)"
     port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
+                             "--log.level=warn"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
