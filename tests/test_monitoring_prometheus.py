@@ -1,0 +1,110 @@
+"""A real Prometheus server (monitoring/local_prometheus.py) scraping two exporters that stand in for two
+workers of one host: the shipped scrape config and rules work, the dashboard's queries return data."""
+import json
+import math
+import threading
+import time
+
+import pytest
+
+from monitoring import TrainingMetrics
+from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
+from monitoring_helpers import port_pair
+
+JOB = "e2e"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two exporters (local_rank 0 and 1 on consecutive ports), stepping every 50 ms, scraped every second."""
+    base = port_pair()
+    workers = [TrainingMetrics(job=JOB, rank=r, local_rank=r, world_size=2, bind="127.0.0.1", base_port=base,
+                               version="test") for r in (0, 1)]
+    for w in workers:
+        w.set_fc_shard(classes=500, nbytes=500 * 128 * 4)
+        w.observe_checkpoint(step=0, seconds=0.3)
+        w.observe_eval("lfw", 0.9, {1e-3: 0.8})
+        w.count_corrupt(1)
+    stop = threading.Event()
+
+    def step_forever():
+        step = 0
+        while not stop.wait(0.05):
+            step += 1
+            for w in workers:
+                w.observe_step(step=step, samples=16, loss=3.0 / (1 + 0.01 * step), accuracy=0.5, lr=0.1,
+                               lam=1.0, epoch=step / 1000, step_seconds=0.05, data_wait_seconds=0.002,
+                               comm_seconds=0.01)
+
+    stepper = threading.Thread(target=step_forever, daemon=True)
+    stepper.start()
+    prom = LocalPrometheus([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]).start()
+    try:
+        # two scrapes of each worker, so rates exist
+        prom.wait_until(f'count(rate(pfc_steps_total{{job="{JOB}"}}[10s]) > 0) == 2', timeout=60)
+        yield prom, workers
+    finally:
+        prom.stop()
+        stop.set()
+        stepper.join()
+        for w in workers:
+            w.close()
+
+
+def by_rank(result):
+    return {r["metric"]["rank"]: float(r["value"][1]) for r in result}
+
+
+def test_both_workers_are_scraped_and_counters_increase(cluster):
+    prom, _ = cluster
+    up = prom.query('up{job="pfc"}')
+    assert len(up) == 2 and all(r["value"][1] == "1" for r in up), up
+    first = by_rank(prom.query(f'pfc_steps_total{{job="{JOB}"}}'))
+    assert set(first) == {"0", "1"}
+    later = by_rank(prom.wait_until(
+        f'pfc_steps_total{{job="{JOB}"}}',
+        lambda res: len(res) == 2 and all(float(r["value"][1]) > first[r["metric"]["rank"]] for r in res)))
+    assert all(later[r] > first[r] for r in first)
+    hosts = {r["metric"]["host"] for r in prom.query(f'pfc_info{{job="{JOB}"}}')}
+    assert len(hosts) == 1 and "" not in hosts
+    loss = by_rank(prom.query(f'pfc_loss{{job="{JOB}"}}'))
+    assert all(math.isfinite(v) and 0 < v <= 3 for v in loss.values())
+
+
+def grafana_to_promql(expr: str) -> str:
+    return (expr.replace("$__rate_interval", "10s").replace('rank=~"$rank"', 'rank=~".*"')
+            .replace("$job", JOB))
+
+
+def test_every_dashboard_query_returns_data(cluster):
+    prom, _ = cluster
+    dash = json.loads((ASSETS.parent / "grafana" / "pfc-dashboard.json").read_text())
+    targets = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    for title, expr in targets:
+        promql = grafana_to_promql(expr)
+        assert "$" not in promql, promql
+        assert prom.query(promql), f"panel {title!r}: {promql!r} returned nothing"
+    throughput = prom.query(grafana_to_promql(targets[[t for t, _ in targets].index("Throughput (samples/s)")][1]))
+    assert {r["metric"]["rank"] for r in throughput} == {"0", "1"}
+
+
+def test_rules_load_and_alert_only_on_trouble(cluster):
+    prom, workers = cluster
+    groups = prom.api("rules")["groups"]
+    rules = {r["name"]: r for g in groups for r in g["rules"]}
+    assert {"PfcWorkerDown", "PfcNonFiniteLoss", "PfcStragglerWorker"} <= set(rules)
+    deadline = time.monotonic() + 30
+    while not all(not r["lastEvaluation"].startswith("0001") and r["health"] == "ok" for r in rules.values()):
+        assert time.monotonic() < deadline, {n: (r["health"], r.get("lastError")) for n, r in rules.items()}
+        time.sleep(0.5)
+        rules = {r["name"]: r for g in prom.api("rules")["groups"] for r in g["rules"]}
+    assert prom.api("alerts")["alerts"] == []            # a healthy run: nothing pending or firing
+    workers[1].count_nonfinite()                        # the stepper keeps the loss finite; the counter moves
+    firing = prom.wait_until('ALERTS{alertname="PfcNonFiniteLoss", alertstate="firing"}', timeout=30)
+    assert [r["metric"]["rank"] for r in firing] == ["1"]
+
+
+def test_bad_query_is_a_clear_error(cluster):
+    prom, _ = cluster
+    with pytest.raises(PrometheusError, match="bad_data"):
+        prom.query("sum(")
