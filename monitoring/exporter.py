@@ -108,7 +108,7 @@ class TrainingMetrics:
                         f"metrics port {self.port} on {bind} is already in use (base_port {base_port} + "
                         f"local_rank {local_rank}); choose another monitoring base_port, or 0 to disable"
                     ) from e
-                raise
+                raise RuntimeError(f"cannot serve metrics on {bind}:{self.port}: {e}") from e
 
         self._gateway, self._push_interval = pushgateway, push_interval_s
         self._push_failed_logged = False

@@ -174,3 +174,8 @@ def test_unreachable_pushgateway_is_counted_not_fatal(caplog):
     m.close()                                            # the final push fails too, without raising
     assert m.registry.get_sample_value("pfc_push_failures_total", {"job": "j", "rank": "0", "host": m.host}) == 3
     assert sum("push to http://127.0.0.1" in r.message for r in caplog.records) == 1   # logged once
+
+
+def test_unusable_bind_address_is_named():
+    with pytest.raises(RuntimeError, match=r"cannot serve metrics on 192\.0\.2\.1:"):
+        TrainingMetrics(bind="192.0.2.1", base_port=free_port())   # TEST-NET-1: not an address of this host
