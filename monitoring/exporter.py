@@ -73,6 +73,7 @@ class TrainingMetrics:
 
     Raises:
       PortInUseError: the port is taken (raised here, at start-up, never mid-run).
+      RuntimeError: the address cannot be bound for another reason (e.g. not an address of this host).
       ValueError: a port outside 1..65535 or a pushgateway URL that is not http(s)://host[:port].
     """
 
