@@ -1,7 +1,12 @@
-"""A real Prometheus server (monitoring/local_prometheus.py) scraping two exporters that stand in for two
-workers of one host: the shipped scrape config and rules work, the dashboard's queries return data."""
+"""A real Prometheus server (monitoring/local_prometheus.py) with the shipped config and rules: scraping two
+exporters in this process (the dashboard's queries return data, the rules evaluate), and scraping two real
+horovodrun workers."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -9,6 +14,7 @@ import pytest
 
 from monitoring import TrainingMetrics
 from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
+from conftest import BIN, ROOT, worker_env
 from monitoring_helpers import port_pair
 
 JOB = "e2e"
@@ -108,3 +114,32 @@ def test_bad_query_is_a_clear_error(cluster):
     prom, _ = cluster
     with pytest.raises(PrometheusError, match="bad_data"):
         prom.query("sum(")
+
+
+def test_prometheus_scrapes_two_horovodrun_workers(tmp_path):
+    """Real `horovodrun -np 2` workers serving on base_port + local_rank, scraped with the shipped config."""
+    base, stop_file = port_pair(), tmp_path / "stop"
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           str(ROOT / "tests" / "workers" / "monitored_worker.py"), str(base), str(stop_file)]
+    worker = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        with LocalPrometheus([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]) as prom:
+            q = 'pfc_steps_total{job="hvd-e2e"}'
+            first = by_rank(prom.wait_until(q, lambda r: len(r) == 2, timeout=120))
+            later = by_rank(prom.wait_until(q, lambda r: all(float(x["value"][1]) > first[x["metric"]["rank"]]
+                                                            for x in r), timeout=60))
+            assert set(later) == {"0", "1"}
+            loss = by_rank(prom.query('pfc_loss{job="hvd-e2e"}'))
+            assert set(loss) == {"0", "1"} and all(math.isfinite(v) for v in loss.values()), loss
+            # base_port + local_rank: the worker behind each port is the local rank it should be
+            info = prom.query('pfc_info{job="hvd-e2e"}')
+            assert {(r["metric"]["instance"], r["metric"]["local_rank"], r["metric"]["world_size"]) for r in info} \
+                == {(f"127.0.0.1:{base}", "0", "2"), (f"127.0.0.1:{base + 1}", "1", "2")}
+        stop_file.touch()
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0 and "OK 0" in out and "OK 1" in out, out[-3000:]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
