@@ -1,6 +1,5 @@
 """`pfc report`: plots from a synthetic JSON-lines log; schema errors name the file and line."""
 import json
-from pathlib import Path
 
 import pytest
 
