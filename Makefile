@@ -49,3 +49,11 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Monitoring: Prometheus' server, promtool and the Pushgateway (Debian packages) for the monitoring
+# tests and a local Prometheus; installed only when missing (needs root, as on these machines).
+.PHONY: prometheus-tools
+setup: prometheus-tools
+prometheus-tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus-pushgateway >/dev/null 2>&1 || \
+	  { apt-get update && apt-get install -y --no-install-recommends prometheus prometheus-pushgateway; }

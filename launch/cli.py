@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench.add_parser(sub)
+    from launch import report; report.add_parser(sub)  # noqa: E702 (one-line registration)
     return parser
 
 

@@ -1,1 +1,7 @@
-"""Prometheus exporter, Grafana dashboards and alert rules (coming with the monitoring issue)."""
+"""Prometheus exporter of training metrics, Prometheus scrape config and alert rules, Grafana dashboard.
+
+Imports neither launch/ nor pipelines/: the training loop creates a `TrainingMetrics` and feeds it.
+"""
+from monitoring.exporter import MonitoringConfig, PortInUseError, TrainingMetrics
+
+__all__ = ["MonitoringConfig", "PortInUseError", "TrainingMetrics"]
