@@ -19,6 +19,8 @@ EvalSets = dict  # name -> (images [2N, H, W, 3] float32 in [-1, 1], issame [N] 
 
 
 def load_sets(paths: dict[str, str], image_size: int) -> EvalSets:
+    if not paths:
+        return {}
     from pipelines.verification import load_bin
 
     return {name: load_bin(path, (image_size, image_size)) for name, path in paths.items()}

@@ -147,7 +147,7 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
                     if corrupt > corrupt_seen:
                         metrics.count_corrupt(corrupt - corrupt_seen)
                         corrupt_seen = corrupt
-                metrics.observe_step(step=done, samples=global_batch, loss=result.loss,
+                metrics.observe_step(step=done, samples=cfg.train.batch_size, loss=result.loss,
                                      accuracy=result.accuracy, lr=lr,
                                      lam=current_lambda(trainer.fc.margin, step),
                                      epoch=float(epoch), step_seconds=t2 - t0, data_wait_seconds=t1 - t0)
@@ -217,7 +217,9 @@ def _evaluate(trainer, sets, cfg: Config, comm, metrics, log, step) -> dict:
                                     batch_size=cfg.eval.batch_size, folds=cfg.eval.folds,
                                     far=cfg.eval.far, flip=cfg.eval.flip)
         log.say(f"eval step {step}: {evaluate.summary_line(results, cfg.eval.far)}")
-        log.record({"step": step, "eval": results})
+        # the report's schema names TAR by its FAR
+        log.record({"step": step, "eval": {name: {**r, f"tar@far={cfg.eval.far:g}": r["tar"]}
+                                           for name, r in results.items()}})
         if metrics is not None:
             for name, r in results.items():
                 metrics.observe_eval(name, r["accuracy"], {cfg.eval.far: r["tar"]})

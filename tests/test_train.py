@@ -1,0 +1,116 @@
+"""`pfc train`'s loop: world-size equivalence, resuming at any world size, non-finite losses."""
+import shutil
+
+import numpy as np
+import pytest
+
+import cluster
+from conftest import horovodrun
+from launch import checkpoint as ckpt
+from launch import train as train_lib
+from launch.config import from_dict
+from launch.trainer import TrainingError
+from test_fc_distributed import rel
+from workers import train_worker
+
+TOL = 2e-5
+
+
+def run(n, tmp, name, run_dir, steps, chunk=None):
+    out = tmp / name
+    out.mkdir()
+    argv = ["tests/workers/train_worker.py", str(out), str(run_dir), str(steps)]
+    horovodrun(n, *argv, *([str(chunk)] if chunk else []))
+    ranks = [dict(np.load(out / f"rank{r}.npz")) for r in range(n)]
+    for key in ranks[0]:  # every worker sees the same replicated state
+        for r in ranks[1:]:
+            np.testing.assert_array_equal(r[key], ranks[0][key], err_msg=key)
+    return ranks[0]
+
+
+def assert_same_state(a, b, prefix_a, prefix_b, tol, where):
+    keys = sorted(k[len(prefix_a):] for k in a if k.startswith(prefix_a))
+    assert keys and keys == sorted(k[len(prefix_b):] for k in b if k.startswith(prefix_b)), where
+    assert any(k.startswith("fc_momentum") for k in keys), "the optimizer state is compared too"
+    for k in keys:
+        x, y = a[prefix_a + k], b[prefix_b + k]
+        if tol == 0:
+            np.testing.assert_array_equal(x, y, err_msg=f"{where}: {k}")
+        else:
+            assert rel(x, y) <= tol, f"{where}: {k} differs by {rel(x, y)}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted 6-step run per world size, and a 3-step run at 2 workers to resume from."""
+    tmp = tmp_path_factory.mktemp("train")
+    res = {n: run(n, tmp, f"full{n}", tmp / f"run_full{n}", 6, chunk=5 if n == 3 else None)
+           for n in (1, 2, 3)}
+    res["half"] = run(2, tmp, "half2", tmp / "run_half", 3)
+    res["tmp"] = tmp
+    return res
+
+
+def test_global_batch_is_the_same_training_at_any_world_size(runs):
+    """k steps at 1 worker with global batch 2B (and 3B) equal k steps at 2 workers with batch B."""
+    for n in (2, 3):
+        assert_same_state(runs[1], runs[n], "final_", "final_", TOL, f"1 vs {n} workers")
+        assert runs[n]["loss"] == pytest.approx(float(runs[1]["loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_resume_at_another_world_size(runs, n):
+    """Stop at 2 workers, resume at 1 and 3: the same rows and optimizer state, then the same run."""
+    tmp = runs["tmp"]
+    run_dir = tmp / f"run_resume{n}"
+    shutil.copytree(tmp / "run_half", run_dir)
+    got = run(n, tmp, f"resume{n}", run_dir, 6)
+    assert int(got["resumed_step"]) == 3
+    assert_same_state(got, runs["half"], "resumed_", "final_", 0, f"re-split 2 -> {n}")
+    assert_same_state(got, runs[2], "final_", "final_", TOL, f"resumed at {n} vs uninterrupted at 2")
+    manifest = ckpt.read_manifest(ckpt.latest(str(run_dir / "checkpoints")))
+    assert manifest["world_size"] == n and manifest["step"] == 6
+
+
+def _local_config(tmp_path, **train):
+    raw = train_worker.config(str(tmp_path / "run"), 4, None)
+    raw["train"].update(batch_size=6, **train)
+    raw["checkpoint"]["every"] = 2
+    return from_dict(raw)
+
+
+def _data(bad_step):
+    def make(start):
+        for s in range(start, 100):
+            images, labels = train_worker.global_batch(s)
+            if s == bad_step:
+                images = images * np.inf
+            yield images, labels, 0
+    return make
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    cfg = _local_config(tmp_path)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 2: .*ckpt-000000002\) is kept"):
+        train_lib.train(cfg, cluster.init("local"), data=_data(2), steps_per_epoch=10,
+                        num_classes=train_worker.NUM_CLASSES)
+    assert ckpt.latest(cfg.checkpoint_dir).endswith("ckpt-000000002")
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
+    cfg = _local_config(tmp_path, nonfinite="skip")
+    out = train_lib.train(cfg, cluster.init("local"), data=_data(1), steps_per_epoch=10,
+                          num_classes=train_worker.NUM_CLASSES)
+    assert out["step"] == 4 and np.isfinite(out["loss"])
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert '"nonfinite_steps": 1' in log[-1]
+
+
+def test_checkpoint_of_another_problem_is_an_error_before_any_work(tmp_path):
+    cfg = _local_config(tmp_path)
+    train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
+                    num_classes=train_worker.NUM_CLASSES)
+    other = from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "num_classes": 14}})
+    with pytest.raises(ckpt.CheckpointError, match=r"num_classes=13 but the config says 14"):
+        train_lib.train(other, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=14)
+    assert ckpt.latest(cfg.checkpoint_dir).endswith("ckpt-000000004")
