@@ -14,14 +14,14 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench
+    from launch import bench, evaluate, export, report, train
 
     parser = argparse.ArgumentParser(
         prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes")
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench.add_parser(sub)
-    from launch import report; report.add_parser(sub)  # noqa: E702 (one-line registration)
+    for command in (train, evaluate, export, bench, report):
+        command.add_parser(sub)
     return parser
 
 

@@ -114,3 +114,25 @@ def test_checkpoint_of_another_problem_is_an_error_before_any_work(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"num_classes=13 but the config says 14"):
         train_lib.train(other, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=14)
     assert ckpt.latest(cfg.checkpoint_dir).endswith("ckpt-000000004")
+
+
+def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
+    import tensorflow as tf
+
+    from launch import export
+    from launch.backbones import build_backbone
+
+    cfg = _local_config(tmp_path)
+    out = train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
+                          num_classes=train_worker.NUM_CLASSES)
+    saved = export.export(out["checkpoint"], str(tmp_path / "model"))
+    served = tf.saved_model.load(saved).signatures["serving_default"]
+    images, _ = train_worker.global_batch(0)
+    emb = served(images=tf.constant(images))["embeddings"].numpy()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    model = build_backbone("tiny", train_worker.IMAGE, 8, batch_norm=False, seed=99)
+    ckpt.restore_backbone(out["checkpoint"], model.weights)
+    want = model(images, training=False).numpy()
+    np.testing.assert_allclose(emb, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export.export(out["checkpoint"], saved)
