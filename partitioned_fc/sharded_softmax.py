@@ -219,7 +219,7 @@ def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
 
     _, s, m, pmax, pt = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, chunk_size), body,
-        (tf.constant(0), tf.zeros([b]), neg_inf, neg_inf, tf.zeros([b])))
+        (tf.constant(0), tf.zeros([b]), neg_inf, neg_inf, tf.zeros([b])), parallel_iterations=1)
     return s, m, pmax, pt
 
 
@@ -236,7 +236,7 @@ def _backward_chunks(fwd, source, d_loss, dw_rows, sink, state, normalize, chunk
 
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, chunk_size), body,
-        (tf.constant(0), tf.zeros_like(fwd.x, tf.float32), state))
+        (tf.constant(0), tf.zeros_like(fwd.x, tf.float32), state), parallel_iterations=1)
     return dx_s, state
 
 
