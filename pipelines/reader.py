@@ -1,0 +1,269 @@
+"""The training reader: sharded, streaming, shuffled, decoded, augmented, batched, reproducible.
+
+    pipe = open_dataset("data/synth", batch_size=128, rank=comm.rank, size=comm.size, seed=0)
+    for images, labels, epoch in pipe.dataset:   # [B,H,W,3] float32 in [-1,1], [B] int64, [] int64
+        ...                                      # pipe.steps_per_epoch batches per epoch, every worker
+    pipe.corrupt_records.numpy()                 # records skipped so far (skip_corrupt=True)
+
+Per epoch e (e = start_epoch, start_epoch+1, ...):
+  1. this worker's files in an order shuffled by (seed, rank, e);
+  2. each file streamed by its own TFRecordDataset, `parallel interleave`d (cycle_length files at a
+     time), each record parsed, JPEG-decoded (3 channels) and resized to image_size if needed;
+  3. a bounded shuffle buffer (shuffle_buffer records, seeded by (seed, rank, e));
+  4. batches of batch_size with drop_remainder, exactly steps_per_epoch of them;
+  5. per-image random horizontal flip (stateless, seeded by (seed, rank, e, step)), x/127.5 - 1.
+
+Sharding: worker `rank` of `size` reads the files whose index in the manifest satisfies
+`index % size == rank`. With fewer files than workers every worker reads every file and keeps the
+records whose global index (position in the manifest's shard order) satisfies `index % size == rank`
+(a warning says so once). Every record is then read by exactly one worker per epoch.
+steps_per_epoch is the same on every worker: the smallest worker's record count // batch_size,
+computed from the manifest's per-shard counts (no communication, no counting).
+
+Corrupt data (bad CRC, truncated file, unparsable Example, undecodable JPEG) raises
+InvalidArgumentError naming the file and the record index; with skip_corrupt=True the records are
+skipped and counted in `corrupt_records` (a file whose framing breaks is abandoned from the broken
+record on: its remaining records, as counted by the manifest, are counted as skipped). Labels
+outside [0, num_classes) always raise, naming file, record index and label.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import tensorflow as tf
+
+from pipelines import schema, storage
+
+_GLOB_CHARS = "*?["
+_warned_record_level: set = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What one worker reads: files (in manifest order), and which records of each.
+
+    In each file the worker keeps record indices first[i], first[i] + stride, ... (own[i] records).
+    """
+    files: tuple[str, ...]
+    first: tuple[int, ...]
+    own: tuple[int, ...]
+    stride: int
+    record_level: bool
+    steps_per_epoch: int
+
+
+def plan_shards(files: list[str], counts: list[int], rank: int, size: int, batch_size: int) -> ShardPlan:
+    """Assign files (or records, when len(files) < size) to worker `rank` of `size`. Pure."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} outside [0, {size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def for_rank(r):
+        if len(files) >= size:
+            idx = [i for i in range(len(files)) if i % size == r]
+            return [files[i] for i in idx], [0] * len(idx), [counts[i] for i in idx]
+        offset, out_f, out_first, out_own = 0, [], [], []
+        for f, n in zip(files, counts):
+            first = (r - offset) % size
+            out_f.append(f), out_first.append(first), out_own.append(max(0, -(-(n - first) // size)))
+            offset += n
+        return out_f, out_first, out_own
+
+    totals = [sum(for_rank(r)[2]) for r in range(size)]
+    steps = min(totals) // batch_size
+    if steps == 0:
+        worst = totals.index(min(totals))
+        raise schema.DataError(
+            f"worker {worst} of {size} gets {min(totals)} records, fewer than one batch of {batch_size}")
+    f, first, own = for_rank(rank)
+    return ShardPlan(tuple(f), tuple(first), tuple(own), 1 if len(files) >= size else size,
+                     len(files) < size, steps)
+
+
+def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
+    """A dataset directory, its manifest.json, one shard file or a glob of shard files ->
+    (directory, manifest, shard paths, record counts), in manifest order."""
+    storage.prepare(path)
+    if storage.basename(path) == schema.MANIFEST_NAME or _isdir(path):
+        directory = storage.dirname(path) if storage.basename(path) == schema.MANIFEST_NAME else path.rstrip("/")
+        manifest = schema.Manifest.load(directory)
+        return directory, manifest, manifest.shard_paths(directory), list(manifest.examples_per_shard)
+    if any(c in path for c in _GLOB_CHARS):
+        try:
+            matches = sorted(tf.io.gfile.glob(path))
+        except tf.errors.OpError as e:
+            raise schema.DataError(f"{path}: cannot list files ({schema.first_line(e)})") from None
+        if not matches:
+            raise schema.DataError(f"{path}: no files match")
+    else:
+        if not _exists(path):
+            raise schema.DataError(f"{path}: no such file or directory (or not readable)")
+        matches = [path]
+    directories = {storage.dirname(m) for m in matches}
+    if len(directories) != 1:
+        raise schema.DataError(f"{path}: files from several directories {sorted(directories)}; "
+                               "a dataset is one directory with one manifest")
+    directory = directories.pop()
+    manifest = schema.Manifest.load(directory)
+    count = dict(zip(manifest.shards, manifest.examples_per_shard))
+    wanted = {storage.basename(m) for m in matches}
+    for name in sorted(wanted):
+        if name not in count:
+            raise schema.DataError(f"{storage.join(directory, name)}: not listed in "
+                                   f"{schema.manifest_path(directory)}")
+    names = [s for s in manifest.shards if s in wanted]
+    return directory, manifest, [storage.join(directory, s) for s in names], [count[s] for s in names]
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A training input pipeline and what the training loop needs to know about it."""
+    dataset: tf.data.Dataset           # (images [B,H,W,3] f32 in [-1,1], labels [B] i64, epoch [] i64)
+    manifest: schema.Manifest
+    plan: ShardPlan
+    corrupt_records: tf.Variable       # int64 []: records skipped so far (skip_corrupt=True)
+    image_size: tuple[int, int]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+
+def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
+                 image_size: tuple[int, int] | None = None, shuffle_buffer: int = 4096, seed: int = 0,
+                 flip: bool = True, epochs: int | None = None, start_epoch: int = 0,
+                 skip_corrupt: bool = False, cycle_length: int = 8) -> Pipeline:
+    """Build this worker's training pipeline (see the module docstring).
+
+    path: dataset directory, its manifest.json, a shard file or a glob (local, s3://, gs://, hdfs://).
+    rank, size: this worker and the number of workers (cluster.rank / cluster.size).
+    image_size: (H, W) to resize to; default the manifest's.
+    shuffle_buffer: records in the shuffle buffer (0: no shuffle).
+    epochs: number of epochs to yield (None: forever); start_epoch: first epoch number (resume).
+    """
+    _, manifest, files, counts = resolve(path)
+    plan = plan_shards(files, counts, rank, size, batch_size)
+    if plan.record_level:
+        key = (tuple(files), size)
+        if key not in _warned_record_level:
+            _warned_record_level.add(key)
+            warnings.warn(f"{path}: {len(files)} shard file(s) for {size} workers; falling back to "
+                          "record-level sharding (every worker reads every file and keeps 1 record "
+                          f"in {size}). Write at least {size} shards to read less.", stacklevel=2)
+    size_hw = tuple(image_size or manifest.image_size)
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_records")
+    decode = _record_decoder(size_hw)
+    num_classes = manifest.num_classes
+
+    files_t = tf.constant(plan.files)
+    first_t = tf.constant(plan.first, tf.int64)
+    own_t = tf.constant(plan.own, tf.int64)
+    stride = plan.stride
+    n_files = len(plan.files)
+    base_seed = seed * 1_000_003 + rank  # workers shuffle differently, reproducibly
+
+    def file_stream(path_t, first, expected):
+        """One file -> (image uint8 [H,W,3], label, record index), checked for gaps."""
+        ds = tf.data.TFRecordDataset(path_t, buffer_size=1 << 20).enumerate()
+        if stride > 1:
+            ds = ds.filter(lambda i, _: i % stride == first)
+        ds = ds.map(lambda i, rec: (*decode(rec), (i - first) // stride, False),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # A failed read/parse/decode drops the record; a failed read also ends the file. The
+        # sentinel (ordinal = expected count) exposes a missing tail; the scan measures the gaps.
+        ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(
+            (tf.zeros([*size_hw, 3], tf.uint8), tf.constant(0, tf.int64), expected, True)))
+
+        def gaps(last, elem):
+            img, label, ordinal, sentinel = elem
+            return ordinal, (img, label, ordinal, ordinal - last - 1, sentinel)
+
+        ds = ds.scan(tf.constant(-1, tf.int64), gaps)
+
+        def check(img, label, ordinal, gap, sentinel):
+            index = first + ordinal * stride
+            checks = [tf.debugging.Assert(
+                tf.logical_or(sentinel, ordinal < expected),
+                ["pfc-data: file", path_t, "has more records than its manifest lists:", expected])]
+            if skip_corrupt:
+                checks.append(counter.assign_add(gap))
+            else:
+                checks.append(tf.debugging.Assert(tf.equal(gap, 0), [
+                    "pfc-data: corrupt record in file", path_t, "at record index", index - gap * stride,
+                    ":", gap, "record(s) unreadable from there (bad CRC, truncated file, unparsable "
+                    "Example or undecodable JPEG); repair the file or read with skip_corrupt=True"]))
+            checks.append(tf.debugging.Assert(
+                tf.logical_or(sentinel, tf.logical_and(label >= 0, label < num_classes)),
+                ["pfc-data: label", label, "outside [0,", num_classes, ") in file", path_t,
+                 "at record index", index]))
+            with tf.control_dependencies(checks):
+                return tf.identity(img), tf.identity(label), sentinel
+
+        return ds.map(check).filter(lambda img, label, sentinel: tf.logical_not(sentinel)).map(
+            lambda img, label, sentinel: (img, label))
+
+    def one_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n_files), seed=tf.stack([tf.constant(base_seed, tf.int64), epoch]))
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(files_t, order), tf.gather(first_t, order), tf.gather(own_t, order)))
+        ds = ds.interleave(file_stream, cycle_length=max(1, min(cycle_length, n_files)), block_length=1,
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if shuffle_buffer > 0:
+            ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
+        ds = ds.batch(batch_size, drop_remainder=True)
+        if skip_corrupt:  # skipped records may leave this worker short: refill, so steps agree
+            ds = ds.repeat()
+        ds = ds.take(plan.steps_per_epoch).enumerate()
+
+        def augment(step, batch):
+            images, labels = batch
+            x = tf.cast(images, tf.float32) * (1.0 / 127.5) - 1.0
+            if flip:
+                coin = tf.random.stateless_uniform(
+                    [batch_size], seed=tf.stack([tf.constant(base_seed, tf.int64), epoch * 1_000_003 + step]))
+                x = tf.where((coin < 0.5)[:, None, None, None], tf.reverse(x, axis=[2]), x)
+            return x, labels, epoch
+
+        return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    last = start_epoch + epochs if epochs is not None else 2**62
+    dataset = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+    return Pipeline(dataset, manifest, plan, counter, size_hw)
+
+
+def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
+    """`open_dataset(...).dataset`: batches of (images, labels, epoch)."""
+    return open_dataset(path, batch_size, **kwargs).dataset
+
+
+def _record_decoder(image_size: tuple[int, int]):
+    spec = schema.feature_spec()
+    h, w = image_size
+
+    def decode(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        img = tf.io.decode_jpeg(ex[schema.IMAGE_KEY], channels=3)
+        same = tf.logical_and(tf.equal(tf.shape(img)[0], h), tf.equal(tf.shape(img)[1], w))
+        img = tf.cond(same, lambda: img, lambda: tf.cast(
+            tf.clip_by_value(tf.round(tf.image.resize(img, [h, w])), 0, 255), tf.uint8))
+        img.set_shape([h, w, 3])
+        return img, ex[schema.LABEL_KEY]
+
+    return decode
+
+
+def _isdir(path: str) -> bool:
+    try:
+        return tf.io.gfile.isdir(path)
+    except tf.errors.OpError:
+        return False
+
+
+def _exists(path: str) -> bool:
+    try:
+        return tf.io.gfile.exists(path)
+    except tf.errors.OpError:
+        return False
