@@ -14,13 +14,14 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench
+    from launch import bench, data_cli
 
     parser = argparse.ArgumentParser(
         prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes")
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench.add_parser(sub)
+    data_cli.add_parser(sub)
     return parser
 
 
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    from pipelines import storage  # tensorflow-io's S3 client aborts at exit: end with os._exit
+    return storage.exit_if_object_storage(code)
 
 
 if __name__ == "__main__":
