@@ -164,8 +164,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     n_files = len(plan.files)
     base_seed = seed * 1_000_003 + rank  # workers shuffle differently, reproducibly
 
-    def file_stream(path_t, first, expected):
-        """One file -> (image uint8 [H,W,3], label, record index), checked for gaps."""
+    def file_stream(path_t, first, expected, count: bool):
+        """One file -> (image uint8 [H,W,3], label), checked for gaps; `count`: add skipped
+        records to the counter (off for refill passes, which would count them again)."""
         ds = tf.data.TFRecordDataset(path_t, buffer_size=1 << 20).enumerate()
         if stride > 1:
             ds = ds.filter(lambda i, _: i % stride == first)
@@ -188,7 +189,8 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 tf.logical_or(sentinel, ordinal < expected),
                 ["pfc-data: file", path_t, "has more records than its manifest lists:", expected])]
             if skip_corrupt:
-                checks.append(counter.assign_add(gap))
+                if count:
+                    checks.append(counter.assign_add(gap))
             else:
                 checks.append(tf.debugging.Assert(tf.equal(gap, 0), [
                     "pfc-data: corrupt record in file", path_t, "at record index", index - gap * stride,
@@ -204,18 +206,22 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         return ds.map(check).filter(lambda img, label, sentinel: tf.logical_not(sentinel)).map(
             lambda img, label, sentinel: (img, label))
 
-    def one_epoch(epoch):
+    def shuffled_batches(epoch, count: bool):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n_files), seed=tf.stack([tf.constant(base_seed, tf.int64), epoch]))
         ds = tf.data.Dataset.from_tensor_slices(
             (tf.gather(files_t, order), tf.gather(first_t, order), tf.gather(own_t, order)))
-        ds = ds.interleave(file_stream, cycle_length=max(1, min(cycle_length, n_files)), block_length=1,
+        ds = ds.interleave(lambda f, first, n: file_stream(f, first, n, count),
+                           cycle_length=max(1, min(cycle_length, n_files)), block_length=1,
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if shuffle_buffer > 0:
             ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
-        ds = ds.batch(batch_size, drop_remainder=True)
+        return ds.batch(batch_size, drop_remainder=True)
+
+    def one_epoch(epoch):
+        ds = shuffled_batches(epoch, True)
         if skip_corrupt:  # skipped records may leave this worker short: refill, so steps agree
-            ds = ds.repeat()
+            ds = ds.concatenate(shuffled_batches(epoch, False).repeat())
         ds = ds.take(plan.steps_per_epoch).enumerate()
 
         def augment(step, batch):
