@@ -19,7 +19,7 @@ _CHILD_ENV = "PFC_BENCH_CHILD"
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (fc: the model-parallel layer)")
+    bench = sub.add_parser("bench", help="benchmarks (fc: the model-parallel layer; data: the reader)")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     fc = kinds.add_parser("fc", help="time of one FC forward+backward vs the bare matmuls")
     fc.add_argument("--classes", type=int, required=True, help="C, total classes")
@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
                     help="intra-op threads per worker (default: cores // workers)")
     fc.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     fc.set_defaults(func=run_fc)
+    from launch import bench_data
+    data = kinds.add_parser("data", help="images/s of the training reader vs decode-only, same JPEGs")
+    bench_data.add_arguments(data)
+    data.set_defaults(func=bench_data.run)
 
 
 def run_fc(args: argparse.Namespace) -> int:

@@ -14,13 +14,13 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, evaluate, export, report, train
+    from launch import bench, data_cli, evaluate, export, report, train
 
     parser = argparse.ArgumentParser(
         prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes")
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, evaluate, export, bench, report):
+    for command in (train, evaluate, export, data_cli, bench, report):
         command.add_parser(sub)
     return parser
 
@@ -31,7 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+    except _user_errors() as e:  # bad config, data, checkpoint, port: one line, no traceback
+        first = str(getattr(e, "message", e)).strip().splitlines()[0] if str(e).strip() else repr(e)
+        print(f"pfc {args.command}: error: {first}", file=sys.stderr, flush=True)
+        code = 1
+    from pipelines import storage  # tensorflow-io's S3 client aborts at exit: end with os._exit
+    return storage.exit_if_object_storage(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import tensorflow as tf
+
+    from launch.checkpoint import CheckpointError
+    from launch.config import ConfigError
+    from launch.trainer import TrainingError
+    from monitoring.exporter import PortInUseError
+    from pipelines.schema import DataError
+
+    return (ConfigError, DataError, CheckpointError, TrainingError, PortInUseError, FileExistsError,
+            tf.errors.OpError)
 
 
 if __name__ == "__main__":

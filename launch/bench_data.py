@@ -1,0 +1,141 @@
+"""`pfc bench data PATH`: images/s of the full training reader vs decoding the same JPEGs alone.
+
+Both are measured in the same process, alternately (so drift hits both alike), with the same
+tf.data thread pool:
+  * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
+    The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
+  * reader: pipelines.reader.open_dataset with its defaults (files, parsing, corruption and label
+    checks, shuffle buffer, decode, batch, flip, normalization, prefetch).
+With --workers 2, two processes on this host each run both, as ranks 0 and 1 of 2 (rank and size
+passed explicitly: the reader needs no collective), with a file barrier before each timed round;
+images/s are summed over the workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="dataset directory (with manifest.json)")
+    p.add_argument("--workers", type=int, default=1, choices=(1, 2), help="reader processes on this host")
+    p.add_argument("--batch", type=int, default=128, help="batch size per worker")
+    p.add_argument("--steps", type=int, default=30, help="batches per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of each (median reported)")
+    p.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("batch", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"pfc bench data: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.rank is not None:
+        return _measure(args, args.rank, args.workers, args.barrier_dir)
+    if args.workers == 1:
+        result = _measure(args, 0, 1, None, report=False)
+        return _report(args, [result])
+    with tempfile.TemporaryDirectory() as barrier:
+        argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", "2",
+                "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
+                "--barrier-dir", barrier]
+        procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True)
+                 for r in range(2)]
+        outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        print("pfc bench data: a worker failed", file=sys.stderr)
+        return 1
+    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    return _report(args, results)
+
+
+def _report(args, results: list[dict]) -> int:
+    dec = sum(r["decode_only_img_s"] for r in results)
+    rdr = sum(r["reader_img_s"] for r in results)
+    r0 = results[0]
+    result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
+              "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
+              "decode_only_img_s": round(dec, 1), "reader_img_s": round(rdr, 1),
+              "overhead": round(dec / rdr - 1, 3),
+              "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
+              "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1)}
+    print(f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
+          f"batch={args.batch}: decode-only {dec:,.0f} img/s  reader {rdr:,.0f} img/s  "
+          f"reader overhead {100 * (dec / rdr - 1):+.1f}%  (CPU per image: decode-only "
+          f"{result['decode_only_cpu_us_per_img']} us, reader {result['reader_cpu_us_per_img']} us)", flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _barrier(directory: str | None, name: str, rank: int, size: int) -> None:
+    if directory is None:
+        return
+    open(os.path.join(directory, f"{name}.{rank}"), "w").close()
+    while not all(os.path.exists(os.path.join(directory, f"{name}.{r}")) for r in range(size)):
+        time.sleep(0.005)
+
+
+def _measure(args, rank: int, size: int, barrier: str | None, report: bool = True):
+    import tensorflow as tf
+
+    from pipelines import reader, schema
+
+    threads = max(1, (os.cpu_count() or 1) // size)
+    options = tf.data.Options()
+    if size > 1:  # workers sharing a host split its cores
+        options.threading.private_threadpool_size = threads
+
+    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0)
+    h, w = pipe.image_size
+    # The same JPEGs this worker reads, held in memory.
+    need = args.batch * args.steps
+    jpegs = []
+    for f in pipe.plan.files:
+        for r in tf.data.TFRecordDataset(f):
+            jpegs.append(tf.io.parse_single_example(r, schema.feature_spec())[schema.IMAGE_KEY])
+            if len(jpegs) >= need:
+                break
+        if len(jpegs) >= need:
+            break
+    decode_only = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
+                   .map(lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3]),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
+    full = pipe.dataset.with_options(options)
+    datasets = {"decode_only": decode_only, "reader": full}
+
+    def timed(name: str, rnd: int) -> tuple[float, float]:
+        """(wall s, process CPU s) of args.steps batches from a fresh iterator after warm-up; the
+        iterator is dropped afterwards so its background threads do not run into the next round."""
+        it = iter(datasets[name])
+        for _ in range(max(2, args.steps // 4)):  # warm-up: tracing, threads, shuffle buffer fill
+            next(it)
+        _barrier(barrier, f"{name}-{rnd}", rank, size)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            next(it)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        del it
+        return wall, cpu
+
+    times = {name: [] for name in datasets}
+    for rnd in range(args.rounds):  # alternating, so drift hits both alike
+        for name in datasets:
+            times[name].append(timed(name, rnd))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    n = args.batch * args.steps
+    result = {"rank": rank, "threads": threads, "image_size": [h, w],
+              "decode_only_img_s": n / med["decode_only"][0], "reader_img_s": n / med["reader"][0],
+              "decode_only_cpu_us": 1e6 * med["decode_only"][1] / n, "reader_cpu_us": 1e6 * med["reader"][1] / n}
+    if report:
+        print(json.dumps(result), flush=True)
+        return 0
+    return result

@@ -1,0 +1,108 @@
+"""`pfc data synth|inspect` and `pfc convert images|mxrec`: make, convert and check datasets.
+
+Every command reports bad input as one line naming the file (and record) and exits with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+
+def add_parser(sub) -> None:
+    data = sub.add_parser("data", help="datasets: synthetic identities, inspection")
+    kinds = data.add_subparsers(dest="data_kind", metavar="KIND", required=True)
+
+    synth = kinds.add_parser("synth", help="write a synthetic face-like identity dataset (+ verification.bin)")
+    synth.add_argument("out", metavar="OUT", help="output directory (local or s3://, gs://, hdfs://)")
+    synth.add_argument("--identities", type=int, required=True, help="number of identities (classes)")
+    synth.add_argument("--images-per-identity", type=int, required=True)
+    synth.add_argument("--shards", type=int, required=True, help="number of TFRecord shard files")
+    synth.add_argument("--size", type=int, default=112, help="image height = width in pixels (default 112)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--verification-pairs", type=int, default=200,
+                       help="genuine pairs in verification.bin (as many impostor pairs; default 200)")
+    _add_resume(synth)
+    synth.set_defaults(func=_guarded(_synth))
+
+    insp = kinds.add_parser("inspect", help="counts, classes, label histogram; decode every record")
+    insp.add_argument("path", metavar="PATH", help="dataset directory, manifest.json, shard file or glob")
+    insp.add_argument("--no-decode", action="store_true", help="skip JPEG decoding (framing, parsing, labels only)")
+    insp.set_defaults(func=_guarded(_inspect))
+
+    conv = sub.add_parser("convert", help="convert image folders or InsightFace RecordIO to TFRecords")
+    ckinds = conv.add_subparsers(dest="convert_kind", metavar="KIND", required=True)
+    img = ckinds.add_parser("images", help="SRC_DIR/<identity>/<images> (ImageFolder)")
+    img.add_argument("src", metavar="SRC_DIR")
+    img.add_argument("out", metavar="OUT")
+    img.add_argument("--shards", type=int, required=True)
+    img.add_argument("--size", type=int, default=None,
+                     help="resize to SIZE x SIZE (default: the first image's size)")
+    _add_resume(img)
+    img.set_defaults(func=_guarded(_convert_images))
+    mx = ckinds.add_parser("mxrec", help="InsightFace train.rec + train.idx + property, without MXNet")
+    mx.add_argument("rec", metavar="PATH/train.rec")
+    mx.add_argument("out", metavar="OUT")
+    mx.add_argument("--shards", type=int, required=True)
+    _add_resume(mx)
+    mx.set_defaults(func=_guarded(_convert_mxrec))
+
+
+def _add_resume(p) -> None:
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="rewrite every shard (default: keep complete shards of an interrupted run)")
+
+
+def _guarded(fn):
+    """Bad input -> one line on stderr naming file/record, exit status 1 (no traceback)."""
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        import tensorflow as tf
+
+        from pipelines import schema
+        try:
+            return fn(args)
+        except (schema.DataError, ValueError) as e:
+            print(f"pfc: error: {e}", file=sys.stderr)
+        except tf.errors.OpError as e:
+            print(f"pfc: error: {schema.first_line(e)}", file=sys.stderr)
+        return 1
+    return run
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _synth(args) -> int:
+    from pipelines import synth
+    if args.shards < 1:
+        raise ValueError(f"--shards must be >= 1, got {args.shards}")
+    cfg = synth.SynthConfig(args.identities, args.images_per_identity, args.size, args.seed,
+                            args.verification_pairs)
+    m = synth.write_synth(args.out, cfg, args.shards, resume=args.resume, log=_log)
+    print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards "
+          f"and {synth.VERIFICATION_NAME} ({2 * args.verification_pairs} pairs) to {args.out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from pipelines import check
+    report = check.inspect(args.path, decode=not args.no_decode)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _convert_images(args) -> int:
+    from pipelines import folders
+    size = (args.size, args.size) if args.size else None
+    m = folders.convert(args.src, args.out, args.shards, size=size, resume=args.resume, log=_log)
+    print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
+    return 0
+
+
+def _convert_mxrec(args) -> int:
+    from pipelines import mxrec
+    m = mxrec.convert(args.rec, args.out, args.shards, resume=args.resume, log=_log)
+    print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
+    return 0

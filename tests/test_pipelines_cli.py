@@ -1,0 +1,58 @@
+"""`pfc data synth|inspect`, `pfc convert images|mxrec`: outputs, and exit status 1 on bad input."""
+import pytest
+
+from launch import cli
+from pipelines_helpers import flip_byte, write_indexed
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_synth_then_inspect(tmp_path, capsys):
+    out = str(tmp_path / "ds")
+    code, text, _ = run(capsys, "data", "synth", out, "--identities", "5", "--images-per-identity", "3",
+                        "--shards", "2", "--size", "16", "--verification-pairs", "4")
+    assert code == 0 and "wrote 15 images of 5 identities in 2 shards" in text
+    code, text, _ = run(capsys, "data", "inspect", out)
+    assert code == 0, text
+    assert "records     15 read (15 in the manifest)" in text
+    assert "classes     5 in the manifest, 5 with images" in text
+    assert "per class   min 3  median 3  mean 3.0  max 3" in text and text.rstrip().endswith("ok")
+
+
+def test_inspect_names_every_corrupt_record(tmp_path, capsys):
+    m = write_indexed(str(tmp_path), [4, 4, 4], bad_image={1, 6}, num_classes=12)
+    flip_byte(str(tmp_path / m.shards[2]), 2)
+    m.num_classes = 11                                      # label 11 is now out of range
+    m.save(str(tmp_path))
+    code, text, _ = run(capsys, "data", "inspect", str(tmp_path))
+    assert code == 1
+    corrupt = [line for line in text.splitlines() if line.startswith("CORRUPT")]
+    assert len(corrupt) == 3, text
+    assert f"{tmp_path}/{m.shards[0]}: record 1: undecodable JPEG" in corrupt[0]
+    assert f"{tmp_path}/{m.shards[1]}: record 2: undecodable JPEG" in corrupt[1]
+    assert f"{tmp_path}/{m.shards[2]}: record 2: unreadable" in corrupt[2] and "records 2..3 cannot be reached" in corrupt[2]
+    assert f"PROBLEM {tmp_path}/{m.shards[2]}: 2 records readable, the manifest lists 4" in text
+    # the label check is reached when the framing is intact
+    m2 = write_indexed(str(tmp_path / "b"), [3], num_classes=3)
+    m2.num_classes = 2
+    m2.save(str(tmp_path / "b"))
+    code, text, _ = run(capsys, "data", "inspect", str(tmp_path / "b"))
+    assert code == 1 and "record 2: label 2 outside [0, 2)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "inspect", "{tmp}"], "{tmp}/manifest.json: manifest not found"),
+    (["data", "inspect", "{tmp}/missing.tfrecord"], "{tmp}/missing.tfrecord: no such file"),
+    (["convert", "images", "{tmp}", "{tmp}/out", "--shards", "2"], "{tmp}: no identity sub-folders"),
+    (["convert", "mxrec", "{tmp}/train.rec", "{tmp}/out", "--shards", "2"], "{tmp}/train.idx: cannot read"),
+    (["data", "synth", "{tmp}/s", "--identities", "0", "--images-per-identity", "1", "--shards", "1"],
+     "identities must be >= 1"),
+])
+def test_bad_input_exits_1_with_a_message_naming_it(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 1
+    assert err.startswith("pfc: error: ") and message.format(tmp=tmp_path) in err

@@ -1,0 +1,185 @@
+"""The training reader: sharding, reproducibility, augmentation, epochs, corrupt data."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import reader, schema
+from pipelines_helpers import SIZE, flip_byte, truncate_in, write_indexed
+
+
+def _labels_per_epoch(path, batch, rank, size, epochs=1, **kw):
+    out = {}
+    for x, y, e in reader.make_dataset(path, batch, rank=rank, size=size, epochs=epochs, **kw):
+        assert x.shape == (batch, SIZE, SIZE, 3) and y.shape == (batch,)
+        out.setdefault(int(e), []).extend(y.numpy().tolist())
+    return out
+
+
+@pytest.mark.parametrize("counts, size, batch", [
+    ([6, 6, 6, 6], 2, 3),        # file-level: 2 files per worker
+    ([5, 5, 6], 4, 2),           # record-level fallback: 3 files for 4 workers
+])
+def test_every_record_exactly_once_per_epoch_across_workers(tmp_path, counts, size, batch):
+    write_indexed(str(tmp_path), counts)
+    total = sum(counts)
+    per_rank = []
+    with pytest.warns(UserWarning, match="record-level sharding") if len(counts) < size else _nothing():
+        for rank in range(size):
+            per_rank.append(_labels_per_epoch(str(tmp_path), batch, rank, size, epochs=2, seed=3))
+    for epoch in (0, 1):
+        seen = sorted(sum((r[epoch] for r in per_rank), []))
+        assert seen == list(range(total))
+    steps = {len(r[0]) // batch for r in per_rank}
+    assert steps == {total // size // batch}                    # every worker runs the same steps
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_uneven_workers_run_equal_steps_and_never_repeat_a_record(tmp_path):
+    write_indexed(str(tmp_path), [7, 2, 5])                     # 3 workers: 7, 2 and 5 records
+    pipes = [reader.open_dataset(str(tmp_path), 2, rank=r, size=3, epochs=1) for r in range(3)]
+    assert {p.steps_per_epoch for p in pipes} == {1}            # the smallest worker: 2 // 2
+    seen = sum((y.numpy().tolist() for p in pipes for _, y, _ in p.dataset), [])
+    assert len(seen) == 6 and len(set(seen)) == 6
+
+
+def test_drop_remainder_and_steps_per_epoch(tmp_path):
+    write_indexed(str(tmp_path), [5, 6])
+    pipe = reader.open_dataset(str(tmp_path), 4, epochs=3)
+    batches = list(pipe.dataset)
+    assert pipe.steps_per_epoch == 2 and len(batches) == 6
+    assert all(y.shape == (4,) for _, y, _ in batches)
+    assert [int(e) for _, _, e in batches] == [0, 0, 1, 1, 2, 2]
+
+
+def test_reproducible_with_a_seed_and_reshuffled_per_epoch(tmp_path):
+    write_indexed(str(tmp_path), [8, 8, 8])
+
+    def run(seed, start_epoch=0):
+        return [(x.numpy(), y.numpy(), int(e)) for x, y, e in reader.make_dataset(
+            str(tmp_path), 4, seed=seed, epochs=2, start_epoch=start_epoch, shuffle_buffer=16)]
+
+    a, b, c = run(1), run(1), run(2)
+    for (xa, ya, ea), (xb, yb, eb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    order = lambda r, e: np.concatenate([y for _, y, ep in r if ep == e])
+    assert not np.array_equal(order(a, 0), order(c, 0))         # another seed, another order
+    assert not np.array_equal(order(a, 0), order(a, 1))         # each epoch reshuffled
+    resumed = run(1, start_epoch=1)                             # resuming at epoch 1 = epoch 1 of a run
+    assert [e for _, _, e in resumed] == [1] * 6 + [2] * 6
+    np.testing.assert_array_equal(order(resumed, 1), order(a, 1))
+
+
+def test_normalization_and_random_flip(tmp_path):
+    write_indexed(str(tmp_path), [16])
+    kw = dict(seed=5, epochs=1, shuffle_buffer=0)
+    plain = list(reader.make_dataset(str(tmp_path), 8, flip=False, **kw))
+    flipped = list(reader.make_dataset(str(tmp_path), 8, flip=True, **kw))
+    ref = tf.data.TFRecordDataset(str(tmp_path / "train-00000-of-00001.tfrecord")).map(
+        lambda r: tf.io.decode_jpeg(tf.io.parse_single_example(r, schema.feature_spec())[schema.IMAGE_KEY]))
+    pixels = np.stack(list(ref.as_numpy_iterator()))
+    x0 = np.concatenate([x.numpy() for x, _, _ in plain])
+    np.testing.assert_allclose(x0, pixels / 127.5 - 1.0, atol=1e-6)   # in order, exact normalization
+    assert x0.min() >= -1.0 and x0.max() <= 1.0
+    n_flipped = 0
+    for (xp, yp, _), (xf, yf, _) in zip(plain, flipped):
+        np.testing.assert_array_equal(yp, yf)
+        for a, b in zip(xp.numpy(), xf.numpy()):
+            if np.array_equal(a, b):
+                continue
+            np.testing.assert_array_equal(a[:, ::-1], b)        # a flip is a horizontal mirror
+            n_flipped += 1
+    assert 3 <= n_flipped <= 13                                 # about half of 16
+
+
+def test_resizes_to_requested_size(tmp_path):
+    write_indexed(str(tmp_path), [4])
+    x, _, _ = next(iter(reader.make_dataset(str(tmp_path), 2, image_size=(5, 7), epochs=1)))
+    assert x.shape == (2, 5, 7, 3)
+
+
+def test_paths_glob_single_file_and_manifest(tmp_path):
+    write_indexed(str(tmp_path), [4, 4, 4])
+    d = str(tmp_path)
+    assert len(reader.resolve(d)[2]) == 3
+    assert len(reader.resolve(d + "/manifest.json")[2]) == 3
+    _, _, files, counts = reader.resolve(d + "/train-0000[02]-*.tfrecord")
+    assert [f.rsplit("/", 1)[1][:11] for f in files] == ["train-00000", "train-00002"] and counts == [4, 4]
+    assert len(reader.resolve(d + "/train-00001-of-00003.tfrecord")[2]) == 1
+    with pytest.raises(schema.DataError, match=r"nothing-\*: no files match"):
+        reader.resolve(d + "/nothing-*")
+    (tmp_path / "stray.tfrecord").write_bytes(b"")
+    with pytest.raises(schema.DataError, match=r"stray.tfrecord: not listed in .*manifest.json"):
+        reader.resolve(d + "/*.tfrecord")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(schema.ManifestError, match=r"manifest.json: manifest not found"):
+        reader.make_dataset(d, 2)
+
+
+def _first_error(path, shuffle_buffer=0, **kw):
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        for _ in reader.make_dataset(path, 2, epochs=1, shuffle_buffer=shuffle_buffer, **kw):
+            pass
+    return e.value.message
+
+
+def test_undecodable_image_names_file_and_record(tmp_path):
+    write_indexed(str(tmp_path), [6, 6], bad_image={8})
+    msg = _first_error(str(tmp_path))
+    assert "corrupt record in file] [" + str(tmp_path / "train-00001-of-00002.tfrecord") in msg
+    assert "at record index] [2]" in msg
+
+
+@pytest.mark.parametrize("damage, index, lost", [(flip_byte, 3, 3), (truncate_in, 4, 2)])
+def test_bad_crc_and_truncated_shard_name_file_and_record(tmp_path, damage, index, lost):
+    write_indexed(str(tmp_path), [6, 6])
+    shard = str(tmp_path / "train-00000-of-00002.tfrecord")
+    damage(shard, index)
+    msg = _first_error(str(tmp_path))
+    assert f"corrupt record in file] [{shard}] [at record index] [{index}] [:] [{lost}] [record(s)" in msg
+    # skip_corrupt: the readable records go through, the rest is counted
+    pipe = reader.open_dataset(str(tmp_path), 1, epochs=1, shuffle_buffer=0, skip_corrupt=True)
+    labels = sorted(int(y[0]) for _, y, _ in pipe.dataset)
+    assert pipe.corrupt_records.numpy() == lost
+    assert sorted(set(labels)) == sorted(set(range(12)) - set(range(index, 6)))
+
+
+def test_skip_corrupt_counts_and_keeps_steps(tmp_path):
+    write_indexed(str(tmp_path), [6, 6], bad_image={1, 7, 8})
+    pipe = reader.open_dataset(str(tmp_path), 3, epochs=1, shuffle_buffer=0, skip_corrupt=True)
+    labels = [y.numpy().tolist() for _, y, _ in pipe.dataset]
+    assert len(labels) == pipe.steps_per_epoch == 4             # refilled: the step count holds
+    assert not {1, 7, 8} & set(sum(labels, []))
+    assert pipe.corrupt_records.numpy() >= 3
+
+
+def test_label_out_of_range_names_file_record_and_label(tmp_path):
+    m = write_indexed(str(tmp_path), [4, 4], num_classes=8)
+    m.num_classes = 6                                           # labels 6 and 7 are now out of range
+    m.save(str(tmp_path))
+    msg = _first_error(str(tmp_path))
+    assert "label] [6] [outside [0,] [6]" in msg
+    assert str(tmp_path / "train-00001-of-00002.tfrecord") + "] [at record index] [2]" in msg
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside"):   # skipping never hides it
+        for _ in reader.make_dataset(str(tmp_path), 2, epochs=1, skip_corrupt=True):
+            pass
+
+
+def test_more_records_than_manifest_is_an_error(tmp_path):
+    m = write_indexed(str(tmp_path), [4])
+    m.examples_per_shard = [3]
+    m.save(str(tmp_path))
+    # (found when the extra record is read: here the shuffle buffer pulls the whole file)
+    assert "has more records than its manifest lists:] [3]" in _first_error(str(tmp_path), shuffle_buffer=8)
+
+
+def test_plan_rejects_fewer_records_than_a_batch():
+    with pytest.raises(schema.DataError, match="worker 1 of 2 gets 1 records, fewer than one batch of 2"):
+        reader.plan_shards(["a"], [3], 0, 2, 2)
