@@ -40,9 +40,13 @@ $(VENV)/.stamp: pyproject.toml Makefile
 test: setup
 	$(VENV)/bin/pytest -q
 
-# Until `pfc train` lands: the core layer trained data-parallel by 2 workers on synthetic identities.
+# README command 1: synthetic identities, the smoke config trained by 2 workers, then verification.
+DEMO_DATA := data/synth
 demo: setup
-	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) -m launch.core_demo
+	$(VENV)/bin/pfc data synth $(DEMO_DATA) --identities 200 --images-per-identity 20 --shards 4 --size 32
+	rm -rf runs/smoke
+	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(VENV)/bin/pfc train --config configs/smoke.yaml
+	$(VENV)/bin/pfc eval --config configs/smoke.yaml
 
 bench: setup
 	bash bench/run_fc.sh

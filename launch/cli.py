@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, unless asked
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(args.func(args) or 0)
     except _user_errors() as e:  # bad config, data, checkpoint, port: one line, no traceback
-        first = str(getattr(e, "message", e)).strip().splitlines()[0] if str(e).strip() else repr(e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         print(f"pfc {args.command}: error: {first}", file=sys.stderr, flush=True)
         code = 1
     from pipelines import storage  # tensorflow-io's S3 client aborts at exit: end with os._exit
