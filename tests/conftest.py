@@ -35,3 +35,23 @@ def horovodrun(np_: int, *argv: str, timeout: float = 300, check: bool = True, e
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """A small synthetic identity dataset (40 identities x 10 JPEGs of 32x32, 2 shards) with its
+    verification.bin, written once per session by the pipelines' own writer."""
+    from pipelines.synth import SynthConfig, write_synth
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_synth(str(out), SynthConfig(identities=40, images_per_identity=10, size=32,
+                                      verification_pairs=40), num_shards=2)
+    return out
+
+
+def smoke_overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """`--set` arguments that point configs/smoke.yaml at a test dataset and a run directory."""
+    sets = [f"data.train={data}", f"data.val=[{data}/verification.bin]", "data.num_classes=null",
+            f"train.run_dir={run_dir}", f"train.steps={steps}", "train.batch_size=16",
+            "optim.warmup_steps=2", "train.log_every=5", "checkpoint.every=10", *extra]
+    return [a for s in sets for a in ("--set", s)]

@@ -14,7 +14,7 @@ import pytest
 
 from monitoring import TrainingMetrics
 from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
-from conftest import BIN, ROOT, worker_env
+from conftest import BIN, ROOT, smoke_overrides, worker_env
 from monitoring_helpers import port_pair
 
 JOB = "e2e"
@@ -116,17 +116,20 @@ def test_bad_query_is_a_clear_error(cluster):
         prom.query("sum(")
 
 
-def test_prometheus_scrapes_two_horovodrun_workers(tmp_path):
-    """Real `horovodrun -np 2` workers serving on base_port + local_rank, scraped with the shipped config."""
-    base, stop_file = port_pair(), tmp_path / "stop"
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
-           str(ROOT / "tests" / "workers" / "monitored_worker.py"), str(base), str(stop_file)]
+def test_prometheus_scrapes_a_two_worker_pfc_train(tmp_path, synth_dataset):
+    """A real `horovodrun -np 2 pfc train` serving on base_port + local_rank, scraped by a real
+    Prometheus with the shipped config: both workers' series, steps increasing, loss finite."""
+    base = port_pair()
+    sets = smoke_overrides(synth_dataset, tmp_path / "run", 100_000, f"monitoring.port={base}",
+                           "monitoring.bind=127.0.0.1", "monitoring.job=hvd-e2e", "checkpoint.every=0")
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", str(BIN / "pfc"), "train",
+           "--config", "configs/smoke.yaml", *sets]
     worker = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     try:
         with LocalPrometheus([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]) as prom:
             q = 'pfc_steps_total{job="hvd-e2e"}'
-            first = by_rank(prom.wait_until(q, lambda r: len(r) == 2, timeout=120))
+            first = by_rank(prom.wait_until(q, lambda r: len(r) == 2, timeout=180))
             later = by_rank(prom.wait_until(q, lambda r: all(float(x["value"][1]) > first[x["metric"]["rank"]]
                                                             for x in r), timeout=60))
             assert set(later) == {"0", "1"}
@@ -136,9 +139,9 @@ def test_prometheus_scrapes_two_horovodrun_workers(tmp_path):
             info = prom.query('pfc_info{job="hvd-e2e"}')
             assert {(r["metric"]["instance"], r["metric"]["local_rank"], r["metric"]["world_size"]) for r in info} \
                 == {(f"127.0.0.1:{base}", "0", "2"), (f"127.0.0.1:{base + 1}", "1", "2")}
-        stop_file.touch()
-        out, _ = worker.communicate(timeout=60)
-        assert worker.returncode == 0 and "OK 0" in out and "OK 1" in out, out[-3000:]
+            shard = by_rank(prom.query('pfc_fc_shard_classes{job="hvd-e2e"}'))
+            assert shard == {"0": 20.0, "1": 20.0}, shard  # 40 classes split over 2 workers
+        assert worker.poll() is None, "the training ended early:\n" + worker.stdout.read()[-3000:]
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)

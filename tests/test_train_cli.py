@@ -1,0 +1,60 @@
+"""`pfc train` as users run it: single-node mode with no launcher, its log, checkpoints, `pfc eval`,
+`pfc export` and `pfc report` on the real run, and clear errors before any work."""
+import json
+import subprocess
+import sys
+
+from conftest import BIN, ROOT, smoke_overrides, worker_env
+
+
+def pfc(*argv, timeout=300):
+    return subprocess.run([str(BIN / "pfc"), *argv], cwd=ROOT, env=worker_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    sets = smoke_overrides(synth_dataset, run_dir, 20)
+    proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training C=40 D=128 on 1 worker(s)" in proc.stdout
+    assert "step 20/20" in proc.stdout and "eval step 20: verification: acc" in proc.stdout
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    progress = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in progress] == [5, 10, 15, 20]
+    assert all(k in progress[0] for k in ("epoch", "accuracy", "lr", "samples_per_sec", "time"))
+    evals = [x for x in lines if "eval" in x]
+    assert len(evals) == 1 and 0.0 <= evals[0]["eval"]["verification"]["accuracy"] <= 1.0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["ckpt-000000010", "ckpt-000000020"]
+
+    proc = pfc("eval", "--config", "configs/smoke.yaml", *sets)
+    assert proc.returncode == 0 and proc.stdout.startswith("step 20  verification: acc"), proc.stderr[-2000:]
+
+    proc = pfc("export", str(run_dir / "checkpoints" / "ckpt-000000020"), str(tmp_path / "model"))
+    assert proc.returncode == 0 and (tmp_path / "model" / "saved_model.pb").exists(), proc.stderr[-2000:]
+
+    proc = pfc("report", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"loss.png", "accuracy.png", "throughput.png", "verification.png"} <= {
+        p.name for p in (run_dir / "report").iterdir()}
+
+    # Resuming a finished run does no steps, and says where it resumed.
+    proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout and "step 20/20" not in proc.stdout
+
+
+def test_errors_before_any_work(synth_dataset, tmp_path):
+    proc = pfc("train", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
+               "--set", "fc.sample_rate=1.5")
+    assert proc.returncode == 1
+    assert "pfc train: error: configs/smoke.yaml: fc.sample_rate: must be <= 1" in proc.stderr
+    proc = pfc("train", "--config", "configs/smoke.yaml",
+               *smoke_overrides(tmp_path / "nowhere", tmp_path, 5))
+    assert proc.returncode == 1 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    proc = pfc("train", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
+               "--set", "data.num_classes=41")
+    assert proc.returncode == 1 and "data.num_classes is 41 but the dataset" in proc.stderr
+    proc = pfc("eval", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
+               "--checkpoint", str(tmp_path))
+    assert proc.returncode == 1 and "not a checkpoint" in proc.stderr
