@@ -58,3 +58,21 @@ def test_errors_before_any_work(synth_dataset, tmp_path):
     proc = pfc("eval", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
                "--checkpoint", str(tmp_path))
     assert proc.returncode == 1 and "not a checkpoint" in proc.stderr
+
+
+def test_launch_scripts_for_one_host_and_a_hostfile(synth_dataset, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# workers\nlocalhost slots=2\n")
+    env = worker_env(PATH=f"{BIN}:{worker_env()['PATH']}")
+    for name, argv in (("local", ["launch/run_local.sh", "configs/smoke.yaml", "2"]),
+                       ("hostfile", ["launch/run_hostfile.sh", str(hostfile), "configs/smoke.yaml"])):
+        run_dir = tmp_path / name
+        proc = subprocess.run(["bash", *argv, *smoke_overrides(synth_dataset, run_dir, 4, "eval.interval=0")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "on 2 worker(s)" in proc.stdout and "step 4/4" in proc.stdout, name
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody\n")
+    proc = subprocess.run(["bash", "launch/run_hostfile.sh", str(empty), "configs/smoke.yaml"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no hosts" in proc.stderr
