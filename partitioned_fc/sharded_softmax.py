@@ -6,7 +6,8 @@ with two small allreduces of `[B]` vectors, and a backward that needs no collect
 
 Two ways to walk the rows, same numbers:
 - one block (`chunk_size=None`): the exponentials `[B, C_r]` are kept between forward and
-  backward and reused; fastest, memory O(B·C_r).
+  backward and reused (no recompute); memory O(B·C_r). The backward still walks them in blocks of
+  BACKWARD_BLOCK rows, so no weight-sized gradient or optimizer temporary ever exists.
 - blocks of K rows (`chunk_size=K`): the forward keeps a streaming max / sum-exp per sample, the
   backward recomputes each block's logits from the global logsumexp. Nothing `[B, C_r]` exists;
   each block's weight gradient is handed to a sink as soon as it is known (an optimizer applies it
@@ -30,8 +31,10 @@ import tensorflow as tf
 from cluster import Cluster
 from partitioned_fc import margins as margins_lib
 
-# sink(state, positions [K] int32 or None for all, grad [K, D] float32) -> state: consumes one
-# block's gradient.
+# sink(state, positions [K] int32, grad [K, D] float32) -> state: consumes one block's gradient.
+# Rows per block of the backward when the forward was one block: the weight gradient and the
+# optimizer's temporaries are O(BACKWARD_BLOCK · D), never the size of the shard.
+BACKWARD_BLOCK = 16384
 Sink = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
@@ -48,10 +51,8 @@ class RowSource:
         self.index = index
         self.n = tf.shape(index)[0] if index is not None else tf.shape(weight)[0]
 
-    def rows(self, pos: tf.Tensor | None) -> tf.Tensor | None:
-        """Shard rows at these positions; None (every position, in order) stays None."""
-        if pos is None:
-            return None if self.index is None else self.index
+    def rows(self, pos: tf.Tensor) -> tf.Tensor:
+        """[k] positions -> [k] shard rows."""
         return pos if self.index is None else tf.gather(self.index, pos)
 
     def gather(self, pos: tf.Tensor) -> tf.Tensor:
@@ -134,16 +135,8 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: Sink, sta
     d_t = tf.where(owned, (tf.exp(fwd.target - fwd.lse) - 1.0) * d_loss, tf.zeros_like(d_loss))
     dw_rows = fwd.tape.gradient(fwd.target, fwd.w_rows, output_gradients=d_t)  # [B, D]
     normalize = margin.normalize_weights
-    if chunk_size is None:
-        coeff = d_loss * tf.exp(fwd.m_loc - fwd.lse)
-        dx_s, dw = _logit_grads(fwd.e, coeff, fwd.local_label, fwd.x_s, source.block(), fwd.inv)
-        if normalize:
-            dw = _remove_radial(dw, tf.cast(source.block(), tf.float32), fwd.inv)
-        dw = _add_label_rows(dw, dw_rows, fwd.local_label, 0)
-        state = sink(state, None, dw)  # None: every row taking part, in order
-    else:
-        dx_s, state = _backward_chunks(fwd, source, d_loss, dw_rows, sink, state, normalize,
-                                       chunk_size)
+    dx_s, state = _backward_blocks(fwd, source, d_loss, dw_rows, sink, state, normalize,
+                                   chunk_size or BACKWARD_BLOCK)
     dx = fwd.tape.gradient([fwd.target, fwd.x_feat], fwd.x,
                            output_gradients=[d_t, dx_s * float(margin.logit_scale)])
     return dx, state
@@ -223,19 +216,29 @@ def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
     return s, m, pmax, pt
 
 
-def _backward_chunks(fwd, source, d_loss, dw_rows, sink, state, normalize, chunk_size):
+def _backward_blocks(fwd, source, d_loss, dw_rows, sink, state, normalize, block):
+    """The weight gradient block by block, each handed to the sink: the kept exponentials' columns
+    when the forward was one block, else each block's logits recomputed from the global lse."""
+    if fwd.e is not None:
+        coeff = d_loss * tf.exp(fwd.m_loc - fwd.lse)  # e · coeff = softmax · d_loss
+
     def body(c, dx_s, state):
-        start, pos = _chunk_bounds(source, c, chunk_size)
+        start, pos = _chunk_bounds(source, c, block)
+        k = tf.shape(pos)[0]
         w = source.gather(pos)
-        ll = _chunk_label(fwd.local_label, start, tf.shape(pos)[0])
-        dx_c, dw, inv = _chunk_grads(fwd.x_s, w, fwd.target, ll, fwd.lse, d_loss, normalize)
+        ll = _chunk_label(fwd.local_label, start, k)
+        if fwd.e is None:
+            dx_c, dw, inv = _chunk_grads(fwd.x_s, w, fwd.target, ll, fwd.lse, d_loss, normalize)
+        else:
+            inv = None if fwd.inv is None else fwd.inv[start:start + k]
+            dx_c, dw = _logit_grads(fwd.e[:, start:start + k], coeff, ll, fwd.x_s, w, inv)
         if normalize:
             dw = _remove_radial(dw, tf.cast(w, tf.float32), inv)
         dw = _add_label_rows(dw, dw_rows, fwd.local_label, start)
         return c + 1, dx_s + dx_c, sink(state, pos, dw)
 
     _, dx_s, state = tf.while_loop(
-        lambda c, *_: c < _num_chunks(source, chunk_size), body,
+        lambda c, *_: c < _num_chunks(source, block), body,
         (tf.constant(0), tf.zeros_like(fwd.x, tf.float32), state), parallel_iterations=1)
     return dx_s, state
 
