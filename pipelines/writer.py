@@ -101,8 +101,3 @@ def _remove_other_layouts(out_dir: str, prefix: str, num_shards: int) -> None:
         parsed = schema.parse_shard_name(storage.basename(p))
         if parsed and parsed[0] == prefix and parsed[2] != num_shards:
             tf.io.gfile.remove(p)
-
-
-def shard_of(index: int, num_shards: int) -> int:
-    """Round-robin assignment of the index-th record to a shard (balanced counts)."""
-    return index % num_shards
