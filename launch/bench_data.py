@@ -1,11 +1,14 @@
 """`pfc bench data PATH`: images/s of the full training reader vs decoding the same JPEGs alone.
 
-Both are measured in the same process, alternately (so drift hits both alike), with the same
-tf.data thread pool:
+Both are measured in the same process, alternately (so drift hits both alike), each from a fresh
+iterator after a warm-up, with tf.data's default thread pool:
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
   * reader: pipelines.reader.open_dataset with its defaults (files, parsing, corruption and label
     checks, shuffle buffer, decode, batch, flip, normalization, prefetch).
+The reader keeps up to two epochs' shuffle buffers of decoded images in flight, so a timed window
+must be long against them (--steps 600 batches of 128: 76,800 images against the default 4,096-image
+buffer) or it would count images decoded before it began.
 With --workers 2, two processes on this host each run both, as ranks 0 and 1 of 2 (rank and size
 passed explicitly: the reader needs no collective), with a file barrier before each timed round;
 images/s are summed over the workers.
@@ -25,8 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="dataset directory (with manifest.json)")
     p.add_argument("--workers", type=int, default=1, choices=(1, 2), help="reader processes on this host")
     p.add_argument("--batch", type=int, default=128, help="batch size per worker")
-    p.add_argument("--steps", type=int, default=30, help="batches per timed round")
+    p.add_argument("--steps", type=int, default=600,
+                   help="batches per timed round (default 600: many times the reader's buffers)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of each (median reported)")
+    p.add_argument("--shuffle-buffer", type=int, default=4096, help="reader's shuffle buffer (default 4096)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="reader without the random flip")
     p.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as barrier:
         argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", "2",
                 "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                "--barrier-dir", barrier]
+                "--shuffle-buffer", str(args.shuffle_buffer), "--barrier-dir", barrier]
+        argv += [] if args.flip else ["--no-flip"]
         procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True)
                  for r in range(2)]
         outs = [p.communicate()[0] for p in procs]
@@ -60,13 +67,14 @@ def _report(args, results: list[dict]) -> int:
     rdr = sum(r["reader_img_s"] for r in results)
     r0 = results[0]
     result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
+              "shuffle_buffer": args.shuffle_buffer, "flip": args.flip,
               "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
               "decode_only_img_s": round(dec, 1), "reader_img_s": round(rdr, 1),
               "overhead": round(dec / rdr - 1, 3),
               "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
               "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1)}
     print(f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
-          f"batch={args.batch}: decode-only {dec:,.0f} img/s  reader {rdr:,.0f} img/s  "
+          f"batch={args.batch} shuffle={args.shuffle_buffer} flip={args.flip}: decode-only {dec:,.0f} img/s  reader {rdr:,.0f} img/s  "
           f"reader overhead {100 * (dec / rdr - 1):+.1f}%  (CPU per image: decode-only "
           f"{result['decode_only_cpu_us_per_img']} us, reader {result['reader_cpu_us_per_img']} us)", flush=True)
     if args.json_out:
@@ -88,12 +96,10 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
 
     from pipelines import reader, schema
 
-    threads = max(1, (os.cpu_count() or 1) // size)
-    options = tf.data.Options()
-    if size > 1:  # workers sharing a host split its cores
-        options.threading.private_threadpool_size = threads
+    threads = os.cpu_count() or 1  # tf.data's default pool: every worker sees all cores
 
-    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0)
+    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
+                               shuffle_buffer=args.shuffle_buffer, flip=args.flip)
     h, w = pipe.image_size
     # The same JPEGs this worker reads, held in memory.
     need = args.batch * args.steps
@@ -108,15 +114,15 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     decode_only = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
                    .map(lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3]),
                         num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
-    full = pipe.dataset.with_options(options)
-    datasets = {"decode_only": decode_only, "reader": full}
+                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    datasets = {"decode_only": decode_only, "reader": pipe.dataset}
+    warmup = max(10, 2 * pipe.steps_per_epoch)
 
     def timed(name: str, rnd: int) -> tuple[float, float]:
         """(wall s, process CPU s) of args.steps batches from a fresh iterator after warm-up; the
         iterator is dropped afterwards so its background threads do not run into the next round."""
         it = iter(datasets[name])
-        for _ in range(max(2, args.steps // 4)):  # warm-up: tracing, threads, shuffle buffer fill
+        for _ in range(warmup):  # tracing, threads, buffers: two epochs, then steady state
             next(it)
         _barrier(barrier, f"{name}-{rnd}", rank, size)
         t0, c0 = time.perf_counter(), time.process_time()

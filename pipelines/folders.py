@@ -54,4 +54,5 @@ def convert(src: str, out_dir: str, num_shards: int, *, size: tuple[int, int] | 
             _, size = images.as_jpeg(f.read(), items[0][0])
     return writer.write_sharded(out_dir, num_shards,
                                 lambda k: shard_records(classes, items, k, num_shards, size),
-                                num_classes=len(classes), image_size=size, resume=resume, log=log)
+                                num_classes=len(classes), image_size=size, resume=resume,
+                                job={"images": os.path.abspath(src), "files": len(items)}, log=log)

@@ -147,7 +147,8 @@ def convert(rec_path: str, out_dir: str, num_shards: int, *, resume: bool = True
     if size is None:
         _, size = images.as_jpeg(data.image(data.keys[0])[1], f"{rec_path} key {data.keys[0]}")
     return writer.write_sharded(out_dir, num_shards, lambda k: shard_records(data, k, num_shards, size),
-                                num_classes=num_classes, image_size=size, resume=resume, log=log)
+                                num_classes=num_classes, image_size=size, resume=resume,
+                                job={"mxrec": rec_path, "images": len(data.keys)}, log=log)
 
 
 def _sibling(rec_path: str, suffix: str, replace_name: bool = False) -> str:

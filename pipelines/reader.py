@@ -180,7 +180,8 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
             img, label = decode(rec)
             return img, label, (i - first) // stride, False
 
-        ds = ds.map(parse, num_parallel_calls=per_file_calls, deterministic=True)
+        ds = ds.map(parse, num_parallel_calls=per_file_calls,
+                    deterministic=True if per_file_calls else None)
         # A failed read/parse/decode drops the record; a failed read also ends the file. The
         # sentinel (ordinal = expected count) exposes a missing tail; the scan measures the gaps.
         ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(
@@ -247,7 +248,12 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     last = start_epoch + epochs if epochs is not None else 2**62
-    dataset = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+    # Two epochs open at once: the next epoch's files open and its shuffle buffer fills while
+    # this epoch's last batches are consumed (one epoch after the other would leave the cores
+    # idle at every boundary). block_length = steps keeps the epochs in order.
+    dataset = tf.data.Dataset.range(start_epoch, last).interleave(
+        one_epoch, cycle_length=2, block_length=plan.steps_per_epoch, num_parallel_calls=2,
+        deterministic=True).prefetch(tf.data.AUTOTUNE)
     return Pipeline(dataset, manifest, plan, counter, size_hw)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import tensorflow as tf
@@ -197,7 +198,6 @@ def write_atomic(path: str, data: bytes) -> None:
 
 def temp_name(path: str) -> str:
     """Where `path` is written before its rename: a hidden name no reader's glob matches."""
-    import os
     d, b = storage.dirname(path), storage.basename(path)
     return storage.join(d, f".{b}.tmp-{os.getpid()}")
 

@@ -47,10 +47,6 @@ def prepare(path: str) -> str:
     return path
 
 
-def used_object_storage() -> bool:
-    return _used_object_storage
-
-
 def join(base: str, *names: str) -> str:
     """os.path.join that keeps URLs intact ('s3://b/dir' + 'f' -> 's3://b/dir/f')."""
     if is_url(base):

@@ -94,9 +94,11 @@ def verification_pairs(cfg: SynthConfig) -> tuple[list[bytes], list[bool]]:
         for v in (0, 1):
             images.append(encode_jpeg(render(cfg.seed, n + i, views + v, cfg.size), cfg.jpeg_quality))
         same.append(True)
+    pool = max(p, 2)  # held-out identities for impostors (two at least, so a pair can differ)
     for i in range(p):
-        a = n + int(rng.integers(p))
-        b = n + (a - n + 1 + int(rng.integers(max(1, p - 1)))) % p   # a different held-out identity
+        a = int(rng.integers(pool))
+        b = (a + 1 + int(rng.integers(pool - 1))) % pool          # never a itself
+        a, b = n + a, n + b
         images.append(encode_jpeg(render(cfg.seed, a, views + 2 + i, cfg.size), cfg.jpeg_quality))
         images.append(encode_jpeg(render(cfg.seed, b, views + 3 + i, cfg.size), cfg.jpeg_quality))
         same.append(False)
@@ -112,4 +114,5 @@ def write_synth(out_dir: str, cfg: SynthConfig, num_shards: int, *, resume: bool
     verification.save_bin(storage.join(out_dir, VERIFICATION_NAME), images, same)
     return writer.write_sharded(out_dir, num_shards, lambda k: shard_records(cfg, k, num_shards),
                                 num_classes=cfg.identities, image_size=(cfg.size, cfg.size),
-                                resume=resume, verification=[VERIFICATION_NAME], log=log)
+                                resume=resume, verification=[VERIFICATION_NAME],
+                                job={"synth": dataclasses.asdict(cfg)}, log=log)

@@ -3,13 +3,16 @@
 Each shard is written under a hidden temporary name and renamed to `PREFIX-0000k-of-0000S.tfrecord`
 only when complete, so a final name always means a complete shard. The manifest is written last.
 An interrupted run leaves complete shards, maybe a stale temporary file, and no manifest; running
-again with `resume=True` keeps the complete shards (counting their records) and writes the rest,
-and with `resume=False` rewrites everything. Works on local paths and on object storage
+the same job again with `resume=True` keeps the complete shards (counting their records) and
+writes the rest, and with `resume=False` rewrites everything. "The same job" is checked: a hidden
+`.PREFIX-job.json` records the job's description (source, sizes, seeds) and the layout, and a
+run with another description rewrites every shard instead of mixing old shards into a new set. Works on local paths and on object storage
 (tf.io.gfile; rename on S3 is copy + delete, still never a half-written final name).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Iterable
 
 import tensorflow as tf
@@ -28,11 +31,12 @@ class Record:
 
 def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], Iterable[Record]], *,
                   num_classes: int, image_size: tuple[int, int], prefix: str = "train",
-                  resume: bool = True, verification: list[str] | None = None,
+                  resume: bool = True, verification: list[str] | None = None, job: dict | None = None,
                   log: Callable[[str], None] | None = None) -> schema.Manifest:
     """Write shards 0..num_shards-1 (`shard_records(k)` yields shard k's records), then the manifest.
 
-    `shard_records(k)` must yield the same records on every call (resume relies on it).
+    `shard_records(k)` must yield the same records on every call (resume relies on it); `job`
+    describes what is written (JSON-serializable), so that a resume never keeps another job's shards.
     Labels are checked against `num_classes` before anything is renamed into place.
     """
     if num_shards < 1:
@@ -42,8 +46,16 @@ def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], 
     _remove_stale_temps(out_dir, prefix)
     names = [schema.shard_name(prefix, k, num_shards) for k in range(num_shards)]
     _remove_other_layouts(out_dir, prefix, num_shards)
+    job_path = storage.join(out_dir, f".{prefix}-job.json")
+    job_text = json.dumps({"job": job, "num_shards": num_shards, "num_classes": num_classes,
+                           "image_size": list(image_size)}, sort_keys=True)
+    if resume and not (tf.io.gfile.exists(job_path) and _read_text(job_path) == job_text):
+        resume = False
+        if log and tf.io.gfile.glob(storage.join(out_dir, f"{prefix}-*-of-*.tfrecord")):
+            log(f"{out_dir}: existing shards are from another job; rewriting all")
     if not resume and tf.io.gfile.exists(schema.manifest_path(out_dir)):
         tf.io.gfile.remove(schema.manifest_path(out_dir))
+    schema.write_atomic(job_path, job_text.encode("utf-8"))
     counts = []
     for k, name in enumerate(names):
         path = storage.join(out_dir, name)
@@ -88,6 +100,11 @@ def count_records(path: str) -> int:
                                "delete it or rewrite with resume off") from None
 
 
+def _read_text(path: str) -> str:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
 def _remove_stale_temps(out_dir: str, prefix: str) -> None:
     # Left by a killed run (the process could not clean up). Names never collide with final ones.
     for p in tf.io.gfile.glob(storage.join(out_dir, f".{prefix}-*.tfrecord.tmp-*")):
@@ -101,8 +118,3 @@ def _remove_other_layouts(out_dir: str, prefix: str, num_shards: int) -> None:
         parsed = schema.parse_shard_name(storage.basename(p))
         if parsed and parsed[0] == prefix and parsed[2] != num_shards:
             tf.io.gfile.remove(p)
-
-
-def shard_of(index: int, num_shards: int) -> int:
-    """Round-robin assignment of the index-th record to a shard (balanced counts)."""
-    return index % num_shards

@@ -56,3 +56,15 @@ def test_bad_input_exits_1_with_a_message_naming_it(tmp_path, capsys, argv, mess
     code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 1
     assert err.startswith("pfc: error: ") and message.format(tmp=tmp_path) in err
+
+
+def test_bench_data_runs_and_reports_both_pipelines(tmp_path, capsys):
+    # a smoke test of the command (speed itself is measured by the benchmark, never by tests)
+    write_indexed(str(tmp_path), [6, 6])
+    out = tmp_path / "r.jsonl"
+    code, text, _ = run(capsys, "bench", "data", str(tmp_path), "--batch", "2", "--steps", "3",
+                        "--rounds", "1", "--json", str(out))
+    assert code == 0 and "decode-only" in text and "reader overhead" in text
+    import json
+    row = json.loads(out.read_text())
+    assert row["workers"] == 1 and row["decode_only_img_s"] > 0 and row["reader_img_s"] > 0

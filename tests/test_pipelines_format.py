@@ -61,7 +61,7 @@ def test_writer_layout_and_counts(tmp_path):
     m = write_indexed(str(tmp_path), [3, 2, 4])
     assert m.shards == [f"train-0000{k}-of-00003.tfrecord" for k in range(3)]
     assert m.examples_per_shard == [3, 2, 4]
-    assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json", ".train-job.json"])
     labels = [int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
               for r in tf.data.TFRecordDataset(str(tmp_path / m.shards[1]))]
     assert labels == [3, 4]
@@ -71,7 +71,7 @@ def test_writer_rejects_out_of_range_label_without_leaving_a_shard(tmp_path):
     with pytest.raises(schema.DataError, match=r"src9: label 9 outside \[0, 5\)"):
         writer.write_sharded(str(tmp_path), 1, lambda k: [writer.Record(b"x", 9, source="src9")],
                              num_classes=5, image_size=(8, 8))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [".train-job.json"]  # no shard, no manifest
 
 
 def test_interrupted_write_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path):
@@ -87,7 +87,8 @@ def test_interrupted_write_leaves_no_complete_looking_shard_and_rerun_resumes(tm
     with pytest.raises(KeyboardInterrupt):
         writer.write_sharded(str(tmp_path), 3, lambda k: records(k, crash_in=1), num_classes=3, image_size=(8, 8))
     names = sorted(os.listdir(tmp_path))
-    assert names == ["train-00000-of-00003.tfrecord"]  # shard 1's partial temp file removed, no manifest
+    assert names == [".train-job.json", "train-00000-of-00003.tfrecord"]  # shard 1's temp removed, no manifest
+    names = names[1:]
     # A killed process cannot clean up: leave a stale partial temp file as it would.
     (tmp_path / ".train-00002-of-00003.tfrecord.tmp-99999").write_bytes(b"partial")
     done = os.stat(tmp_path / names[0]).st_mtime_ns
@@ -96,16 +97,27 @@ def test_interrupted_write_leaves_no_complete_looking_shard_and_rerun_resumes(tm
     assert calls == [1, 2]                                      # shard 0 kept, not regenerated
     assert os.stat(tmp_path / names[0]).st_mtime_ns == done
     assert m.examples_per_shard == [3, 3, 3]
-    assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json", ".train-job.json"])
     calls.clear()
     writer.write_sharded(str(tmp_path), 3, records, num_classes=3, image_size=(8, 8), resume=False)
     assert calls == [0, 1, 2]                                   # rewrite: every shard again
+    calls.clear()
+    writer.write_sharded(str(tmp_path), 3, records, num_classes=3, image_size=(8, 8), job={"other": 1})
+    assert calls == [0, 1, 2]                                   # another job: nothing kept
+
+
+def test_synth_rerun_with_other_parameters_does_not_keep_old_shards(tmp_path):
+    synth.write_synth(str(tmp_path), synth.SynthConfig(4, 2, size=8, verification_pairs=1), 2)
+    m = synth.write_synth(str(tmp_path), synth.SynthConfig(6, 2, size=8, verification_pairs=1), 2)
+    labels = [int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
+              for f in m.shard_paths(str(tmp_path)) for r in tf.data.TFRecordDataset(f)]
+    assert sorted(labels) == sorted(list(range(6)) * 2)
 
 
 def test_rewrite_with_other_shard_count_removes_old_shards(tmp_path):
     write_indexed(str(tmp_path), [2, 2, 2])
     write_indexed(str(tmp_path), [3, 3])
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "train-00000-of-00002.tfrecord",
+    assert sorted(os.listdir(tmp_path)) == [".train-job.json", "manifest.json", "train-00000-of-00002.tfrecord",
                                             "train-00001-of-00002.tfrecord"]
 
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The reader table of docs/benchmarks.md: a synthetic 112x112 dataset (4,000 JPEGs in 8 shards),
+# then the full reader vs decode-only at 1 and 2 workers, and the reader without its shuffle and
+# flip stages (where the cost goes). JSON lines to $1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench/data_results.jsonl}"
+data="${DATA:-/tmp/pfc-bench-data-112}"
+: > "$out"
+.venv/bin/pfc data synth "$data" --identities 200 --images-per-identity 20 --shards 8 --size 112 \
+  --verification-pairs 10 > /dev/null
+run() { .venv/bin/pfc bench data "$data" --batch 128 --rounds 3 --json "$out" "$@" 2>&1 | grep -E "^data "; }
+for workers in 1 2; do
+  run --workers "$workers"
+  run --workers "$workers"
+done
+run --workers 1 --no-flip
+run --workers 1 --no-flip --shuffle-buffer 0
