@@ -12,7 +12,7 @@ run() {  # classes workers rate chunk(0=none) dtype steps
   local chunk_arg=()
   [ "$4" != 0 ] && chunk_arg=(--chunk-size "$4")
   .venv/bin/pfc bench fc --classes "$1" --dim 512 --batch 512 --workers "$2" --sample-rate "$3" \
-    "${chunk_arg[@]}" --dtype "$5" --steps "$6" --margin arcface --json "$out" 2>&1 | grep -E "^fc  C=|Error"
+    "${chunk_arg[@]}" --dtype "$5" --steps "$6" --margin arcface --json "$out" 2>&1 | grep -E "fc  C=|error|Error"
 }
 # 1M classes: everything fits.
 for workers in 1 2; do

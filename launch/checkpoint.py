@@ -212,7 +212,8 @@ def _read_rows(file: str, var: tf.Variable, dtype: tf.DType, o_start: int, o_end
             f.seek((b_lo - o_start) * row_bytes)
             block = np.frombuffer(f.read((b_hi - b_lo) * row_bytes), np_dtype)
             block = tf.cast(block.reshape([b_hi - b_lo, *row_shape.as_list()]), var.dtype)
-            var[b_lo - start:b_hi - start].assign(block)
+            # a scatter writes in place; a sliced assign would copy the whole shard (see init_rows)
+            var.scatter_update(tf.IndexedSlices(block, tf.range(b_lo - start, b_hi - start)))
 
 
 def _write_npz(file: str, variables: Sequence[tf.Variable]) -> None:

@@ -74,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit("pfc eval: the config lists no verification sets (data.val)")
     model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
                            cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
-    ckpt.restore_backbone(path, model.weights)
+    ckpt.restore_backbone(path, model.variables)
     sets = load_sets(sets_paths, cfg.data.image_size)
     results = evaluate(lambda x: model(x, training=False).numpy(), sets, batch_size=cfg.eval.batch_size,
                        folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip)

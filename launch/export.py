@@ -45,7 +45,7 @@ def export(checkpoint: str, out: str) -> str:
     cfg = from_dict(manifest["config"])
     model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
                            cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
-    ckpt.restore_backbone(checkpoint, model.weights)
+    ckpt.restore_backbone(checkpoint, model.variables)
     module = _Embedder(model, cfg.data.image_size)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

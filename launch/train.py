@@ -150,7 +150,8 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
                 metrics.observe_step(step=done, samples=cfg.train.batch_size, loss=result.loss,
                                      accuracy=result.accuracy, lr=lr,
                                      lam=current_lambda(trainer.fc.margin, step),
-                                     epoch=float(epoch), step_seconds=t2 - t0, data_wait_seconds=t1 - t0)
+                                     epoch=float(epoch), step_seconds=t2 - t0, data_wait_seconds=t1 - t0,
+                                     comm_seconds=result.comm_seconds)
             if done % cfg.train.log_every == 0 or done == total:
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_t, 1e-9)

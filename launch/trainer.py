@@ -45,6 +45,7 @@ class StepResult:
     accuracy: float
     applied: bool
     grad_norm: float
+    comm_seconds: float   # in the backbone-gradient allreduce, waiting for the slowest worker included
 
 
 class Trainer:
@@ -81,6 +82,7 @@ class Trainer:
             self.opt = keras.optimizers.AdamW(learning_rate=o.lr, beta_1=o.betas[0], beta_2=o.betas[1],
                                               epsilon=o.eps, weight_decay=o.weight_decay)
         self.opt.build(self.model.trainable_variables)
+        # model.variables: weights, batch-norm statistics and the dropout RNG state (checkpointed).
         # Same seed everywhere already; the broadcast makes "identical replicas" a fact, not a hope.
         self.comm.broadcast_variables([v.value for v in self.model.weights], root=0)
         self.total_steps = 0  # set by `set_total_steps` before the first step
@@ -102,8 +104,8 @@ class Trainer:
                              min_lr=o.min_lr)
 
     def train_step(self, images, labels) -> StepResult:
-        loss, acc, applied, norm = self._step_fn(images, labels)
-        return StepResult(float(loss), float(acc), bool(applied), float(norm))
+        loss, acc, applied, norm, comm_s = self._step_fn(images, labels)
+        return StepResult(float(loss), float(acc), bool(applied), float(norm), float(comm_s))
 
     def _step(self, images, labels):
         cfg = self.config
@@ -114,7 +116,7 @@ class Trainer:
             emb = self.model(images, training=True)
         out = self.fc.train_step(emb, labels, self.fc_opt, lr * cfg.optim.fc_lr_scale, step=step)
         grads = tape.gradient(emb, variables, output_gradients=out.d_embeddings)
-        grads = self._sum_over_workers(grads)
+        grads, comm_s = self._sum_over_workers(grads)
         if cfg.optim.name == "sgd" and cfg.optim.weight_decay:
             # coupled L2, as the class rows get it (and as InsightFace trains)
             grads = [g + cfg.optim.weight_decay * tf.convert_to_tensor(v) for g, v in zip(grads, variables)]
@@ -130,16 +132,22 @@ class Trainer:
 
         tf.cond(ok, apply, lambda: tf.constant(False))
         step.assign_add(1)
-        return out.loss, out.accuracy, ok, norm
+        return out.loss, out.accuracy, ok, norm, comm_s
 
     def _sum_over_workers(self, grads):
-        """One allreduce of all backbone gradients, flattened: the exact global gradient."""
+        """One allreduce of all backbone gradients, flattened: the exact global gradient, and the
+        seconds spent in it (timestamps taken in the graph right before and after)."""
         if self.comm.size == 1:
-            return grads
+            return grads, tf.constant(0.0, tf.float64)
         flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-        flat = self.comm.allreduce_sum(flat)
+        with tf.control_dependencies([flat]):
+            t0 = tf.timestamp()
+        with tf.control_dependencies([t0]):
+            flat = self.comm.allreduce_sum(flat)
+        with tf.control_dependencies([flat]):
+            seconds = tf.timestamp() - t0
         sizes = [int(np.prod(g.shape)) for g in grads]
-        return [tf.reshape(p, g.shape) for p, g in zip(tf.split(flat, sizes), grads)]
+        return [tf.reshape(p, g.shape) for p, g in zip(tf.split(flat, sizes), grads)], seconds
 
     # --- state ---------------------------------------------------------------------------------
     def fc_state(self) -> ckpt.FCState:
@@ -152,7 +160,7 @@ class Trainer:
                 "config": cfg.to_dict(), **(meta or {})}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint_dir, self.step, self.comm, self.fc_state(),
-                         self.model.weights, self.opt.variables, info, keep=cfg.checkpoint.keep)
+                         self.model.variables, self.opt.variables, info, keep=cfg.checkpoint.keep)
         self.last_checkpoint_seconds = time.perf_counter() - t0
         return path
 
@@ -169,7 +177,7 @@ class Trainer:
         return path
 
     def restore(self, path: str) -> dict:
-        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.weights, self.opt.variables)
+        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables, self.opt.variables)
         self.fc.step.assign(int(manifest["step"]))
         return manifest
 

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, push_to_gateway
@@ -40,17 +39,6 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 class PortInUseError(RuntimeError):
     """The metrics port of this worker is already taken (another job, or two workers mapped to one port)."""
-
-
-@dataclass(frozen=True)
-class MonitoringConfig:
-    """Where a worker's metrics go. `base_port` 0 disables the HTTP endpoint; `pushgateway` None disables pushing."""
-
-    bind: str = "0.0.0.0"
-    base_port: int = 9400
-    pushgateway: str | None = None
-    push_interval_s: float = 30.0
-    job: str = "pfc"
 
 
 def resident_memory_bytes() -> float:
@@ -251,10 +239,3 @@ class TrainingMetrics:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @classmethod
-    def from_config(cls, cfg: MonitoringConfig, *, rank: int, local_rank: int, world_size: int,
-                    version: str = "unknown") -> TrainingMetrics:
-        return cls(job=cfg.job, rank=rank, local_rank=local_rank, world_size=world_size, bind=cfg.bind,
-                   base_port=cfg.base_port, pushgateway=cfg.pushgateway, push_interval_s=cfg.push_interval_s,
-                   version=version)

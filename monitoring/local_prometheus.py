@@ -4,7 +4,7 @@ For tests and for looking at a local run: the shipped `prometheus/prometheus.yml
 `targets` (host:port of each worker) at a short interval, with `rules.yml` loaded, and the server's HTTP
 API is queried. Storage is a temporary directory removed by `stop()`.
 
-    with LocalPrometheus(["127.0.0.1:9400", "127.0.0.1:9401"]) as prom:
+    with LocalPrometheus(["127.0.0.1:9100", "127.0.0.1:9101"]) as prom:
         prom.wait_until('count(pfc_steps_total) == 2')
         prom.query('pfc_steps_total')   # [{"metric": {...}, "value": [t, "12"]}, ...]
 """

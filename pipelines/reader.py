@@ -223,9 +223,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                            cycle_length=cycle, block_length=1,
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if shuffle_buffer > 0:
-            # The seed must be a Python int (epoch is a tensor here); epochs still differ because
-            # the file order above is drawn per epoch.
-            ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919, reshuffle_each_iteration=False)
+            ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
         return ds.batch(batch_size, drop_remainder=True)
 
     def one_epoch(epoch):

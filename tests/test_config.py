@@ -11,6 +11,8 @@ from partitioned_fc import margins
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The configs the Kubernetes manifests mount as /etc/pfc/config.yaml must load too.
+K8S_CONFIGS = sorted((ROOT / "k8s").glob("**/config.yaml"))
 
 MINIMAL = """
 data:
@@ -32,7 +34,8 @@ def write(tmp_path, text: str) -> str:
 def test_every_shipped_config_loads():
     names = {p.name for p in CONFIGS}
     assert {"smoke.yaml", "ms1mv3_r50.yaml", "webface42m_r50_pfc02.yaml"} <= names
-    for path in CONFIGS:
+    assert len(K8S_CONFIGS) == 3, K8S_CONFIGS  # base, cpu-smoke, gpu
+    for path in CONFIGS + K8S_CONFIGS:
         config = load_config(str(path))
         assert isinstance(config.loss.margin(), margins.Margin)
         assert cfg_lib.from_dict(config.to_dict()) == config  # the dump loads back unchanged

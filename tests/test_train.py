@@ -131,7 +131,7 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     emb = served(images=tf.constant(images))["embeddings"].numpy()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     model = build_backbone("tiny", train_worker.IMAGE, 8, batch_norm=False, seed=99)
-    ckpt.restore_backbone(out["checkpoint"], model.weights)
+    ckpt.restore_backbone(out["checkpoint"], model.variables)
     want = model(images, training=False).numpy()
     np.testing.assert_allclose(emb, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
     with pytest.raises(FileExistsError, match="already exists"):

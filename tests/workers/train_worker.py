@@ -52,7 +52,7 @@ def state(trainer: Trainer) -> dict:
     out = {"fc_weight": comm.allgather(tf.convert_to_tensor(trainer.fc.weight)).numpy()}
     for name, var in trainer.fc_opt.state().items():
         out[f"fc_{name}"] = comm.allgather(tf.convert_to_tensor(var)).numpy()
-    for i, v in enumerate(trainer.model.weights):
+    for i, v in enumerate(trainer.model.variables):
         out[f"backbone_{i}"] = np.asarray(v.numpy())
     out["step"] = np.array(trainer.step)
     return out
