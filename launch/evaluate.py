@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Callable
 
 import numpy as np
@@ -82,5 +81,4 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"checkpoint": path, "step": manifest["step"], "eval": results}, f, indent=1)
-    sys.stdout.flush()
     return 0

@@ -9,10 +9,8 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
-import tensorflow as tf
 
 from launch.config import Config
 

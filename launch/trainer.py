@@ -13,12 +13,8 @@ One step (compiled with `tf.function`):
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import keras
 import numpy as np

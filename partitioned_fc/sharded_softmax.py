@@ -107,8 +107,8 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     normalize = margin.normalize_weights
     e = inv = None
     if chunk_size is None:
-        e, s_loc, m_loc, plain_max, plain_t, inv = _forward_block(
-            x_s, source.block(), target, local_label, normalize)
+        s_loc, m_loc, plain_max, plain_t, e, inv = _forward_block(
+            x_s, source.block(), target, local_label, normalize, True)
     else:
         s_loc, m_loc, plain_max, plain_t = _forward_chunks(
             x_s, source, target, local_label, normalize, chunk_size)
@@ -173,12 +173,11 @@ def _collect(blocks: tf.TensorArray, pos: tf.Tensor, dw: tf.Tensor) -> tf.Tensor
     return blocks.write(blocks.size(), dw)
 
 
-def _add_label_rows(dw, dw_rows, local_label, start):
-    """Add the target path's [B, D] row gradients to the block's rows [k, D] starting at `start`."""
-    k = tf.shape(dw)[0]
-    pos = local_label - start
-    hit = (local_label >= 0) & (pos >= 0) & (pos < k)
-    return tf.tensor_scatter_nd_add(dw, tf.boolean_mask(pos, hit)[:, None],
+def _add_label_rows(dw, dw_rows, block_label):
+    """Add the target path's [B, D] row gradients to the block's rows [k, D]; block_label [B] is
+    each label's row in the block, -1 elsewhere (`_chunk_label`)."""
+    hit = block_label >= 0
+    return tf.tensor_scatter_nd_add(dw, tf.boolean_mask(block_label, hit)[:, None],
                                     tf.boolean_mask(dw_rows, hit))
 
 
@@ -205,7 +204,7 @@ def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
     def body(c, s, m, pmax, pt):
         start, pos = _chunk_bounds(source, c, chunk_size)
         ll = _chunk_label(local_label, start, tf.shape(pos)[0])
-        s_c, m_c, pmax_c, pt_c = _forward_stats(x_s, source.gather(pos), target, ll, normalize)
+        s_c, m_c, pmax_c, pt_c = _forward_block(x_s, source.gather(pos), target, ll, normalize, False)
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
         return c + 1, s, m_new, tf.maximum(pmax, pmax_c), pt + pt_c
@@ -234,7 +233,7 @@ def _backward_blocks(fwd, source, d_loss, dw_rows, sink, state, normalize, block
             dx_c, dw = _logit_grads(fwd.e[:, start:start + k], coeff, ll, fwd.x_s, w, inv)
         if normalize:
             dw = _remove_radial(dw, tf.cast(w, tf.float32), inv)
-        dw = _add_label_rows(dw, dw_rows, fwd.local_label, start)
+        dw = _add_label_rows(dw, dw_rows, ll)
         return c + 1, dx_s + dx_c, sink(state, pos, dw)
 
     _, dx_s, state = tf.while_loop(
@@ -254,32 +253,21 @@ def _logits(x_s, w, normalize: bool):
 
 
 @tf.function(jit_compile=True)
-def _forward_block(x_s, w, t, local_label, normalize: bool):
-    """Local logits with the target entry replaced, their exponentials and row statistics.
+def _forward_block(x_s, w, t, local_label, normalize: bool, keep: bool):
+    """One block's logits with the target entry replaced, and its row statistics.
 
-    -> e [B, n] = exp(f' − m_loc), Σ_j e [B], m_loc [B], max plain logit [B], plain target
-    logit [B] (0 where not owned), 1/|w_j| [n] (or None).
+    -> Σ_j exp(f' − m) [B], m [B], max plain logit [B], plain target logit [B] (0 where not
+    owned); with `keep` also e [B, k] = exp(f' − m) and 1/|w_j| [k] (or None) for the backward.
     """
     z, inv = _logits(x_s, w, normalize)
     is_t = _target_mask(local_label, tf.shape(w)[0])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
     z = tf.where(is_t, t[:, None], z)
-    m_loc = tf.reduce_max(z, axis=1)
-    e = tf.exp(z - m_loc[:, None])
-    return e, tf.reduce_sum(e, axis=1), m_loc, plain_max, plain_t, inv
-
-
-@tf.function(jit_compile=True)
-def _forward_stats(x_s, w, t, local_label, normalize: bool):
-    """One block's Σ exp(f' − m_c), m_c, max plain logit, plain target logit: all [B]."""
-    z, _ = _logits(x_s, w, normalize)
-    is_t = _target_mask(local_label, tf.shape(w)[0])
-    plain_max = tf.reduce_max(z, axis=1)
-    plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
-    z = tf.where(is_t, t[:, None], z)
-    m_c = tf.reduce_max(z, axis=1)
-    return tf.reduce_sum(tf.exp(z - m_c[:, None]), axis=1), m_c, plain_max, plain_t
+    m = tf.reduce_max(z, axis=1)
+    e = tf.exp(z - m[:, None])
+    stats = (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
+    return stats + (e, inv) if keep else stats
 
 
 @tf.function(jit_compile=True)

@@ -2,7 +2,6 @@
 `pfc export` and `pfc report` on the real run, and clear errors before any work."""
 import json
 import subprocess
-import sys
 
 from conftest import BIN, ROOT, smoke_overrides, worker_env
 
