@@ -194,7 +194,9 @@ def _measure(args, threads: int) -> int:
         result = {"bench": "fc", "mode": args.mode, "classes": args.classes, "dim": args.dim,
                   "batch": args.batch, "workers": comm.size, "classes_per_worker": rows,
                   "margin": args.margin, "sample_rate": args.sample_rate, "chunk_size": args.chunk_size,
-                  "dtype": args.dtype, "threads_per_worker": threads, "step_s": round(fc_t, 4),
+                  "dtype": args.dtype, "threads_per_worker": threads,
+                  "allocator": "system" if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "").lower()
+                               in ("1", "true") else "onednn-pool", "step_s": round(fc_t, 4),
                   "matmul_s": round(mm_t, 4), "ratio": round(fc_t / mm_t, 3),
                   "samples_per_s": round(args.batch / fc_t, 1),
                   "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from partitioned_fc.memory import release_free_memory
+
 # Rows are drawn in fixed blocks keyed by (seed, block index), independent of the world size, so
 # the union of the shards is the single-worker matrix for any N.
 INIT_BLOCK_ROWS = 8192
@@ -56,6 +58,7 @@ def init_rows(variable: tf.Variable, start: int, seed: int, stddev: float = INIT
         lo, hi = max(start, b_start), min(end, b_end)
         variable.scatter_update(tf.IndexedSlices(tf.cast(values[lo - b_start:hi - b_start], variable.dtype),
                                                  tf.range(lo - start, hi - start)))
+    release_free_memory()  # the blocks' pages, else left resident next to the shard
 
 
 def full_matrix(num_classes: int, dim: int, seed: int, stddev: float = INIT_STDDEV) -> tf.Tensor:
