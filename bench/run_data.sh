@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reader table of docs/benchmarks.md: a synthetic 112x112 dataset (4,000 JPEGs in 8 shards),
-# then the full reader vs decode-only at 1 and 2 workers, and the reader without its shuffle and
-# flip stages (where the cost goes). JSON lines to $1.
+# then the full reader vs decode-only at 1 and 2 workers, and the reader without its shuffle
+# (where the cost goes). JSON lines to $1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/data_results.jsonl}"
@@ -14,5 +14,4 @@ for workers in 1 2; do
   run --workers "$workers"
   run --workers "$workers"
 done
-run --workers 1 --no-flip
-run --workers 1 --no-flip --shuffle-buffer 0
+run --workers 1 --shuffle-buffer 0

@@ -4,8 +4,11 @@ Both are measured in the same process, alternately (so drift hits both alike), e
 iterator after a warm-up, with tf.data's default thread pool:
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
-  * reader: pipelines.reader.open_dataset with its defaults (files, parsing, corruption and label
-    checks, shuffle buffer, decode, batch, flip, normalization, prefetch).
+  * reader: pipelines.reader.open_dataset with its defaults (files, parallel interleave, parsing,
+    decode, the corruption and label checks, shuffle buffer, batch, prefetch): uint8 batches.
+  * augment: the reader's augmentation (random flip, x / 127.5 - 1 to float32), which runs in the
+    compiled training step: timed here on this CPU over the reader's batches and reported apart
+    (per image, and as a share of decode-only), since on a GPU it runs on the device instead.
 The reader keeps up to two epochs' shuffle buffers of decoded images in flight, so a timed window
 must be long against them (--steps 600 batches of 128: 76,800 images against the default 4,096-image
 buffer) or it would count images decoded before it began.
@@ -32,7 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batches per timed round (default 600: many times the reader's buffers)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of each (median reported)")
     p.add_argument("--shuffle-buffer", type=int, default=4096, help="reader's shuffle buffer (default 4096)")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="reader without the random flip")
     p.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
@@ -51,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", "2",
                 "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
                 "--shuffle-buffer", str(args.shuffle_buffer), "--barrier-dir", barrier]
-        argv += [] if args.flip else ["--no-flip"]
         procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True)
                  for r in range(2)]
         outs = [p.communicate()[0] for p in procs]
@@ -67,16 +68,21 @@ def _report(args, results: list[dict]) -> int:
     rdr = sum(r["reader_img_s"] for r in results)
     r0 = results[0]
     result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
-              "shuffle_buffer": args.shuffle_buffer, "flip": args.flip,
+              "shuffle_buffer": args.shuffle_buffer,
               "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
               "decode_only_img_s": round(dec, 1), "reader_img_s": round(rdr, 1),
               "overhead": round(dec / rdr - 1, 3),
+              "augment_us_per_img": round(sum(r["augment_us"] for r in results) / len(results), 1),
+              "augment_share_of_decode": round(sum(r["augment_us"] / r["decode_only_wall_us"]
+                                                   for r in results) / len(results), 3),
               "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
               "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1)}
     print(f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
-          f"batch={args.batch} shuffle={args.shuffle_buffer} flip={args.flip}: decode-only {dec:,.0f} img/s  reader {rdr:,.0f} img/s  "
+          f"batch={args.batch} shuffle={args.shuffle_buffer}: decode-only {dec:,.0f} img/s  reader {rdr:,.0f} img/s  "
           f"reader overhead {100 * (dec / rdr - 1):+.1f}%  (CPU per image: decode-only "
-          f"{result['decode_only_cpu_us_per_img']} us, reader {result['reader_cpu_us_per_img']} us)", flush=True)
+          f"{result['decode_only_cpu_us_per_img']} us, reader {result['reader_cpu_us_per_img']} us); augment in "
+          f"the step {result['augment_us_per_img']} us/img on this CPU "
+          f"({100 * result['augment_share_of_decode']:.0f}% of decode-only)", flush=True)
     if args.json_out:
         with open(args.json_out, "a") as f:
             f.write(json.dumps(result) + "\n")
@@ -99,7 +105,7 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     threads = os.cpu_count() or 1  # tf.data's default pool: every worker sees all cores
 
     pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
-                               shuffle_buffer=args.shuffle_buffer, flip=args.flip)
+                               shuffle_buffer=args.shuffle_buffer)
     h, w = pipe.image_size
     # The same JPEGs this worker reads, held in memory.
     need = args.batch * args.steps
@@ -138,9 +144,19 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
             times[name].append(timed(name, rnd))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     n = args.batch * args.steps
+    # The augmentation as the training step runs it (compiled, here on the CPU), on real batches.
+    batches = [b[0] for b in pipe.dataset.take(8)]
+    augment = tf.function(pipe.augment)
+    augment(batches[0], tf.constant(0, tf.int64)).numpy()
+    _barrier(barrier, "augment", rank, size)
+    t0 = time.perf_counter()
+    for i in range(max(1, args.steps // 10)):
+        augment(batches[i % len(batches)], tf.constant(i, tf.int64)).numpy()
+    augment_us = 1e6 * (time.perf_counter() - t0) / (args.batch * max(1, args.steps // 10))
     result = {"rank": rank, "threads": threads, "image_size": [h, w],
               "decode_only_img_s": n / med["decode_only"][0], "reader_img_s": n / med["reader"][0],
-              "decode_only_cpu_us": 1e6 * med["decode_only"][1] / n, "reader_cpu_us": 1e6 * med["reader"][1] / n}
+              "decode_only_cpu_us": 1e6 * med["decode_only"][1] / n, "reader_cpu_us": 1e6 * med["reader"][1] / n,
+              "decode_only_wall_us": 1e6 * med["decode_only"][0] / n, "augment_us": augment_us}
     if report:
         print(json.dumps(result), flush=True)
         return 0

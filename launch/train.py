@@ -86,7 +86,8 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
         if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
             raise TrainingError(f"data.num_classes is {cfg.data.num_classes} but the dataset "
                                 f"{cfg.data.train[0]} has {num_classes} classes")
-    trainer = Trainer(cfg, comm, num_classes=num_classes)
+    trainer = Trainer(cfg, comm, num_classes=num_classes,
+                      augment=pipe.augment if pipe is not None else None)
     total = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     trainer.set_total_steps(total)
     resume = trainer.resume_path()  # C and D checked before any work

@@ -28,7 +28,7 @@ from launch.config import Config
 from launch.schedule import learning_rate
 from partitioned_fc import optimizer as shard_opt
 
-Batch = tuple  # (images [B_r, H, W, 3] float32, labels [B_r] int64, epoch [] int64)
+Batch = tuple  # (images [B_r, H, W, 3] uint8 (with `augment`) or float32, labels [B_r] int64, epoch [] int64)
 
 
 class TrainingError(RuntimeError):
@@ -47,13 +47,17 @@ class StepResult:
 class Trainer:
     """Builds the model, the class matrix and both optimizers from a `Config`; runs steps.
 
-    data: an iterator of `Batch` for this worker, or None to open `config.data.train` with the
-    pipelines reader. num_classes: C when the config has none and no dataset is opened.
+    num_classes: C when the config has none and no dataset is opened.
+    augment: `(uint8 images [B_r, H, W, 3], global step) -> float32 images`, run inside the compiled
+    step (the reader's `Pipeline.augment`: flip and normalization); None when the batches come
+    float32 already.
     """
 
     def __init__(self, config: Config, comm: cluster_lib.Cluster | None = None, *,
-                 num_classes: int | None = None, log: Callable[[str], None] | None = None):
+                 num_classes: int | None = None, log: Callable[[str], None] | None = None,
+                 augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None):
         self.config = config
+        self.augment = augment
         self.comm = comm or cluster_lib.init()
         self._log = log or (lambda msg: print(msg, flush=True))
         cfg = config
@@ -109,6 +113,8 @@ class Trainer:
         step = self.fc.step
         lr = self.learning_rate(step)
         variables = self.model.trainable_variables
+        if self.augment is not None:
+            images = self.augment(images, step)
         with tf.GradientTape() as tape:
             emb = self.model(images, training=True)
         out = self.fc.train_step(emb, labels, self.fc_opt, lr * cfg.optim.fc_lr_scale, step=step)

@@ -1,18 +1,22 @@
-"""The training reader: sharded, streaming, shuffled, decoded, augmented, batched, reproducible.
+"""The training reader: sharded, streaming, shuffled, decoded, checked, batched, reproducible.
 
     pipe = open_dataset("data/synth", batch_size=128, rank=comm.rank, size=comm.size, seed=0)
-    for images, labels, epoch in pipe.dataset:   # [B,H,W,3] float32 in [-1,1], [B] int64, [] int64
+    for images, labels, epoch in pipe.dataset:   # [B,H,W,3] uint8, [B] int64, [] int64
+        x = pipe.augment(images, step)           # in the training step: flip, [-1, 1] float32
         ...                                      # pipe.steps_per_epoch batches per epoch, every worker
     pipe.corrupt_records.numpy()                 # records skipped so far (skip_corrupt=True)
 
 Per epoch e (e = start_epoch, start_epoch+1, ...):
   1. this worker's files in an order shuffled by (seed, rank, e);
-  2. each file streamed by its own TFRecordDataset, `parallel interleave`d (cycle_length files at a
-     time), each record parsed, JPEG-decoded (3 channels) and resized to image_size if needed;
-  3. a bounded shuffle buffer (shuffle_buffer records, seeded by (seed, rank, e));
-  4. batches of batch_size with drop_remainder, exactly steps_per_epoch of them;
-  5. per-image random horizontal flip (stateless coins seeded by (seed, rank, e, step)), then
-     x/127.5 - 1 as float32.
+  2. cycle_length files at a time read by a parallel interleave, each record tagged with its file
+     and index, then one parallel map parses, JPEG-decodes (3 channels) and, if asked, resizes;
+  3. blocks of records checked in one vectorized call: no record missing between two that came
+     (a dropped record is a corrupt one), none beyond the manifest's count, labels in range;
+  4. a bounded shuffle buffer (shuffle_buffer records, seeded by (seed, rank, e));
+  5. batches of batch_size uint8 images with drop_remainder, exactly steps_per_epoch of them.
+The augmentation (random horizontal flip, x / 127.5 - 1 as float32) is `Pipeline.augment`, called
+in the training step: compiled with the backbone on its device it costs next to nothing, in
+tf.data it cost a third of the reader's time (docs/benchmarks.md).
 
 Sharding: worker `rank` of `size` reads the files whose index in the manifest satisfies
 `index % size == rank`. With fewer files than workers every worker reads every file and keeps the
@@ -30,7 +34,6 @@ outside [0, num_classes) always raise, naming file, record index and label.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 
 import tensorflow as tf
@@ -39,6 +42,11 @@ from pipelines import schema, storage
 
 _GLOB_CHARS = "*?["
 _warned_record_level: set = set()
+# A record travels with its tag: file index << 32 | record index in the file.
+_TAG_BITS = 32
+_TAG_MASK = (1 << _TAG_BITS) - 1
+# Records checked per call of the (vectorized) check.
+_CHECK_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +130,40 @@ def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
 @dataclasses.dataclass
 class Pipeline:
     """A training input pipeline and what the training loop needs to know about it."""
-    dataset: tf.data.Dataset           # (images [B,H,W,3] f32 in [-1,1], labels [B] i64, epoch [] i64)
+    dataset: tf.data.Dataset           # (images [B,H,W,3] uint8, labels [B] int64, epoch [] int64)
     manifest: schema.Manifest
     plan: ShardPlan
     corrupt_records: tf.Variable       # int64 []: records skipped so far (skip_corrupt=True)
     image_size: tuple[int, int]
+    seed: int                          # this worker's augmentation seed (seed and rank)
+    flip: bool
 
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
+
+    def augment(self, images: tf.Tensor, step) -> tf.Tensor:
+        """The training augmentation of a batch, for the training step: uint8 [B, H, W, 3] ->
+        float32 [B, H, W, 3] in [-1, 1], each image mirrored left-right with probability 1/2
+        (coins seeded by this worker's seed and `step`, the global step: reproducible on resume)."""
+        return augment(images, self.seed, step, flip=self.flip)
+
+
+def augment(images: tf.Tensor, seed: int, step, *, flip: bool = True) -> tf.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, H, W, 3]: x / 127.5 - 1, and a random horizontal flip
+    per image (stateless coins from (seed, step)).
+
+    It belongs in the compiled training step, not in tf.data: there it is one fused pass over the
+    batch on the training device (and a GPU receives uint8, a quarter of the bytes), while in the
+    reader the float32 batch alone cost about as much CPU as a sixth of the JPEG decoding
+    (measured; docs/benchmarks.md).
+    """
+    x = tf.cast(images, tf.float32) / 127.5 - 1.0
+    if flip:
+        coin = tf.random.stateless_uniform(
+            tf.shape(images)[:1], seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]))
+        x = tf.where((coin < 0.5)[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    return x
 
 
 def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
@@ -143,6 +176,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     rank, size: this worker and the number of workers (cluster.rank / cluster.size).
     image_size: (H, W) to resize to; default the manifest's.
     shuffle_buffer: records in the shuffle buffer (0: no shuffle).
+    seed: file order and shuffle (with rank and epoch) and `Pipeline.augment`'s flips (with rank
+      and step); TensorFlow's global seed plays no part.
+    flip: whether `Pipeline.augment` flips images.
     epochs: number of epochs to yield (None: forever); start_epoch: first epoch number (resume).
     """
     _, manifest, files, counts = resolve(path)
@@ -165,85 +201,102 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     stride = plan.stride
     n_files = len(plan.files)
     cycle = max(1, min(cycle_length, n_files))
-    # Decoding runs in parallel across the interleaved files; a parallel map inside each file as
-    # well would only add threads, unless too few files are open to keep the cores busy.
-    per_file_calls = tf.data.AUTOTUNE if cycle < (os.cpu_count() or 1) else None
     base_seed = seed * 1_000_003 + rank  # workers shuffle differently, reproducibly
+    sentinel = _sentinel_record(manifest.image_size)
 
-    def file_stream(path_t, first, expected, count: bool):
-        """One file -> (image uint8 [H,W,3], label), checked for gaps; `count`: add skipped
-        records to the counter (off for refill passes, which would count them again)."""
-        ds = tf.data.TFRecordDataset(path_t, buffer_size=1 << 20).enumerate()
+    def file_records(fidx):
+        """File `fidx` -> (tag, serialized record): tag = fidx << 32 | record index in the file."""
+        ds = tf.data.TFRecordDataset(tf.gather(files_t, fidx), buffer_size=1 << 20).enumerate(
+            start=tf.bitwise.left_shift(fidx, _TAG_BITS))
         if stride > 1:
-            ds = ds.filter(lambda i, _: i % stride == first)
-        def parse(i, rec):
-            img, label = decode(rec)
-            return img, label, (i - first) // stride, False
+            first = tf.gather(first_t, fidx)
+            ds = ds.filter(lambda tag, _: tf.bitwise.bitwise_and(tag, _TAG_MASK) % stride == first)
+        return ds.ignore_errors()  # a failed read ends the file; the check below sees the gap
 
-        ds = ds.map(parse, num_parallel_calls=per_file_calls,
-                    deterministic=True if per_file_calls else None)
-        # A failed read/parse/decode drops the record; a failed read also ends the file. The
-        # sentinel (ordinal = expected count) exposes a missing tail; the scan measures the gaps.
-        ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(
-            (tf.zeros([*size_hw, 3], tf.uint8), tf.constant(0, tf.int64), expected, True)))
+    def decode_tagged(tag, record):
+        img, label = decode(record)
+        return img, label, tag
 
-        def checked(last, elem):
-            img, label, ordinal, sentinel = elem
-            gap = ordinal - last - 1
-            index = first + ordinal * stride
-            checks = [_assert(
-                tf.logical_or(sentinel, ordinal < expected),
-                ["pfc-data: file", path_t, "has more records than its manifest lists:", expected])]
+    def checker(count: bool):
+        """The check of one pass over the files; `count`: add skipped records to the counter (off
+        for refill passes, which would count them again)."""
+
+        def check(seen, block):
+            """Vectorized over a block of records in stream order; seen [F]: records of each file
+            accounted for so far. A record whose index runs ahead of its file's count means
+            records were dropped in between (unreadable or undecodable); the pass's sentinel
+            (tag -1, last) checks every file's tail. Labels outside [0, C) always fail."""
+            img, label, tag = block
+            is_sentinel = tag < 0
+            real = tf.logical_not(is_sentinel)
+            fidx = tf.where(real, tf.bitwise.right_shift(tag, _TAG_BITS), 0)
+            ordinal = (tf.where(real, tf.bitwise.bitwise_and(tag, _TAG_MASK), 0) - tf.gather(first_t, fidx)) // stride
+            expect = tf.gather(seen, fidx) + _rank_within_group(fidx)  # its ordinal, if none was dropped
+            gap = tf.where(real, ordinal - expect, 0)
+            new_seen = tf.maximum(seen, tf.math.unsorted_segment_max(
+                tf.where(real, ordinal + 1, 0), fidx, n_files))
+            tail = tf.where(tf.reduce_any(is_sentinel), own_t - new_seen, tf.zeros_like(seen))  # [F]
+            checks = []
+            extra = real & (ordinal >= tf.gather(own_t, fidx))
+            j = _first(extra)
+            checks.append(_assert(tf.logical_not(tf.reduce_any(extra)), [
+                "pfc-data: file", files_t[fidx[j]], "has more records than its manifest lists:",
+                own_t[fidx[j]]]))
             if skip_corrupt:
-                if count:
-                    checks.append(counter.assign_add(gap))
+                if count:  # skipped: how far the files' counts advanced, less the records that came
+                    checks.append(counter.assign_add(
+                        tf.reduce_sum(new_seen - seen) - tf.reduce_sum(tf.cast(real, tf.int64))
+                        + tf.reduce_sum(tf.maximum(tail, 0))))
             else:
-                checks.append(_assert(tf.equal(gap, 0), [
-                    "pfc-data: corrupt record in file", path_t, "at record index", index - gap * stride,
-                    ":", gap, "record(s) unreadable from there (bad CRC, truncated file, unparsable "
-                    "Example or undecodable JPEG); repair the file or read with skip_corrupt=True"]))
-            checks.append(_assert(
-                tf.logical_or(sentinel, tf.logical_and(label >= 0, label < num_classes)),
-                ["pfc-data: label", label, "outside [0,", num_classes, ") in file", path_t,
-                 "at record index", index]))
+                # the first hole: before record j in the middle of a file, else a file's tail
+                j, f = _first(gap > 0), _first(tail > 0)
+                middle = tf.reduce_any(gap > 0)
+                where = tf.where(middle, fidx[j], f)
+                index = tf.where(middle, expect[j], new_seen[f])
+                checks.append(_assert(tf.logical_not(middle | tf.reduce_any(tail > 0)), [
+                    "pfc-data: corrupt record in file", files_t[where], "at record index",
+                    first_t[where] + index * stride, ":", tf.where(middle, gap[j], tail[f]),
+                    "record(s) unreadable from there (bad CRC, truncated file, unparsable Example "
+                    "or undecodable JPEG); repair the file or read with skip_corrupt=True"]))
+            bad_label = real & ((label < 0) | (label >= num_classes))
+            j = _first(bad_label)
+            checks.append(_assert(tf.logical_not(tf.reduce_any(bad_label)), [
+                "pfc-data: label", label[j], "outside [0,", num_classes, ") in file",
+                files_t[fidx[j]], "at record index", tf.bitwise.bitwise_and(tag[j], _TAG_MASK)]))
+            keep = tf.size(tag) - tf.reduce_sum(tf.cast(is_sentinel, tf.int32))  # the sentinel is last
             with tf.control_dependencies(checks):
-                return tf.identity(ordinal), (img, label, sentinel)
+                return new_seen, (tf.identity(img[:keep]), label[:keep])
 
-        # One scan both measures the gaps and checks; the sentinel's flag rides along to the
-        # batch stage, where it is dropped (a per-record map to drop it would cost more).
-        return ds.scan(tf.constant(-1, tf.int64), checked).filter(
-            lambda img, label, sentinel: tf.logical_not(sentinel))
+        return check
 
     def shuffled_batches(epoch, count: bool):
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n_files), seed=tf.stack([tf.constant(base_seed, tf.int64), epoch]))
-        ds = tf.data.Dataset.from_tensor_slices(
-            (tf.gather(files_t, order), tf.gather(first_t, order), tf.gather(own_t, order)))
-        ds = ds.interleave(lambda f, first, n: file_stream(f, first, n, count),
-                           cycle_length=cycle, block_length=1,
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), epoch]))
+        ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+            file_records, cycle_length=cycle, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), sentinel)))
+        # One parallel decode for all files, in stream order; a failed decode drops the record
+        # and the check sees the gap. The checks run on blocks of records (a per-record
+        # function cost more than the rest of the reader together, measured).
+        ds = ds.map(decode_tagged, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        ds = ds.batch(_CHECK_BLOCK).scan(tf.zeros([n_files], tf.int64), checker(count)).unbatch()
         if shuffle_buffer > 0:
-            ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
+            g = tf.compat.v1.get_default_graph()
+            # The order depends on `seed` alone: not on TensorFlow's global seed (a global seed
+            # of 0 would even break tf.data's seed handling of a per-epoch tensor seed).
+            saved, g.seed = g.seed, None
+            try:
+                ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
+            finally:
+                g.seed = saved
         return ds.batch(batch_size, drop_remainder=True)
 
     def one_epoch(epoch):
         ds = shuffled_batches(epoch, True)
         if skip_corrupt:  # skipped records may leave this worker short: refill, so steps agree
             ds = ds.concatenate(shuffled_batches(epoch, False).repeat())
-        ds = ds.take(plan.steps_per_epoch).enumerate()
-
-        def augment(step, batch):
-            images, labels, _sentinel = batch
-            if flip:
-                coin = tf.random.stateless_uniform(
-                    [batch_size], seed=tf.stack([tf.constant(base_seed, tf.int64), epoch * 2**24 + step]))
-                images = _flip_some(images, coin < 0.5)
-            # uint8 -> x / 127.5 - 1 in one pass: dequantize's MIN_COMBINED mode maps [0, 255]
-            # linearly onto [-1, 1] (bit-exact with cast-multiply-subtract, 2-3x less CPU).
-            x = tf.quantization.dequantize(tf.bitcast(images, tf.quint8), -1.0, 1.0, mode="MIN_COMBINED")
-            return x, labels, epoch
-
-        return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.take(plan.steps_per_epoch).map(lambda x, y: (x, y, epoch))
 
     last = start_epoch + epochs if epochs is not None else 2**62
     # Two epochs open at once: the next epoch's files open and its shuffle buffer fills while
@@ -252,7 +305,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     dataset = tf.data.Dataset.range(start_epoch, last).interleave(
         one_epoch, cycle_length=2, block_length=plan.steps_per_epoch, num_parallel_calls=2,
         deterministic=True).prefetch(tf.data.AUTOTUNE)
-    return Pipeline(dataset, manifest, plan, counter, size_hw)
+    return Pipeline(dataset, manifest, plan, counter, size_hw, base_seed, flip)
 
 
 def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
@@ -260,20 +313,35 @@ def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
     return open_dataset(path, batch_size, **kwargs).dataset
 
 
-def _flip_some(images, mask):
-    """Mirror images[i] (uint8 [B, H, W, 3]) left-right where mask[i]. Only the chosen images are
-    touched, through a 3-D view ([n*H, W, 3]) where tf.reverse is several times faster than on 4-D."""
-    idx = tf.where(mask)
-    chosen = tf.gather_nd(images, idx)
-    s = tf.shape(chosen)
-    mirrored = tf.reshape(tf.reverse(tf.reshape(chosen, [-1, s[2], s[3]]), axis=[1]), s)
-    return tf.tensor_scatter_nd_update(images, idx, mirrored)
+def _rank_within_group(group: tf.Tensor) -> tf.Tensor:
+    """[n] int64 -> [n] int64: how many earlier entries hold the same value (O(n log n), no [n, F])."""
+    order = tf.argsort(group, stable=True)
+    g = tf.gather(group, order)
+    i = tf.range(tf.size(group, out_type=tf.int64))
+    run = tf.cumsum(tf.cast(tf.concat([[False], g[1:] != g[:-1]], axis=0), tf.int64))  # sorted runs
+    rank_sorted = i - tf.gather(tf.math.segment_min(i, run), run)
+    return tf.scatter_nd(order[:, None], rank_sorted, tf.shape(group))
+
+
+def _first(mask):
+    """Index of the first True in a [n] bool (0 if none)."""
+    return tf.argmax(tf.cast(mask, tf.int32), output_type=tf.int64)
 
 
 def _assert(condition, data):
     """tf.debugging.Assert without its tf.cond guard: the message tensors are cheap scalars, and
     control flow in a tf.data function costs far more than they do."""
     return tf.raw_ops.Assert(condition=condition, data=data, summarize=3)
+
+
+def _sentinel_record(image_size: tuple[int, int]) -> tf.Tensor:
+    """A valid serialized Example (a black JPEG of the stored size): marks the end of a pass."""
+    h, w = image_size
+    image = tf.io.encode_jpeg(tf.zeros([h, w, 3], tf.uint8)).numpy()
+    example = tf.train.Example(features=tf.train.Features(feature={
+        schema.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        schema.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[0]))}))
+    return tf.constant(example.SerializeToString())
 
 
 def _record_decoder(image_size: tuple[int, int], stored_size: tuple[int, int]):

@@ -77,26 +77,44 @@ def test_reproducible_with_a_seed_and_reshuffled_per_epoch(tmp_path):
     np.testing.assert_array_equal(order(resumed, 1), order(a, 1))
 
 
-def test_normalization_and_random_flip(tmp_path):
+def test_uint8_batches_and_the_augmentation(tmp_path):
     write_indexed(str(tmp_path), [16])
-    kw = dict(seed=5, epochs=1, shuffle_buffer=0)
-    plain = list(reader.make_dataset(str(tmp_path), 8, flip=False, **kw))
-    flipped = list(reader.make_dataset(str(tmp_path), 8, flip=True, **kw))
+    pipe = reader.open_dataset(str(tmp_path), 8, seed=5, epochs=1, shuffle_buffer=0)
     ref = tf.data.TFRecordDataset(str(tmp_path / "train-00000-of-00001.tfrecord")).map(
         lambda r: tf.io.decode_jpeg(tf.io.parse_single_example(r, schema.feature_spec())[schema.IMAGE_KEY]))
     pixels = np.stack(list(ref.as_numpy_iterator()))
-    x0 = np.concatenate([x.numpy() for x, _, _ in plain])
-    np.testing.assert_allclose(x0, pixels / 127.5 - 1.0, atol=1e-6)   # in order, exact normalization
-    assert x0.min() >= -1.0 and x0.max() <= 1.0
+    batches = [x for x, _, _ in pipe.dataset]
+    assert all(x.dtype == tf.uint8 for x in batches)
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x in batches]), pixels)  # in order
+    plain = reader.augment(batches[0], pipe.seed, 3, flip=False).numpy()
+    np.testing.assert_allclose(plain, pixels[:8] / 127.5 - 1.0, atol=1e-6)       # exact normalization
+    assert plain.dtype == np.float32 and plain.min() >= -1.0 and plain.max() <= 1.0
+    x = np.concatenate([batches[0], batches[1]])
+    flipped = [pipe.augment(x, step).numpy() for step in (3, 3, 4)]
+    np.testing.assert_array_equal(flipped[0], flipped[1])                        # reproducible
+    assert not np.array_equal(flipped[0], flipped[2])                            # new coins per step
     n_flipped = 0
-    for (xp, yp, _), (xf, yf, _) in zip(plain, flipped):
-        np.testing.assert_array_equal(yp, yf)
-        for a, b in zip(xp.numpy(), xf.numpy()):
-            if np.array_equal(a, b):
-                continue
-            np.testing.assert_array_equal(a[:, ::-1], b)        # a flip is a horizontal mirror
-            n_flipped += 1
-    assert 3 <= n_flipped <= 13                                 # about half of 16
+    for a, b in zip(x / 127.5 - 1.0, flipped[0]):
+        if np.allclose(a, b, atol=1e-6):
+            continue
+        np.testing.assert_allclose(a[:, ::-1], b, atol=1e-6)                    # a horizontal mirror
+        n_flipped += 1
+    assert 3 <= n_flipped <= 13                                                  # about half of 16
+    other_worker = reader.open_dataset(str(tmp_path), 8, rank=1, size=2, epochs=1)
+    assert other_worker.seed != pipe.seed
+
+
+def test_reader_order_ignores_the_global_seed(tmp_path):
+    write_indexed(str(tmp_path), [8, 8])
+    orders = []
+    for global_seed in (0, 7):                  # 0 once broke tf.data's per-epoch tensor seeds
+        tf.random.set_seed(global_seed)
+        try:
+            orders.append([y.numpy().tolist() for _, y, _ in reader.make_dataset(
+                str(tmp_path), 4, seed=2, epochs=2, shuffle_buffer=8)])
+        finally:
+            tf.random.set_seed(None)
+    assert orders[0] == orders[1]
 
 
 def test_resizes_to_requested_size(tmp_path):
@@ -151,13 +169,20 @@ def test_bad_crc_and_truncated_shard_name_file_and_record(tmp_path, damage, inde
     assert sorted(set(labels)) == sorted(set(range(12)) - set(range(index, 6)))
 
 
-def test_skip_corrupt_counts_and_keeps_steps(tmp_path):
-    write_indexed(str(tmp_path), [6, 6], bad_image={1, 7, 8})
+@pytest.mark.parametrize("bad", [{1, 7, 8}, {1, 3, 5, 6}])   # runs of holes, several in one file
+def test_skip_corrupt_counts_and_keeps_steps(tmp_path, bad):
+    write_indexed(str(tmp_path), [6, 6], bad_image=bad)
     pipe = reader.open_dataset(str(tmp_path), 3, epochs=1, shuffle_buffer=0, skip_corrupt=True)
     labels = [y.numpy().tolist() for _, y, _ in pipe.dataset]
     assert len(labels) == pipe.steps_per_epoch == 4             # refilled: the step count holds
-    assert not {1, 7, 8} & set(sum(labels, []))
-    assert pipe.corrupt_records.numpy() >= 3
+    assert not bad & set(sum(labels, []))
+    assert pipe.corrupt_records.numpy() == len(bad)             # each counted once (not the refill)
+
+
+def test_rank_within_group():
+    g = np.random.default_rng(0).integers(0, 7, 300)
+    want = [int(np.sum(g[:k] == g[k])) for k in range(len(g))]
+    assert reader._rank_within_group(tf.constant(g, tf.int64)).numpy().tolist() == want
 
 
 def test_label_out_of_range_names_file_record_and_label(tmp_path):

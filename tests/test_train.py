@@ -136,3 +136,30 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     np.testing.assert_allclose(emb, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
     with pytest.raises(FileExistsError, match="already exists"):
         export.export(out["checkpoint"], saved)
+
+
+def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):
+    """The reader's uint8 batches, augmented inside the step, train exactly as the same batches
+    augmented beforehand with the global step's coins (other coins flip other images: the loss
+    would differ by far more than the tolerance)."""
+    import tensorflow as tf
+
+    from launch.trainer import Trainer
+    from pipelines import reader
+
+    cfg = _local_config(tmp_path)
+    comm = cluster.init("local")
+    rng = np.random.default_rng(0)
+    in_step = Trainer(cfg, comm, num_classes=train_worker.NUM_CLASSES,
+                      augment=lambda x, step: reader.augment(x, 11, step))
+    before = Trainer(cfg, comm, num_classes=train_worker.NUM_CLASSES)
+    for t in (in_step, before):
+        t.set_total_steps(3)
+    for step in range(3):
+        pixels = rng.integers(0, 256, (6, train_worker.IMAGE, train_worker.IMAGE, 3), dtype=np.uint8)
+        labels = train_worker.global_batch(step)[1]
+        a = in_step.train_step(tf.constant(pixels), labels)
+        b = before.train_step(reader.augment(tf.constant(pixels), 11, step), labels)
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)   # (the compiled step may fuse x/127.5-1)
+    for x, y in zip(in_step.model.weights + [in_step.fc.weight], before.model.weights + [before.fc.weight]):
+        assert rel(x.numpy(), y.numpy()) <= TOL
