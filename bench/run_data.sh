@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The reader table of docs/benchmarks.md: a synthetic 112x112 dataset (4,000 JPEGs in 8 shards),
-# then the full reader vs decode-only at 1 and 2 workers, and the reader without its shuffle
-# (where the cost goes). JSON lines to $1.
+# The reader table of docs/benchmarks.md: a synthetic 112x112 dataset (40,000 JPEGs in 32
+# shards: an epoch of each worker is many times the 4,096-image shuffle buffer, as in real
+# training), then the full reader vs decode-only at 1 and 2 workers, and the reader without its
+# shuffle (where the cost goes). JSON lines to $1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/data_results.jsonl}"
-data="${DATA:-/tmp/pfc-bench-data-112}"
+data="${DATA:-/tmp/pfc-bench-data-112-40k}"
 : > "$out"
-.venv/bin/pfc data synth "$data" --identities 200 --images-per-identity 20 --shards 8 --size 112 \
+.venv/bin/pfc data synth "$data" --identities 2000 --images-per-identity 20 --shards 32 --size 112 \
   --verification-pairs 10 > /dev/null
 run() { .venv/bin/pfc bench data "$data" --batch 128 --rounds 3 --json "$out" "$@" 2>&1 | grep -E "^data "; }
 for workers in 1 2; do

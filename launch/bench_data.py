@@ -1,7 +1,7 @@
 """`pfc bench data PATH`: images/s of the full training reader vs decoding the same JPEGs alone.
 
 Both are measured in the same process, alternately (so drift hits both alike), each from a fresh
-iterator after a warm-up, with tf.data's default thread pool:
+iterator after a warm-up, each in a thread pool of this worker's share of the cores (cores // workers):
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
   * reader: pipelines.reader.open_dataset with its defaults (files, parallel interleave, parsing,
@@ -9,7 +9,7 @@ iterator after a warm-up, with tf.data's default thread pool:
   * augment: the reader's augmentation (random flip, x / 127.5 - 1 to float32), which runs in the
     compiled training step: timed here on this CPU over the reader's batches and reported apart
     (per image, and as a share of decode-only), since on a GPU it runs on the device instead.
-The reader keeps up to two epochs' shuffle buffers of decoded images in flight, so a timed window
+The reader keeps a shuffle buffer and prefetched batches of decoded images, so a timed window
 must be long against them (--steps 600 batches of 128: 76,800 images against the default 4,096-image
 buffer) or it would count images decoded before it began.
 With --workers 2, two processes on this host each run both, as ranks 0 and 1 of 2 (rank and size
@@ -19,6 +19,7 @@ images/s are summed over the workers.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -102,10 +103,13 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
 
     from pipelines import reader, schema
 
-    threads = os.cpu_count() or 1  # tf.data's default pool: every worker sees all cores
+    # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
+    threads = max(1, (os.cpu_count() or 1) // size)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
 
     pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
-                               shuffle_buffer=args.shuffle_buffer)
+                               shuffle_buffer=args.shuffle_buffer, threads=threads)
     h, w = pipe.image_size
     # The same JPEGs this worker reads, held in memory.
     need = args.batch * args.steps
@@ -120,15 +124,16 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     decode_only = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
                    .map(lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3]),
                         num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+                   .with_options(options))
     datasets = {"decode_only": decode_only, "reader": pipe.dataset}
-    warmup = max(10, 2 * pipe.steps_per_epoch)
+    warmup = max(10, 2 * -(-args.shuffle_buffer // args.batch))  # tracing, threads, a full buffer
 
     def timed(name: str, rnd: int) -> tuple[float, float]:
         """(wall s, process CPU s) of args.steps batches from a fresh iterator after warm-up; the
         iterator is dropped afterwards so its background threads do not run into the next round."""
         it = iter(datasets[name])
-        for _ in range(warmup):  # tracing, threads, buffers: two epochs, then steady state
+        for _ in range(warmup):
             next(it)
         _barrier(barrier, f"{name}-{rnd}", rank, size)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -136,6 +141,8 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
             next(it)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         del it
+        gc.collect()     # the iterator's threads wind down before the next round (a pipeline
+        time.sleep(1.0)  # still prefetching would otherwise slow the other one, measured)
         return wall, cpu
 
     times = {name: [] for name in datasets}

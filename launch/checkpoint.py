@@ -30,6 +30,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from partitioned_fc.memory import release_free_memory
+
 FORMAT = "partitioned-fc checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{9})$")
@@ -164,6 +166,7 @@ def restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
         for name, var in wanted.items():
             dtype = tf.as_dtype(info["weight_dtype"] if name == "weight" else info["slots"][name])
             _read_rows(os.path.join(path, shard["files"][name]), var, dtype, o_start, o_end, lo, hi, start)
+    release_free_memory()  # the row blocks' pages (see partitioned_fc.memory)
     if fc.sampler is not None and manifest["world_size"] == comm.size:
         local = _read_json(os.path.join(path, f"fc/rank.{comm.rank:05d}.json"))
         if local.get("sampler_state") is not None:

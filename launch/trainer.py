@@ -64,8 +64,7 @@ class Trainer:
         self.num_classes = int(cfg.data.num_classes or num_classes or 0)
         if self.num_classes < 1:
             raise TrainingError("the number of classes is unknown: set data.num_classes or open a dataset")
-        # No global seed: every initializer and RNG is seeded explicitly from cfg.seed (and a
-        # global TF seed of 0 breaks tf.data's shuffle with a per-epoch tensor seed).
+        # No global seed: every initializer and RNG is seeded explicitly from cfg.seed.
         self.model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
                                     cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
         self.fc = partitioned_fc.PartitionedFC(

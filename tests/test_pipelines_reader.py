@@ -66,6 +66,11 @@ def test_reproducible_with_a_seed_and_reshuffled_per_epoch(tmp_path):
             str(tmp_path), 4, seed=seed, epochs=2, start_epoch=start_epoch, shuffle_buffer=16)]
 
     a, b, c = run(1), run(1), run(2)
+    own_pool = [(x.numpy(), y.numpy(), int(e)) for x, y, e in reader.make_dataset(
+        str(tmp_path), 4, seed=1, epochs=2, shuffle_buffer=16, threads=1)]
+    for (xa, ya, _), (xo, yo, _) in zip(a, own_pool):        # a private thread pool: same batches
+        np.testing.assert_array_equal(xa, xo)
+        np.testing.assert_array_equal(ya, yo)
     for (xa, ya, ea), (xb, yb, eb) in zip(a, b):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
