@@ -7,7 +7,10 @@ import sys
 
 
 def beyond(r: dict) -> float:
-    """Peak RSS minus the warmed-up runtime minus weights + state (older rows: one field)."""
+    """Peak RSS minus the warmed-up runtime minus weights + state, the largest worker's (older
+    rows: the sum of the build and step parts, each the largest worker's)."""
+    if "beyond_state_gib_per_worker" in r:
+        return r["beyond_state_gib_per_worker"]
     return r["overhead_gib_per_worker"] + r.get("build_overhead_gib_per_worker", 0.0)
 
 

@@ -190,6 +190,9 @@ def _measure(args, threads: int) -> int:
     peak_max = float(comm.allreduce_max(tf.constant([float(peak)]))[0])
     over_max = float(comm.allreduce_max(tf.constant([float(peak - rss_built)]))[0])
     build_max = float(comm.allreduce_max(tf.constant([float(rss_built - rss_before - state_bytes)]))[0])
+    # the measure, per worker then the largest: peak minus the warmed-up runtime minus
+    # weights + state (the two parts above are maxima over workers, possibly of different ones)
+    beyond_max = float(comm.allreduce_max(tf.constant([float(peak - rss_before - state_bytes)]))[0])
     if comm.rank == 0:
         result = {"bench": "fc", "mode": args.mode, "classes": args.classes, "dim": args.dim,
                   "batch": args.batch, "workers": comm.size, "classes_per_worker": rows,
@@ -205,6 +208,7 @@ def _measure(args, threads: int) -> int:
                   "state_gib_per_worker": round(state_bytes / 2**30, 2),
                   "overhead_gib_per_worker": round(over_max / 2**30, 3),
                   "build_overhead_gib_per_worker": round(build_max / 2**30, 3),
+                  "beyond_state_gib_per_worker": round(beyond_max / 2**30, 3),
                   "losses": [round(v, 4) for v in losses]}
         print(f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size} r={args.sample_rate} "
               f"chunk={args.chunk_size} {args.dtype} {args.mode}: step {fc_t:.3f}s  bare matmuls "

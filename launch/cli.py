@@ -54,7 +54,8 @@ def _configure_host_memory() -> None:
     10 GiB momentum slot on a 24 GiB machine that had the memory). pfc uses the C allocator
     instead, tuned so the large per-step temporaries are reused rather than mapped and faulted in
     afresh every step (which made a step 1.5-2x slower): one arena, no mmap, no trimming at free.
-    Measured at 1M classes it is as fast as the pool (docs/benchmarks.md). Must run before
+    Measured: at 10M classes 0.43 instead of 1.19 GiB beyond weights + state, FC steps 5-10 %
+    slower (docs/benchmarks.md). Must run before
     TensorFlow allocates anything or starts threads; explicit environment settings win
     (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. glibc's defaults).
     """
