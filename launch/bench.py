@@ -187,12 +187,11 @@ def _measure(args, threads: int) -> int:
     timed(matmuls, x_all, fc.weight)
     mm_times = [timed(matmuls, x_all, fc.weight)[0] for _ in range(max(3, min(args.steps, 5)))]
     fc_t, mm_t = _median(fc_times), _median(mm_times)
-    peak_max = float(comm.allreduce_max(tf.constant([float(peak)]))[0])
-    over_max = float(comm.allreduce_max(tf.constant([float(peak - rss_built)]))[0])
-    build_max = float(comm.allreduce_max(tf.constant([float(rss_built - rss_before - state_bytes)]))[0])
-    # the measure, per worker then the largest: peak minus the warmed-up runtime minus
-    # weights + state (the two parts above are maxima over workers, possibly of different ones)
-    beyond_max = float(comm.allreduce_max(tf.constant([float(peak - rss_before - state_bytes)]))[0])
+    # Each the largest worker's. beyond: the measure, peak minus the warmed-up runtime
+    # minus weights + state, per worker (its two parts, build and step, may peak on different ones).
+    peak_max, over_max, build_max, beyond_max = (float(v) for v in comm.allreduce_max(tf.constant(
+        [peak, peak - rss_built, rss_built - rss_before - state_bytes, peak - rss_before - state_bytes],
+        tf.float32)))
     if comm.rank == 0:
         result = {"bench": "fc", "mode": args.mode, "classes": args.classes, "dim": args.dim,
                   "batch": args.batch, "workers": comm.size, "classes_per_worker": rows,

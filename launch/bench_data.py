@@ -104,7 +104,7 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     from pipelines import reader, schema
 
     # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
-    threads = max(1, (os.cpu_count() or 1) // size)
+    threads = reader.cores_per_worker(size)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from partitioned_fc.memory import release_free_memory
+from partitioned_fc.sharding import write_rows
 
 FORMAT = "partitioned-fc checkpoint"
 FORMAT_VERSION = 1
@@ -166,7 +166,6 @@ def restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
         for name, var in wanted.items():
             dtype = tf.as_dtype(info["weight_dtype"] if name == "weight" else info["slots"][name])
             _read_rows(os.path.join(path, shard["files"][name]), var, dtype, o_start, o_end, lo, hi, start)
-    release_free_memory()  # the row blocks' pages (see partitioned_fc.memory)
     if fc.sampler is not None and manifest["world_size"] == comm.size:
         local = _read_json(os.path.join(path, f"fc/rank.{comm.rank:05d}.json"))
         if local.get("sampler_state") is not None:
@@ -209,14 +208,15 @@ def _read_rows(file: str, var: tf.Variable, dtype: tf.DType, o_start: int, o_end
         raise CheckpointError(f"{file}: {size} bytes, expected {want} for classes [{o_start}, {o_end}) "
                               f"of {dtype.name} rows {list(row_shape)}: truncated or foreign")
     np_dtype = dtype.as_numpy_dtype
-    with open(file, "rb") as f:
+    def blocks(f):
         for b_lo in range(lo, hi, _BLOCK_ROWS):
             b_hi = min(hi, b_lo + _BLOCK_ROWS)
             f.seek((b_lo - o_start) * row_bytes)
             block = np.frombuffer(f.read((b_hi - b_lo) * row_bytes), np_dtype)
-            block = tf.cast(block.reshape([b_hi - b_lo, *row_shape.as_list()]), var.dtype)
-            # a scatter writes in place; a sliced assign would copy the whole shard (see init_rows)
-            var.scatter_update(tf.IndexedSlices(block, tf.range(b_lo - start, b_hi - start)))
+            yield b_lo - start, block.reshape([b_hi - b_lo, *row_shape.as_list()])
+
+    with open(file, "rb") as f:
+        write_rows(var, blocks(f))
 
 
 def _write_npz(file: str, variables: Sequence[tf.Variable]) -> None:

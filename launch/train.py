@@ -11,7 +11,6 @@ import math
 import os
 import time
 
-
 from launch.config import Config
 
 
@@ -177,7 +176,7 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
 
 
 def _open(cfg: Config, comm, start_epoch: int):
-    from pipelines.reader import open_dataset
+    from pipelines.reader import cores_per_worker, open_dataset
 
     if len(cfg.data.train) != 1:
         raise SystemExit(f"data.train: one dataset (a directory, manifest, shard file or glob) is "
@@ -186,7 +185,7 @@ def _open(cfg: Config, comm, start_epoch: int):
                         image_size=(cfg.data.image_size, cfg.data.image_size),
                         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, start_epoch=start_epoch,
                         skip_corrupt=cfg.data.skip_corrupt,
-                        threads=max(1, (os.cpu_count() or 1) // comm.local_size))
+                        threads=cores_per_worker(comm.local_size))
 
 
 def _metrics(cfg: Config, comm):

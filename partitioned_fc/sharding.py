@@ -43,22 +43,34 @@ def owner_of(class_index: int, num_classes: int, world_size: int) -> int:
 
 
 def init_rows(variable: tf.Variable, start: int, seed: int, stddev: float = INIT_STDDEV) -> None:
-    """Fill `variable` ([rows, D]) with rows start.. of the seeded N(0, stddev²) matrix [C, D].
-
-    Block by block, in place: no full-size temporary, so a shard of millions of rows fits. Rows
-    are written with a scatter (in place): a sliced `assign` first reads the variable densely,
-    and writing while that read is alive copies the whole shard (measured: out of memory at 10M).
-    """
+    """Fill `variable` ([rows, D]) with rows start.. of the seeded N(0, stddev²) matrix [C, D],
+    block by block (`write_rows`): no full-size temporary, so a shard of millions of rows fits."""
     rows, dim = variable.shape
     end = start + rows
     block = INIT_BLOCK_ROWS
-    for b in range(start // block, (end - 1) // block + 1):
-        b_start, b_end = b * block, (b + 1) * block
-        values = tf.random.stateless_normal([block, dim], seed=[seed, b], stddev=stddev, dtype=tf.float32)
-        lo, hi = max(start, b_start), min(end, b_end)
-        variable.scatter_update(tf.IndexedSlices(tf.cast(values[lo - b_start:hi - b_start], variable.dtype),
-                                                 tf.range(lo - start, hi - start)))
-    release_free_memory()  # the blocks' pages, else left resident next to the shard
+
+    def blocks():
+        for b in range(start // block, (end - 1) // block + 1):
+            b_start = b * block
+            values = tf.random.stateless_normal([block, dim], seed=[seed, b], stddev=stddev, dtype=tf.float32)
+            lo, hi = max(start, b_start), min(end, b_start + block)
+            yield lo - start, values[lo - b_start:hi - b_start]
+
+    write_rows(variable, blocks())
+
+
+def write_rows(variable: tf.Variable, blocks) -> None:
+    """Write blocks (first row, values [n, ...]) into `variable` in place, cast to its dtype.
+
+    Rows are written with a scatter: a sliced `assign` first reads the variable densely, and
+    writing while that read is alive copies the whole shard (measured: out of memory at 10M).
+    At the end the blocks' freed pages go back to the OS, else they stay resident next to the
+    shard (partitioned_fc.memory).
+    """
+    for lo, values in blocks:
+        values = tf.cast(values, variable.dtype)
+        variable.scatter_update(tf.IndexedSlices(values, tf.range(lo, lo + values.shape[0])))
+    release_free_memory()
 
 
 def full_matrix(num_classes: int, dim: int, seed: int, stddev: float = INIT_STDDEV) -> tf.Tensor:

@@ -9,7 +9,7 @@
 Per epoch e (e = start_epoch, start_epoch+1, ...):
   1. this worker's files in an order shuffled by (seed, rank, e);
   2. cycle_length files at a time read by a parallel interleave, each record tagged with its file
-     and index, then one parallel map parses, JPEG-decodes (3 channels) and, if asked, resizes;
+     and index, parsed, JPEG-decoded (3 channels) and, if asked, resized in its file's stream;
   3. blocks of records checked in one vectorized call: no record missing between two that came
      (a dropped record is a corrupt one), none beyond the manifest's count, labels in range;
   4. a bounded shuffle buffer (shuffle_buffer records, seeded by (seed, rank, e));
@@ -169,8 +169,7 @@ def augment(images: tf.Tensor, seed: int, step, *, flip: bool = True) -> tf.Tens
         mirrored = tf.reshape(tf.reverse(tf.reshape(images, [-1, s[2], s[3]]), axis=[1]), s)
         pick = tf.range(s[0]) + s[0] * tf.cast(coin < 0.5, tf.int32)
         images = tf.gather(tf.concat([images, mirrored], axis=0), pick)
-    x = tf.cast(images, tf.float32) / 127.5 - 1.0
-    return x
+    return tf.cast(images, tf.float32) / 127.5 - 1.0
 
 
 def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
@@ -188,7 +187,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     flip: whether `Pipeline.augment` flips images.
     epochs: number of epochs to yield (None: forever); start_epoch: first epoch number (resume).
     threads: this pipeline's own thread pool size (None: tf.data's shared pool of all cores).
-      With several workers on one host, give each its share of the cores (cores // local_size):
+      With several workers on one host, give each its share (`cores_per_worker(local_size)`):
       pools of all cores each oversubscribe the host.
     """
     _, manifest, files, counts = resolve(path)
@@ -324,6 +323,11 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         options.threading.private_threadpool_size = int(threads)
         dataset = dataset.with_options(options)
     return Pipeline(dataset, manifest, plan, counter, size_hw, base_seed, flip)
+
+
+def cores_per_worker(workers_on_host: int) -> int:
+    """This worker's share of the host's cores: the `threads` to give `open_dataset`."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers_on_host))
 
 
 def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
