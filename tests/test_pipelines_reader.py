@@ -160,6 +160,20 @@ def test_undecodable_image_names_file_and_record(tmp_path):
     assert "at record index] [2]" in msg
 
 
+@pytest.mark.parametrize("bad, shuffle_buffer", [
+    (10, 0),    # in the last batch: no later batch shows the gap, the end of the pass does
+    (5, 8),     # wherever the shuffle puts it
+    (0, 12),
+])
+def test_undecodable_image_anywhere_is_named(tmp_path, bad, shuffle_buffer):
+    write_indexed(str(tmp_path), [12], bad_image={bad})
+    shard = str(tmp_path / "train-00000-of-00001.tfrecord")
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        for _ in reader.make_dataset(str(tmp_path), 4, epochs=1, shuffle_buffer=shuffle_buffer):
+            pass
+    assert f"corrupt record in file] [{shard}] [at record index] [{bad}]" in e.value.message
+
+
 @pytest.mark.parametrize("damage, index, lost", [(flip_byte, 3, 3), (truncate_in, 4, 2)])
 def test_bad_crc_and_truncated_shard_name_file_and_record(tmp_path, damage, index, lost):
     write_indexed(str(tmp_path), [6, 6])
@@ -174,20 +188,16 @@ def test_bad_crc_and_truncated_shard_name_file_and_record(tmp_path, damage, inde
     assert sorted(set(labels)) == sorted(set(range(12)) - set(range(index, 6)))
 
 
-@pytest.mark.parametrize("bad", [{1, 7, 8}, {1, 3, 5, 6}])   # runs of holes, several in one file
-def test_skip_corrupt_counts_and_keeps_steps(tmp_path, bad):
+@pytest.mark.parametrize("bad, shuffle_buffer", [
+    ({1, 7, 8}, 0), ({1, 3, 5, 6}, 0),                      # runs of holes, several in one file
+    ({0, 11}, 5), ({2, 3, 4, 9}, 12)])                       # shuffled
+def test_skip_corrupt_counts_and_keeps_steps(tmp_path, bad, shuffle_buffer):
     write_indexed(str(tmp_path), [6, 6], bad_image=bad)
-    pipe = reader.open_dataset(str(tmp_path), 3, epochs=1, shuffle_buffer=0, skip_corrupt=True)
+    pipe = reader.open_dataset(str(tmp_path), 3, epochs=1, shuffle_buffer=shuffle_buffer, skip_corrupt=True)
     labels = [y.numpy().tolist() for _, y, _ in pipe.dataset]
     assert len(labels) == pipe.steps_per_epoch == 4             # refilled: the step count holds
     assert not bad & set(sum(labels, []))
     assert pipe.corrupt_records.numpy() == len(bad)             # each counted once (not the refill)
-
-
-def test_rank_within_group():
-    g = np.random.default_rng(0).integers(0, 7, 300)
-    want = [int(np.sum(g[:k] == g[k])) for k in range(len(g))]
-    assert reader._rank_within_group(tf.constant(g, tf.int64)).numpy().tolist() == want
 
 
 def test_label_out_of_range_names_file_record_and_label(tmp_path):
