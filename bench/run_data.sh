@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reader table of docs/benchmarks.md: a synthetic 112x112 dataset (40,000 JPEGs in 32
 # shards: an epoch of each worker is many times the 4,096-image shuffle buffer, as in real
-# training), then the full reader vs decode-only at 1 and 2 workers, and the reader without its
-# shuffle (where the cost goes). JSON lines to $1.
+# training), then the full reader vs decode-only (per image and batched) at 1 and 2 workers, the
+# reader without its shuffle, and in skip_corrupt mode. JSON lines to $1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/data_results.jsonl}"
@@ -16,3 +16,4 @@ for workers in 1 2; do
   run --workers "$workers"
 done
 run --workers 1 --shuffle-buffer 0
+run --workers 2 --skip-corrupt

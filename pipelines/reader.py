@@ -35,7 +35,7 @@ decode as a whole; tf.data can only drop it, so batches are numbered, and the ba
 the numbers is read again record by record to name the bad one. With skip_corrupt=True, bad
 records are skipped and counted in `corrupt_records` (a file whose framing breaks is abandoned
 from the broken record on: its remaining records, as counted by the manifest, are counted as
-skipped); every batch is then guarded by a record-by-record fallback, which costs about 6 % more
+skipped); every batch is then guarded by a record-by-record fallback, which costs 5-8 % more
 CPU per image (measured). Labels outside [0, num_classes) and files longer than the manifest says
 always raise, naming file, record index and label or count.
 """
@@ -330,7 +330,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         """Default: each batch parsed and decoded as a whole, several at once. A batch with a bad
         record fails as a whole and is dropped (tf.data cannot do better), the gap in the batch
         numbers shows it, and that batch is read again, record by record, to name the record.
-        (Guarding every batch with a record-by-record fallback cost 6 % more CPU, measured.)"""
+        (Guarding every batch with a record-by-record fallback cost 5-8 % more CPU, measured.)"""
         raw = raw_batches(epoch, True)
         ends = raw.concatenate(tf.data.Dataset.from_tensors((no_tags, no_records)))  # a last gap shows
         ds = ends.enumerate().map(lambda i, b: (i, *decode_block(b[1]), b[0]),
