@@ -576,8 +576,8 @@ def reference_markdown() -> str:
         sub_hints = typing.get_type_hints(cls)
         for g in dataclasses.fields(cls):
             if cls is LossConfig and g.name == "params":
-                lines.append(f"| `loss.<param>` | per margin | the margin's | Any parameter of the "
-                             f"chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_` (docs/margins.md). |")
+                lines.append("| `loss.<param>` | per margin | the margin's | Any parameter of the "
+                             "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_` (docs/margins.md). |")
                 continue
             lines.append(_row(f"{f.name}.{g.name}", g, sub_hints[g.name]))
     return "\n".join(lines) + "\n"
