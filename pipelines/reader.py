@@ -12,12 +12,13 @@ Per epoch e (e = start_epoch, start_epoch+1, ...):
      by a background reader), every record tagged with its file and index; a file that ends
      before the manifest's count (bad CRC, truncation) or runs past it is noted;
   3. a bounded shuffle buffer of the *encoded* records (shuffle_buffer records, seeded by
-     (seed, rank, e)): a tenth of the bytes of decoded images, and each image is batched while
+     (seed, rank, e)): a fifth of the bytes of decoded images, and each image is batched while
      its decoded pixels are still in cache;
   4. batches of batch_size records, each parsed and JPEG-decoded (3 channels; resized if asked)
      as a whole, `threads` batches at once, then checked: file faults noted so far, labels in
      [0, num_classes);
-  5. exactly steps_per_epoch uint8 batches (the pass's last, short batch is dropped).
+  5. exactly steps_per_epoch uint8 batches. Records past them are still read to the end of every
+     file (so a broken or over-long file is always found) but not decoded.
 The augmentation (random horizontal flip, x / 127.5 - 1 as float32) is `Pipeline.augment`, called
 in the training step: compiled with the backbone on its device it costs next to nothing, in
 tf.data it cost a third of the reader's time (docs/benchmarks.md).
@@ -230,7 +231,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     # Local files are read in the interleave's own thread (no latency to hide; background
     # readers cost CPU per block, measured); object storage by one background reader per file.
     remote = storage.is_url(plan.files[0])
-    base_seed = seed * 1_000_003 + rank  # workers shuffle differently, reproducibly
+    # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds derived
+    # from it fit in int64 for any seed.
+    base_seed = (seed * 1_000_003 + rank) % (2**31 - 1)
     h, w = size_hw
     no_tags, no_records = tf.zeros([0], tf.int64), tf.zeros([0], tf.string)
 
@@ -333,8 +336,17 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         (Guarding every batch with a record-by-record fallback cost 5-8 % more CPU, measured.)"""
         raw = raw_batches(epoch, True)
         ends = raw.concatenate(tf.data.Dataset.from_tensors((no_tags, no_records)))  # a last gap shows
-        ds = ends.enumerate().map(lambda i, b: (i, *decode_block(b[1]), b[0]),
-                                  num_parallel_calls=cores, deterministic=True).ignore_errors()
+        steps = plan.steps_per_epoch
+        no_images = tf.zeros([0, h, w, 3], tf.uint8)
+
+        def decode(i, tags, records):
+            # Batches past the epoch's steps are read to the end of every file (so a truncated
+            # or over-long file is always found) but not decoded.
+            images, labels = tf.cond(i < steps, lambda: decode_block(records), lambda: (no_images, no_tags))
+            return i, images, labels, tags
+
+        ds = ends.enumerate().map(lambda i, b: decode(i, *b), num_parallel_calls=cores,
+                                  deterministic=True).ignore_errors()
 
         def name_bad_record(i):
             tags, records = raw.skip(i).take(1).get_single_element()
@@ -351,7 +363,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 return i, (tf.identity(images), tf.identity(labels))
 
         ds = ds.scan(tf.constant(-1, tf.int64), step)
-        return ds.filter(lambda x, y: tf.equal(tf.size(y), batch_size))  # the last, short one
+        return ds.filter(lambda x, y: tf.equal(tf.size(y), batch_size))  # exactly `steps` batches
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
@@ -370,12 +382,27 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                                                   num_parallel_calls=cores, deterministic=True)
         return ds.map(checked).rebatch(batch_size, drop_remainder=True)
 
+    def refill(epoch):
+        """Passes over the epoch again, without counting: batches to top up the epoch. A pass
+        that gives no batch at all (fewer readable records than one batch) raises."""
+        def step(n, batch):
+            x, y = batch
+            ok = _assert(tf.logical_or(tf.size(y) > 0, n > 0), [
+                "pfc-data: this worker's files hold fewer readable records than one batch of",
+                batch_size, "(", counter.read_value(), "corrupt records skipped so far)"])
+            with tf.control_dependencies([ok]):
+                return n + tf.size(y, out_type=tf.int64), (tf.identity(x), tf.identity(y))
+
+        marker = tf.data.Dataset.from_tensors((tf.zeros([0, h, w, 3], tf.uint8), no_tags))
+        one = tolerant_batches(epoch, False).concatenate(marker).scan(tf.constant(0, tf.int64), step)
+        return one.filter(lambda x, y: tf.size(y) > 0).repeat()
+
     def one_epoch(epoch):
         if skip_corrupt:  # skipped records may leave this worker short: refill, so steps agree
-            ds = tolerant_batches(epoch, True).concatenate(tolerant_batches(epoch, False).repeat())
+            ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
         else:
             ds = fast_batches(epoch)
-        return ds.take(plan.steps_per_epoch).map(lambda x, y: (x, y, epoch))
+        return ds.map(lambda x, y: (x, y, epoch))
 
     last = start_epoch + epochs if epochs is not None else 2**62
     # Epochs one after the other. (Two epochs open at once, to overlap the next epoch's shuffle
@@ -450,7 +477,7 @@ def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int]):
 
     def block(serialized):
         ex = tf.io.parse_example(serialized, spec)
-        images = tf.map_fn(image, ex[schema.IMAGE_KEY], parallel_iterations=int(os.environ.get('PI', '1')),
+        images = tf.map_fn(image, ex[schema.IMAGE_KEY], parallel_iterations=1,
                            fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8))
         return images, ex[schema.LABEL_KEY]
 

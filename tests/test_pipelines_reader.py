@@ -77,6 +77,7 @@ def test_reproducible_with_a_seed_and_reshuffled_per_epoch(tmp_path):
     order = lambda r, e: np.concatenate([y for _, y, ep in r if ep == e])
     assert not np.array_equal(order(a, 0), order(c, 0))         # another seed, another order
     assert not np.array_equal(order(a, 0), order(a, 1))         # each epoch reshuffled
+    assert len(run(2**40)) == 12                                 # any non-negative seed works
     resumed = run(1, start_epoch=1)                             # resuming at epoch 1 = epoch 1 of a run
     assert [e for _, _, e in resumed] == [1] * 6 + [2] * 6
     np.testing.assert_array_equal(order(resumed, 1), order(a, 1))
@@ -146,9 +147,9 @@ def test_paths_glob_single_file_and_manifest(tmp_path):
         reader.make_dataset(d, 2)
 
 
-def _first_error(path, shuffle_buffer=0, **kw):
+def _first_error(path, shuffle_buffer=0, batch=2, **kw):
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
-        for _ in reader.make_dataset(path, 2, epochs=1, shuffle_buffer=shuffle_buffer, **kw):
+        for _ in reader.make_dataset(path, batch, epochs=1, shuffle_buffer=shuffle_buffer, **kw):
             pass
     return e.value.message
 
@@ -190,6 +191,23 @@ def test_bad_crc_and_truncated_shard_name_file_and_record(tmp_path, damage, inde
     labels = sorted(int(y[0]) for _, y, _ in pipe.dataset)
     assert pipe.corrupt_records.numpy() == lost
     assert sorted(set(labels)) == sorted(set(range(12)) - set(range(index, 6)))
+
+
+def test_a_truncated_file_beyond_the_epochs_steps_is_still_found(tmp_path):
+    # worker 0 of 2 holds 600 records but runs the smaller worker's 140 // 5 = 28 steps: the
+    # epoch ends long before its files do, and the break at record 66 must still be reported
+    write_indexed(str(tmp_path), [300, 140, 300])
+    shard = str(tmp_path / "train-00000-of-00003.tfrecord")
+    truncate_in(shard, 66)
+    msg = _first_error(str(tmp_path), batch=5, rank=0, size=2)
+    assert f"corrupt record in file] [{shard}] [at record index] [66]" in msg
+
+
+def test_skip_corrupt_with_less_than_a_batch_readable_raises(tmp_path):
+    write_indexed(str(tmp_path), [4], bad_image={0, 1, 2, 3})
+    with pytest.raises(tf.errors.InvalidArgumentError, match="fewer readable records than one batch"):
+        for _ in reader.make_dataset(str(tmp_path), 2, epochs=1, shuffle_buffer=0, skip_corrupt=True):
+            pass
 
 
 @pytest.mark.parametrize("bad, shuffle_buffer", [
