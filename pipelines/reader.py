@@ -19,6 +19,8 @@ Per epoch e (e = start_epoch, start_epoch+1, ...):
      [0, num_classes);
   5. exactly steps_per_epoch uint8 batches. Records past them are still read to the end of every
      file (so a broken or over-long file is always found) but not decoded.
+Steps 1-3 run a shuffle buffer's worth of batches ahead of the decoders, into the next epoch:
+its files open and its shuffle buffer fills while this epoch's last batches decode.
 The augmentation (random horizontal flip, x / 127.5 - 1 as float32) is `Pipeline.augment`, called
 in the training step: compiled with the backbone on its device it costs next to nothing, in
 tf.data it cost a third of the reader's time (docs/benchmarks.md).
@@ -329,27 +331,38 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                     "or read with skip_corrupt=True"]))
         return ops
 
-    def fast_batches(epoch):
-        """Default: each batch parsed and decoded as a whole, several at once. A batch with a bad
-        record fails as a whole and is dropped (tf.data cannot do better), the gap in the batch
-        numbers shows it, and that batch is read again, record by record, to name the record.
-        (Guarding every batch with a record-by-record fallback cost 5-8 % more CPU, measured.)"""
-        raw = raw_batches(epoch, True)
-        ends = raw.concatenate(tf.data.Dataset.from_tensors((no_tags, no_records)))  # a last gap shows
+    def fast_batches(epochs_ds):
+        """Default: (images, labels, epoch) batches of all epochs. Each batch is parsed and decoded
+        as a whole, several at once. A batch with a bad record fails as a whole and is dropped
+        (tf.data cannot do better), the gap in the batch numbers shows it, and that batch is read
+        again, record by record, to name the record. (Guarding every batch with a record-by-record
+        fallback cost 5-8 % more CPU, measured.)"""
         steps = plan.steps_per_epoch
         no_images = tf.zeros([0, h, w, 3], tf.uint8)
 
-        def decode(i, tags, records):
+        def numbered(epoch):
+            """(epoch, (batch number, (tags, records))), and a last empty batch so that a gap at
+            the epoch's end shows."""
+            ends = raw_batches(epoch, True).concatenate(tf.data.Dataset.from_tensors((no_tags, no_records)))
+            return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(epoch).repeat(), ends.enumerate()))
+
+        def decode(epoch, numbered_batch):
+            i, (tags, records) = numbered_batch
             # Batches past the epoch's steps are read to the end of every file (so a truncated
             # or over-long file is always found) but not decoded.
             images, labels = tf.cond(i < steps, lambda: decode_block(records), lambda: (no_images, no_tags))
-            return i, images, labels, tags
+            return epoch, i, images, labels, tags
 
-        ds = ends.enumerate().map(lambda i, b: decode(i, *b), num_parallel_calls=cores,
-                                  deterministic=True).ignore_errors()
+        # One record stream through all epochs, running ahead of the decoders by a shuffle
+        # buffer's worth of batches: the next epoch's files open and its shuffle buffer fills
+        # while this epoch's last batches decode. (Epoch by epoch, the decoders stood idle
+        # for that fill at every epoch start: 60-70 ms on 2 cores, measured.)
+        ahead = max(2, -(-shuffle_buffer // batch_size))
+        ds = epochs_ds.flat_map(numbered).prefetch(ahead).map(
+            decode, num_parallel_calls=cores, deterministic=True).ignore_errors()
 
-        def name_bad_record(i):
-            tags, records = raw.skip(i).take(1).get_single_element()
+        def name_bad_record(epoch, i):
+            tags, records = raw_batches(epoch, True).skip(i).take(1).get_single_element()
             _, _, out = decode_each(tags, records).get_single_element()
             ops = checks(no_tags, no_tags, out, tags)
             with tf.control_dependencies(ops):  # every record decodes alone: still not silent
@@ -357,13 +370,15 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                                        "a whole, though each of its records decodes alone"])
 
         def step(last, batch):
-            i, images, labels, tags = batch
-            gap = tf.cond(i > last + 1, lambda: name_bad_record(last + 1), lambda: tf.no_op())
+            last_epoch, last_i = last
+            epoch, i, images, labels, tags = batch
+            expected = tf.where(tf.equal(epoch, last_epoch), last_i + 1, 0)
+            gap = tf.cond(i > expected, lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
             with tf.control_dependencies([gap, *checks(images, labels, tags)]):
-                return i, (tf.identity(images), tf.identity(labels))
+                return (epoch, i), (tf.identity(images), tf.identity(labels), epoch)
 
-        ds = ds.scan(tf.constant(-1, tf.int64), step)
-        return ds.filter(lambda x, y: tf.equal(tf.size(y), batch_size))  # exactly `steps` batches
+        ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)), step)
+        return ds.filter(lambda x, y, e: tf.equal(tf.size(y), batch_size))  # exactly `steps` per epoch
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
@@ -397,18 +412,18 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         one = tolerant_batches(epoch, False).concatenate(marker).scan(tf.constant(0, tf.int64), step)
         return one.filter(lambda x, y: tf.size(y) > 0).repeat()
 
-    def one_epoch(epoch):
-        if skip_corrupt:  # skipped records may leave this worker short: refill, so steps agree
-            ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
-        else:
-            ds = fast_batches(epoch)
+    def tolerant_epoch(epoch):
+        # Skipped records may leave this worker short: refill, so steps agree.
+        ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
         return ds.map(lambda x, y: (x, y, epoch))
 
     last = start_epoch + epochs if epochs is not None else 2**62
-    # Epochs one after the other. (Two epochs open at once, to overlap the next epoch's shuffle
-    # fill with this one's tail, kept up to 2.3 GB of decoded images buffered and cost 70 % more
-    # CPU per image on 2 cores for the same throughput, measured.)
-    dataset = tf.data.Dataset.range(start_epoch, last).flat_map(one_epoch).prefetch(2)
+    # Decoded epochs one after the other. (Two epochs decoding at once kept up to 2.3 GB of
+    # decoded images buffered and cost 70 % more CPU per image on 2 cores, measured; only the
+    # encoded records of the next epoch are read ahead.)
+    epochs_ds = tf.data.Dataset.range(start_epoch, last)
+    dataset = epochs_ds.flat_map(tolerant_epoch) if skip_corrupt else fast_batches(epochs_ds)
+    dataset = dataset.prefetch(2)
     options = tf.data.Options()
     # Parallelism is set explicitly above; autotuning's per-element bookkeeping cost 6 % more
     # CPU per image (measured).
