@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 out="${1:-bench/data_results.jsonl}"
 data="${DATA:-/tmp/pfc-bench-data-112-40k}"
 : > "$out"
-.venv/bin/pfc data synth "$data" --identities 2000 --images-per-identity 20 --shards 32 --size 112 \
-  --verification-pairs 10 > /dev/null
-run() { .venv/bin/pfc bench data "$data" --batch 128 --rounds 3 --json "$out" "$@" 2>&1 | grep -E "^data "; }
+# (Written once: a later run reuses the set at $data; delete it to write it again.)
+[ -f "$data/manifest.json" ] || .venv/bin/pfc data synth "$data" --identities 2000 --images-per-identity 20 \
+  --shards 32 --size 112 --verification-pairs 10 > /dev/null
+run() { .venv/bin/pfc bench data "$data" --batch 128 --rounds 5 --json "$out" "$@" 2>&1 | grep -E "^data "; }
 for workers in 1 2; do
   run --workers "$workers"
   run --workers "$workers"

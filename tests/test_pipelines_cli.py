@@ -68,3 +68,20 @@ def test_bench_data_runs_and_reports_both_pipelines(tmp_path, capsys):
     import json
     row = json.loads(out.read_text())
     assert row["workers"] == 1 and row["decode_only_img_s"] > 0 and row["reader_img_s"] > 0
+    assert [len(w[0]) for w in row["walls"].values()] == [1, 1, 1]  # one worker, one round each
+
+
+def test_bench_data_overhead_is_the_median_of_paired_rounds():
+    from launch.bench_data import paired_overhead
+    # One slow reader round moves the median by one rank, not by its size.
+    assert paired_overhead([[[1.0, 1.0, 1.0]]], [[1.1, 1.2, 2.0]]) == pytest.approx(0.2)
+    # Paired: a round where both are slow (drift) is as good as any other.
+    assert paired_overhead([[[1.0, 2.0, 1.0]]], [[1.1, 2.2, 1.1]]) == pytest.approx(0.1)
+    assert paired_overhead([[[1.0, 1.0]]], [[1.1, 1.3]]) == pytest.approx(0.2)  # even: mean of the middle two
+    # Workers run at once: images/s add up within a round.
+    assert paired_overhead([[[1.0], [1.0]]], [[2.0], [1.0]]) == pytest.approx(2 / 1.5 - 1)
+    # Two baselines: each round against the faster of them (summed over workers).
+    assert paired_overhead([[[2.0, 1.0]], [[1.0, 2.0]]], [[1.5, 1.5]]) == pytest.approx(0.5)
+    assert paired_overhead([[[1.0], [4.0]], [[2.0], [1.0]]], [[2.0], [2.0]]) == pytest.approx(1.5 - 1)
+    with pytest.raises(ValueError, match="one time per worker and round"):
+        paired_overhead([[[1.0, 1.0]]], [[1.0]])

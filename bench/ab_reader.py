@@ -1,0 +1,101 @@
+"""A/B of reader versions: two or more `pipelines/reader.py` files, timed in one process.
+
+    git show 05c42dd:pipelines/reader.py > /tmp/reader_old.py
+    .venv/bin/python bench/ab_reader.py DATA /tmp/reader_old.py pipelines/reader.py [--rounds 7]
+
+Each version's default pipeline (1 worker, the host's cores) and the batched decode-only baseline
+of `pfc bench data` run alternately, `--rounds` times, each from a fresh iterator after a warm-up
+of two shuffle buffers; per round each version's time is divided by the same round's baseline
+time. Prints per version: median img/s, CPU µs per image, cores busy, and the median (and all)
+of the per-round overheads. Run it under the allocator settings being compared (`pfc` sets one
+malloc arena; MALLOC_ARENA_MAX etc. in the environment override them for `pfc` only, so set
+them here by hand to match).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("readers", nargs="+", help="reader.py files to compare")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args()
+    import tensorflow as tf
+
+    from pipelines import reader as current
+    from pipelines import schema
+
+    threads = current.cores_per_worker(1)
+    versions = {}
+    for k, path in enumerate(args.readers):
+        spec = importlib.util.spec_from_file_location(f"reader_v{k}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        versions[f"{k}:{path}"] = mod.open_dataset(args.data, args.batch, seed=0, threads=threads)
+    first = next(iter(versions.values()))
+    h, w = first.image_size
+    need = args.batch * args.steps
+    jpegs = []
+    for f in first.plan.files:
+        for r in tf.data.TFRecordDataset(f):
+            jpegs.append(tf.io.parse_single_example(r, schema.feature_spec())[schema.IMAGE_KEY])
+            if len(jpegs) >= need:
+                break
+        if len(jpegs) >= need:
+            break
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+
+    def decode_batch(b):
+        return tf.map_fn(lambda x: tf.ensure_shape(tf.io.decode_jpeg(x, channels=3), [h, w, 3]), b,
+                         parallel_iterations=1, fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8))
+
+    datasets = {"batched decode-only": tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
+                .batch(args.batch, drop_remainder=True)
+                .map(decode_batch, num_parallel_calls=threads, deterministic=True).prefetch(2)
+                .with_options(options)}
+    datasets.update({name: v.dataset for name, v in versions.items()})
+    warmup = 2 * -(-4096 // args.batch)
+
+    def timed(ds):
+        it = iter(ds)
+        for _ in range(warmup):
+            next(it)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            next(it)
+        out = time.perf_counter() - t0, time.process_time() - c0
+        del it
+        gc.collect()
+        time.sleep(1.0)  # the iterator's threads wind down before the next one starts
+        return out
+
+    times = {name: [] for name in datasets}
+    for _ in range(args.rounds):
+        for name, ds in datasets.items():
+            times[name].append(timed(ds))
+    n = args.batch * args.steps
+    base = times["batched decode-only"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for name, ts in times.items():
+        over = sorted(100 * (t[0] / b[0] - 1) for t, b in zip(ts, base))
+        print(f"{name}: {med([n / t[0] for t in ts]):,.0f} img/s, CPU {med([1e6 * t[1] / n for t in ts]):.1f} us/img, "
+              f"cores {med([t[1] / t[0] for t in ts]):.2f}, overhead vs batched decode-only "
+              f"{med(over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in over)})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
