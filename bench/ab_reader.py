@@ -31,10 +31,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     args = p.parse_args()
-    import tensorflow as tf
-
+    from launch.bench_data import baselines
     from pipelines import reader as current
-    from pipelines import schema
 
     threads = current.cores_per_worker(1)
     versions = {}
@@ -44,28 +42,8 @@ def main() -> int:
         sys.modules[spec.name] = mod  # dataclasses look their module up
         spec.loader.exec_module(mod)
         versions[f"{k}:{path}"] = mod.open_dataset(args.data, args.batch, seed=0, threads=threads)
-    first = next(iter(versions.values()))
-    h, w = first.image_size
-    need = args.batch * args.steps
-    jpegs = []
-    for f in first.plan.files:
-        for r in tf.data.TFRecordDataset(f):
-            jpegs.append(tf.io.parse_single_example(r, schema.feature_spec())[schema.IMAGE_KEY])
-            if len(jpegs) >= need:
-                break
-        if len(jpegs) >= need:
-            break
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-
-    def decode_batch(b):
-        return tf.map_fn(lambda x: tf.ensure_shape(tf.io.decode_jpeg(x, channels=3), [h, w, 3]), b,
-                         parallel_iterations=1, fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8))
-
-    datasets = {"batched decode-only": tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
-                .batch(args.batch, drop_remainder=True)
-                .map(decode_batch, num_parallel_calls=threads, deterministic=True).prefetch(2)
-                .with_options(options)}
+    _, batched = baselines(next(iter(versions.values())), args.batch, args.steps, threads)
+    datasets = {"batched decode-only": batched}
     datasets.update({name: v.dataset for name, v in versions.items()})
     warmup = 2 * -(-4096 // args.batch)
 

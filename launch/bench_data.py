@@ -136,22 +136,15 @@ def _barrier(directory: str | None, name: str, rank: int, size: int) -> None:
         time.sleep(0.005)
 
 
-def _measure(args, rank: int, size: int, barrier: str | None, report: bool = True):
+def baselines(pipe, batch: int, steps: int, threads: int):
+    """(per-image, batched) decode-only datasets of the JPEGs `pipe`'s worker reads (its files'
+    first batch * steps records, held in memory), each in a private pool of `threads`."""
     import tensorflow as tf
 
-    from pipelines import reader, schema
+    from pipelines import schema
 
-    # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
-    threads = reader.cores_per_worker(size)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-
-    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
-                               shuffle_buffer=args.shuffle_buffer, skip_corrupt=args.skip_corrupt,
-                               threads=threads)
     h, w = pipe.image_size
-    # The same JPEGs this worker reads, held in memory.
-    need = args.batch * args.steps
+    need = batch * steps
     jpegs = []
     for f in pipe.plan.files:
         for r in tf.data.TFRecordDataset(f):
@@ -160,19 +153,33 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
                 break
         if len(jpegs) >= need:
             break
-    decode_only = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
-                   .map(lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3]),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-                   .batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-                   .with_options(options))
-    def decode_batch(b):
-        return tf.map_fn(lambda x: tf.ensure_shape(tf.io.decode_jpeg(x, channels=3), [h, w, 3]), b,
-                         parallel_iterations=1, fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8))
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    decode = lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3])  # noqa: E731
+    per_image = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
+                 .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+                 .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
+    batched = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
+               .batch(batch, drop_remainder=True)
+               .map(lambda b: tf.map_fn(decode, b, parallel_iterations=1,
+                                        fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8)),
+                    num_parallel_calls=threads, deterministic=True)
+               .prefetch(2).with_options(options))
+    return per_image, batched
 
-    decode_batched = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
-                      .batch(args.batch, drop_remainder=True)
-                      .map(decode_batch, num_parallel_calls=threads, deterministic=True)
-                      .prefetch(2).with_options(options))
+
+def _measure(args, rank: int, size: int, barrier: str | None, report: bool = True):
+    import tensorflow as tf
+
+    from pipelines import reader
+
+    # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
+    threads = reader.cores_per_worker(size)
+    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
+                               shuffle_buffer=args.shuffle_buffer, skip_corrupt=args.skip_corrupt,
+                               threads=threads)
+    decode_only, decode_batched = baselines(pipe, args.batch, args.steps, threads)
+    h, w = pipe.image_size
     datasets = {"decode_only": decode_only, "decode_batched": decode_batched, "reader": pipe.dataset}
     warmup = max(10, 2 * -(-args.shuffle_buffer // args.batch))  # tracing, threads, a full buffer
 
