@@ -14,11 +14,10 @@ them here by hand to match).
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import os
+import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -31,7 +30,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     args = p.parse_args()
-    from launch.bench_data import baselines
+    from launch.bench_data import baselines, timed_window, warmup_batches
     from pipelines import reader as current
 
     threads = current.cores_per_worker(1)
@@ -45,28 +44,14 @@ def main() -> int:
     _, batched = baselines(next(iter(versions.values())), args.batch, args.steps, threads)
     datasets = {"batched decode-only": batched}
     datasets.update({name: v.dataset for name, v in versions.items()})
-    warmup = 2 * -(-4096 // args.batch)
-
-    def timed(ds):
-        it = iter(ds)
-        for _ in range(warmup):
-            next(it)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
-            next(it)
-        out = time.perf_counter() - t0, time.process_time() - c0
-        del it
-        gc.collect()
-        time.sleep(1.0)  # the iterator's threads wind down before the next one starts
-        return out
-
+    warmup = warmup_batches(4096, args.batch)  # the readers' default shuffle buffer
     times = {name: [] for name in datasets}
     for _ in range(args.rounds):
         for name, ds in datasets.items():
-            times[name].append(timed(ds))
+            times[name].append(timed_window(ds, warmup, args.steps))
     n = args.batch * args.steps
     base = times["batched decode-only"]
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = statistics.median
     for name, ts in times.items():
         over = sorted(100 * (t[0] / b[0] - 1) for t, b in zip(ts, base))
         print(f"{name}: {med([n / t[0] for t in ts]):,.0f} img/s, CPU {med([1e6 * t[1] / n for t in ts]):.1f} us/img, "

@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,9 +90,7 @@ def paired_overhead(baselines: list[list[list[float]]], reader_s: list[list[floa
                                           for t in [*baselines, reader_s]):
         raise ValueError("paired_overhead: one time per worker and round for every pipeline")
     rate = lambda t, k: sum(1 / w[k] for w in t)  # noqa: E731 (images/s, up to the image count)
-    ratios = sorted(max(rate(t, k) for t in baselines) / rate(reader_s, k) - 1 for k in range(rounds))
-    n = len(ratios)
-    return ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return statistics.median(max(rate(t, k) for t in baselines) / rate(reader_s, k) - 1 for k in range(rounds))
 
 
 def _report(args, results: list[dict]) -> int:
@@ -168,6 +167,31 @@ def baselines(pipe, batch: int, steps: int, threads: int):
     return per_image, batched
 
 
+def warmup_batches(shuffle_buffer: int, batch: int) -> int:
+    """Batches to draw before a timed window: tracing, threads, and two full shuffle buffers."""
+    return max(10, 2 * -(-shuffle_buffer // batch))
+
+
+def timed_window(ds, warmup: int, steps: int, ready=None) -> tuple[float, float]:
+    """(wall s, process CPU s) of `steps` batches from a fresh iterator of `ds` after `warmup`
+    batches (and `ready()`, e.g. a barrier). The iterator is dropped afterwards, and its background
+    threads given time to stop, so they do not run into the next window (measured: a pipeline
+    still prefetching slowed the next one)."""
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    if ready is not None:
+        ready()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        next(it)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    del it
+    gc.collect()
+    time.sleep(1.0)
+    return wall, cpu
+
+
 def _measure(args, rank: int, size: int, barrier: str | None, report: bool = True):
     import tensorflow as tf
 
@@ -181,28 +205,12 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     decode_only, decode_batched = baselines(pipe, args.batch, args.steps, threads)
     h, w = pipe.image_size
     datasets = {"decode_only": decode_only, "decode_batched": decode_batched, "reader": pipe.dataset}
-    warmup = max(10, 2 * -(-args.shuffle_buffer // args.batch))  # tracing, threads, a full buffer
-
-    def timed(name: str, rnd: int) -> tuple[float, float]:
-        """(wall s, process CPU s) of args.steps batches from a fresh iterator after warm-up; the
-        iterator is dropped afterwards so its background threads do not run into the next round."""
-        it = iter(datasets[name])
-        for _ in range(warmup):
-            next(it)
-        _barrier(barrier, f"{name}-{rnd}", rank, size)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
-            next(it)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        del it
-        gc.collect()     # the iterator's threads wind down before the next round (a pipeline
-        time.sleep(1.0)  # still prefetching would otherwise slow the other one, measured)
-        return wall, cpu
-
+    warmup = warmup_batches(args.shuffle_buffer, args.batch)
     times = {name: [] for name in datasets}
     for rnd in range(args.rounds):  # alternating, so drift hits both alike
-        for name in datasets:
-            times[name].append(timed(name, rnd))
+        for name, ds in datasets.items():
+            ready = lambda: _barrier(barrier, f"{name}-{rnd}", rank, size)  # noqa: E731
+            times[name].append(timed_window(ds, warmup, args.steps, ready))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     n = args.batch * args.steps
     # The augmentation as the training step runs it (compiled, here on the CPU), on real batches.
