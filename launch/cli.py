@@ -44,6 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     return storage.exit_if_object_storage(code)
 
 
+# Variables in which horovodrun (Gloo) and Open MPI's mpirun give each worker its host's worker count.
+_LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def malloc_arenas(environ: dict[str, str], cpu_count: int) -> int:
+    """glibc arenas for one worker: one per thread that decodes its input, and at least two.
+
+    The reader decodes with this worker's share of the host's cores (`cores_per_worker`), and
+    its record stream runs beside them; threads sharing an arena wait on its lock (one arena
+    made the reader +16-20 % over decode-only on 2 cores, two +9 %: docs/benchmarks.md). More
+    arenas than threads only add free lists that hold on to freed memory.
+    """
+    local_size = 1
+    for var in _LOCAL_SIZE_VARS:
+        try:
+            local_size = max(1, int(environ[var]))
+            break
+        except (KeyError, ValueError):
+            continue
+    return max(2, cpu_count // local_size)
+
+
 def _configure_host_memory() -> None:
     """Host memory for shards of millions of rows: no allocator overhead that grows with the shard.
 
@@ -53,9 +75,10 @@ def _configure_host_memory() -> None:
     at 10M classes with momentum), and it caps its reservations at the RAM size (it refused a
     10 GiB momentum slot on a 24 GiB machine that had the memory). pfc uses the C allocator
     instead, tuned so the large per-step temporaries are reused rather than mapped and faulted in
-    afresh every step (which made a step 1.5-2x slower): one arena, no mmap, no trimming at free.
-    Measured: at 10M classes 0.43 instead of 1.19 GiB beyond weights + state, FC steps 5-10 %
-    slower (docs/benchmarks.md). Must run before
+    afresh every step (which made a step 1.5-2x slower): no mmap, no trimming at free, and few
+    arenas (`malloc_arenas`: one per decoding thread, at least two; glibc's default of 8 per core
+    multiplies the free lists). Measured: at 10M classes under 0.5 instead of 1.19 GiB beyond
+    weights + state, FC steps 5-10 % slower (docs/benchmarks.md). Must run before
     TensorFlow allocates anything or starts threads; explicit environment settings win
     (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. glibc's defaults).
     """
@@ -77,8 +100,9 @@ def _configure_host_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc: its own defaults
         return
+    arenas = malloc_arenas(dict(os.environ), os.cpu_count() or 1)
     # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8.
-    for env, param, value in (("MALLOC_ARENA_MAX", -8, 1), ("MALLOC_MMAP_MAX_", -4, 0),
+    for env, param, value in (("MALLOC_ARENA_MAX", -8, arenas), ("MALLOC_MMAP_MAX_", -4, 0),
                               ("MALLOC_TRIM_THRESHOLD_", -1, 2**31 - 1)):
         if env not in os.environ:
             mallopt(ctypes.c_int(param), ctypes.c_int(value))

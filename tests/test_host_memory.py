@@ -24,6 +24,51 @@ def test_pfc_uses_the_c_allocator_unless_told_otherwise():
     assert _probe(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0", TF_MKL_ALLOC_MAX_BYTES="123") == ["0", "123"]
 
 
+def test_malloc_arenas_one_per_decoding_thread_at_least_two():
+    from launch.cli import malloc_arenas
+
+    assert malloc_arenas({}, 2) == 2                                   # this CI machine
+    assert malloc_arenas({}, 1) == 2                                   # never fewer than two
+    assert malloc_arenas({}, 16) == 16                                 # one worker: all cores decode
+    assert malloc_arenas({"HOROVOD_LOCAL_SIZE": "8"}, 96) == 12        # horovodrun: 8 workers share 96
+    assert malloc_arenas({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 16) == 4  # mpirun
+    assert malloc_arenas({"HOROVOD_LOCAL_SIZE": "x", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8) == 4
+
+
+ARENAS = """
+import ctypes, os, re, tempfile, threading
+from launch import cli
+cli._configure_host_memory()
+libc = ctypes.CDLL('libc.so.6')
+hold, alive = [], threading.Barrier(8)
+def grab():                                      # a thread's first malloc picks (or makes) its arena;
+    hold.append(ctypes.create_string_buffer(1 << 16))
+    alive.wait()                                 # all alive at once, so none hands its arena on
+threads = [threading.Thread(target=grab) for _ in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+fp = libc.fopen(path.encode(), b'w')
+libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
+print(len(re.findall(r'<heap nr=', open(path).read()))); os.unlink(path)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
+def test_pfc_limits_the_arenas_that_threads_spread_over():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "TF_ONEDNN"))}
+
+    def arenas(**env):
+        out = subprocess.run([sys.executable, "-c", ARENAS], env={**clean, **env},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    from launch.cli import malloc_arenas
+    assert arenas() == malloc_arenas(clean, os.cpu_count() or 1)    # pfc's choice, with 9 threads
+    assert arenas(MALLOC_ARENA_MAX="1") == 1                          # an explicit setting wins
+    assert arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0") > malloc_arenas(clean, os.cpu_count() or 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_release_free_memory_returns_freed_pages():
     code = """
