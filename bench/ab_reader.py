@@ -7,9 +7,8 @@ Each version's default pipeline (1 worker, the host's cores) and the batched dec
 of `pfc bench data` run alternately, `--rounds` times, each from a fresh iterator after a warm-up
 of two shuffle buffers; per round each version's time is divided by the same round's baseline
 time. Prints per version: median img/s, CPU µs per image, cores busy, and the median (and all)
-of the per-round overheads. Run it under the allocator settings being compared (`pfc` sets one
-malloc arena; MALLOC_ARENA_MAX etc. in the environment override them for `pfc` only, so set
-them here by hand to match).
+of the per-round overheads. It runs under `pfc`'s allocator settings (`launch.host_memory`);
+MALLOC_ARENA_MAX etc. in the environment override them, as for `pfc`.
 """
 from __future__ import annotations
 
@@ -30,6 +29,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     args = p.parse_args()
+    from launch import host_memory
+
+    host_memory.configure()  # before TensorFlow loads
+    print(f"malloc arenas: {host_memory.arena_limit or 'glibc default'}")
     from launch.bench_data import baselines, timed_window, warmup_batches
     from pipelines import reader as current
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from launch import host_memory
+
 # Set by the parent when it re-executes itself under horovodrun for --workers N.
 _CHILD_ENV = "PFC_BENCH_CHILD"
 
@@ -198,7 +200,8 @@ def _measure(args, threads: int) -> int:
                   "margin": args.margin, "sample_rate": args.sample_rate, "chunk_size": args.chunk_size,
                   "dtype": args.dtype, "threads_per_worker": threads,
                   "allocator": "system" if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "").lower()
-                               in ("1", "true") else "onednn-pool", "step_s": round(fc_t, 4),
+                               in ("1", "true") else "onednn-pool",
+                  "malloc_arena_max": host_memory.arena_limit, "step_s": round(fc_t, 4),
                   "matmul_s": round(mm_t, 4), "ratio": round(fc_t / mm_t, 3),
                   "samples_per_s": round(args.batch / fc_t, 1),
                   "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),

@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from launch import host_memory
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="dataset directory (with manifest.json)")
@@ -103,6 +105,7 @@ def _report(args, results: list[dict]) -> int:
     result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
               "shuffle_buffer": args.shuffle_buffer, "skip_corrupt": args.skip_corrupt, "rounds": args.rounds,
               "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
+              "malloc_arena_max": host_memory.arena_limit,
               "decode_only_img_s": round(dec, 1), "decode_batched_img_s": round(dec_b, 1),
               "reader_img_s": round(rdr, 1), "overhead": round(over, 3),
               "overhead_vs_per_image": round(paired_overhead([walls["decode_only"]], walls["reader"]), 3),

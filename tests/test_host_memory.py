@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-PROBE = ("import os; from launch import cli; cli._configure_host_memory(); "
+PROBE = ("import os; from launch import host_memory; host_memory.configure(); "
          "print(os.environ.get('TF_ONEDNN_USE_SYSTEM_ALLOCATOR'), os.environ.get('TF_MKL_ALLOC_MAX_BYTES'))")
 
 
@@ -25,7 +25,7 @@ def test_pfc_uses_the_c_allocator_unless_told_otherwise():
 
 
 def test_malloc_arenas_one_per_decoding_thread_at_least_two():
-    from launch.cli import malloc_arenas
+    from launch.host_memory import malloc_arenas
 
     assert malloc_arenas({}, 2) == 2                                   # this CI machine
     assert malloc_arenas({}, 1) == 2                                   # never fewer than two
@@ -37,8 +37,8 @@ def test_malloc_arenas_one_per_decoding_thread_at_least_two():
 
 ARENAS = """
 import ctypes, os, re, tempfile, threading
-from launch import cli
-cli._configure_host_memory()
+from launch import host_memory
+host_memory.configure()
 libc = ctypes.CDLL('libc.so.6')
 hold, alive = [], threading.Barrier(8)
 def grab():                                      # a thread's first malloc picks (or makes) its arena;
@@ -63,7 +63,7 @@ def test_pfc_limits_the_arenas_that_threads_spread_over():
                              capture_output=True, text=True, check=True)
         return int(out.stdout)
 
-    from launch.cli import malloc_arenas
+    from launch.host_memory import malloc_arenas
     assert arenas() == malloc_arenas(clean, os.cpu_count() or 1)    # pfc's choice, with 9 threads
     assert arenas(MALLOC_ARENA_MAX="1") == 1                          # an explicit setting wins
     assert arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0") > malloc_arenas(clean, os.cpu_count() or 1)

@@ -1,0 +1,76 @@
+"""The host allocator `pfc` runs TensorFlow on: set up before TensorFlow loads (no TensorFlow here)."""
+from __future__ import annotations
+
+import os
+
+# Variables in which horovodrun (Gloo) and Open MPI's mpirun give each worker its host's worker count.
+_LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+# glibc's arena limit in this process as `configure` left it (None: glibc's default),
+# for benchmarks to record with their figures.
+arena_limit: int | None = None
+
+
+def malloc_arenas(environ: dict[str, str], cpu_count: int) -> int:
+    """glibc arenas for one worker: one per thread that decodes its input, and at least two.
+
+    The reader decodes with this worker's share of the host's cores (`cores_per_worker`), and
+    its record stream runs beside them; threads sharing an arena wait on its lock (one arena
+    made the reader +16-20 % over decode-only on 2 cores, two +9 %: docs/benchmarks.md). More
+    arenas than threads only add free lists that hold on to freed memory.
+    """
+    local_size = 1
+    for var in _LOCAL_SIZE_VARS:
+        try:
+            local_size = max(1, int(environ[var]))
+            break
+        except (KeyError, ValueError):
+            continue
+    return max(2, cpu_count // local_size)
+
+
+def configure() -> None:
+    """Host memory for shards of millions of rows: no allocator overhead that grows with the shard.
+
+    TensorFlow's default CPU allocator (oneDNN's, a best-fit-with-coalescing pool) keeps a table
+    of 8 bytes per 256 bytes of every region it reserves: 3 % more resident memory than the shard
+    weights and optimizer state themselves (measured 33.6 B per bfloat16 row of 512, i.e. 0.6 GiB
+    at 10M classes with momentum), and it caps its reservations at the RAM size (it refused a
+    10 GiB momentum slot on a 24 GiB machine that had the memory). pfc uses the C allocator
+    instead, tuned so the large per-step temporaries are reused rather than mapped and faulted in
+    afresh every step (which made a step 1.5-2x slower): no mmap, no trimming at free, and few
+    arenas (`malloc_arenas`: one per decoding thread, at least two; glibc's default of 8 per core
+    multiplies the free lists). Measured: at 10M classes under 0.5 instead of 1.19 GiB beyond
+    weights + state, FC steps 5-10 % slower (docs/benchmarks.md). Must run before
+    TensorFlow allocates anything or starts threads; explicit environment settings win
+    (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. glibc's defaults).
+    """
+    global arena_limit
+    if os.environ.get("MALLOC_ARENA_MAX", "").isdigit():  # glibc reads it itself
+        arena_limit = int(os.environ["MALLOC_ARENA_MAX"])
+    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+    if os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"].lower() not in ("1", "true"):
+        # the pool, asked for: let it reserve up to twice the RAM (untouched pages cost nothing)
+        try:
+            with open("/proc/meminfo") as f:
+                total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+            os.environ.setdefault("TF_MKL_ALLOC_MAX_BYTES", str(2 * total_kib * 1024))
+        except (OSError, StopIteration, ValueError):
+            pass
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its own defaults
+        return
+    arenas = malloc_arenas(dict(os.environ), os.cpu_count() or 1)
+    # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8.
+    for env, param, value in (("MALLOC_ARENA_MAX", -8, arenas), ("MALLOC_MMAP_MAX_", -4, 0),
+                              ("MALLOC_TRIM_THRESHOLD_", -1, 2**31 - 1)):
+        if env not in os.environ:
+            mallopt(ctypes.c_int(param), ctypes.c_int(value))
+    arena_limit = arena_limit or arenas
