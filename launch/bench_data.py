@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
                 "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
                 "--shuffle-buffer", str(args.shuffle_buffer), "--barrier-dir", barrier]
         argv += ["--skip-corrupt"] if args.skip_corrupt else []
-        procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True)
+        # as horovodrun tells its workers, so each sets up its allocator as in training
+        env = {**os.environ, "HOROVOD_LOCAL_SIZE": "2"}
+        procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True, env=env)
                  for r in range(2)]
         outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -105,7 +107,7 @@ def _report(args, results: list[dict]) -> int:
     result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
               "shuffle_buffer": args.shuffle_buffer, "skip_corrupt": args.skip_corrupt, "rounds": args.rounds,
               "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
-              "malloc_arena_max": host_memory.arena_limit,
+              "malloc_arena_max": r0["malloc_arena_max"],
               "decode_only_img_s": round(dec, 1), "decode_batched_img_s": round(dec_b, 1),
               "reader_img_s": round(rdr, 1), "overhead": round(over, 3),
               "overhead_vs_per_image": round(paired_overhead([walls["decode_only"]], walls["reader"]), 3),
@@ -225,7 +227,8 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     for i in range(max(1, args.steps // 10)):
         augment(batches[i % len(batches)], tf.constant(i, tf.int64)).numpy()
     augment_us = 1e6 * (time.perf_counter() - t0) / (args.batch * max(1, args.steps // 10))
-    result = {"rank": rank, "threads": threads, "image_size": [h, w],
+    result = {"rank": rank, "threads": threads, "malloc_arena_max": host_memory.arena_limit,
+              "image_size": [h, w],
               "decode_only_img_s": n / med["decode_only"][0], "reader_img_s": n / med["reader"][0],
               "decode_batched_img_s": n / med["decode_batched"][0],
               "decode_only_cpu_us": 1e6 * med["decode_only"][1] / n, "reader_cpu_us": 1e6 * med["reader"][1] / n,

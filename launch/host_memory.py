@@ -44,11 +44,12 @@ def configure() -> None:
     multiplies the free lists). Measured: at 10M classes under 0.5 instead of 1.19 GiB beyond
     weights + state, FC steps 5-10 % slower (docs/benchmarks.md). Must run before
     TensorFlow allocates anything or starts threads; explicit environment settings win
-    (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. glibc's defaults).
+    (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. or their
+    GLIBC_TUNABLES are used as given).
     """
     global arena_limit
-    if os.environ.get("MALLOC_ARENA_MAX", "").isdigit():  # glibc reads it itself
-        arena_limit = int(os.environ["MALLOC_ARENA_MAX"])
+    given = os.environ.get("MALLOC_ARENA_MAX")  # glibc reads it itself; 0 or junk: its default
+    arena_limit = int(given) if given and given.isdecimal() and int(given) > 0 else None
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
     if os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"].lower() not in ("1", "true"):
         # the pool, asked for: let it reserve up to twice the RAM (untouched pages cost nothing)
@@ -68,9 +69,14 @@ def configure() -> None:
     except (OSError, AttributeError):  # not glibc: its own defaults
         return
     arenas = malloc_arenas(dict(os.environ), os.cpu_count() or 1)
-    # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8.
-    for env, param, value in (("MALLOC_ARENA_MAX", -8, arenas), ("MALLOC_MMAP_MAX_", -4, 0),
-                              ("MALLOC_TRIM_THRESHOLD_", -1, 2**31 - 1)):
-        if env not in os.environ:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8;
+    # each also settable as an environment variable or a tunable, which then wins.
+    for env, tunable, param, value in (
+            ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max", -8, arenas),
+            ("MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max", -4, 0),
+            ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", -1, 2**31 - 1)):
+        if env not in os.environ and tunable not in tunables:
             mallopt(ctypes.c_int(param), ctypes.c_int(value))
-    arena_limit = arena_limit or arenas
+            if param == -8:
+                arena_limit = arenas

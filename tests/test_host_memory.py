@@ -40,33 +40,41 @@ import ctypes, os, re, tempfile, threading
 from launch import host_memory
 host_memory.configure()
 libc = ctypes.CDLL('libc.so.6')
-hold, alive = [], threading.Barrier(8)
+hold, alive = [], threading.Barrier(8, timeout=60)
 def grab():                                      # a thread's first malloc picks (or makes) its arena;
     hold.append(ctypes.create_string_buffer(1 << 16))
     alive.wait()                                 # all alive at once, so none hands its arena on
 threads = [threading.Thread(target=grab) for _ in range(8)]
 [t.start() for t in threads]; [t.join() for t in threads]
 libc.fopen.restype = ctypes.c_void_p
-path = tempfile.mktemp()
-fp = libc.fopen(path.encode(), b'w')
-libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
-print(len(re.findall(r'<heap nr=', open(path).read()))); os.unlink(path)
+with tempfile.NamedTemporaryFile(suffix='.xml') as f:
+    fp = libc.fopen(f.name.encode(), b'w')
+    libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
+    print(len(re.findall(r'<heap nr=', open(f.name).read())), host_memory.arena_limit)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 def test_pfc_limits_the_arenas_that_threads_spread_over():
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "TF_ONEDNN"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MALLOC_", "TF_ONEDNN", "GLIBC_TUNABLES", "HOROVOD_", "OMPI_"))}
+    cpus = os.cpu_count() or 1
 
-    def arenas(**env):
+    def arenas(**env):  # (arenas 9 live threads spread over, the limit recorded for benchmarks)
         out = subprocess.run([sys.executable, "-c", ARENAS], env={**clean, **env},
                              capture_output=True, text=True, check=True)
-        return int(out.stdout)
+        n, limit = out.stdout.split()
+        return int(n), None if limit == "None" else int(limit)
 
     from launch.host_memory import malloc_arenas
-    assert arenas() == malloc_arenas(clean, os.cpu_count() or 1)    # pfc's choice, with 9 threads
-    assert arenas(MALLOC_ARENA_MAX="1") == 1                          # an explicit setting wins
-    assert arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0") > malloc_arenas(clean, os.cpu_count() or 1)
+    assert arenas(OMPI_COMM_WORLD_LOCAL_SIZE=str(cpus)) == (2, 2)     # one core per worker: two
+    mine = malloc_arenas(clean, cpus)
+    assert arenas() == (min(mine, 9), mine)                            # pfc's choice (9 threads)
+    assert arenas(MALLOC_ARENA_MAX="1") == (1, 1)                      # an explicit setting wins,
+    assert arenas(GLIBC_TUNABLES="glibc.malloc.arena_max=1")[0] == 1   # as a tunable too
+    assert arenas(MALLOC_ARENA_MAX="0")[1] is None                     # 0: glibc's default, recorded so
+    default, limit = arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0")        # the pool: glibc's defaults
+    assert limit is None and default > 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
