@@ -163,3 +163,20 @@ def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):
         assert a.loss == pytest.approx(b.loss, rel=1e-6)   # (the compiled step may fuse x/127.5-1)
     for x, y in zip(in_step.model.weights + [in_step.fc.weight], before.model.weights + [before.fc.weight]):
         assert rel(x.numpy(), y.numpy()) <= TOL
+
+
+def test_the_compiler_scratch_is_handed_back_once_after_the_first_step(tmp_path, monkeypatch):
+    """pfc's allocator keeps freed memory for reuse; the first step's compilation frees scratch
+    that no later step reuses, so the trainer trims once, after that step, and never again (a
+    trim every step would fault the step's temporaries in afresh each time)."""
+    from launch import trainer as trainer_lib
+
+    calls = []
+    monkeypatch.setattr(trainer_lib, "release_free_memory", lambda: calls.append(1) or True)
+    t = trainer_lib.Trainer(_local_config(tmp_path), cluster.init("local"),
+                            num_classes=train_worker.NUM_CLASSES)
+    t.set_total_steps(3)
+    for step in range(3):
+        images, labels = train_worker.global_batch(step)
+        t.train_step(images, labels)
+        assert len(calls) == 1
