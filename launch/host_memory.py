@@ -41,9 +41,9 @@ def configure() -> None:
     instead, tuned so the large per-step temporaries are reused rather than mapped and faulted in
     afresh every step (which made a step 1.5-2x slower): no mmap, no trimming at free, and few
     arenas (`malloc_arenas`: one per decoding thread, at least two; glibc's default of 8 per core
-    multiplies the free lists). Measured: at 10M classes 0.37 instead of 1.19 GiB beyond
-    weights + state (with the trim after the first step), FC steps 5-10 % slower than on the
-    pool (docs/benchmarks.md, "Host allocator"). Must run before
+    multiplies the free lists). Measured: at 10M classes 0.38 instead of 1.17 GiB beyond
+    weights + state (with the trim after the first step), FC steps 2-3 % slower than on the
+    pool there, 2-19 % at 1M (docs/benchmarks.md, "Host allocator"). Must run before
     TensorFlow allocates anything or starts threads; explicit environment settings win
     (TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 restores the pool, MALLOC_ARENA_MAX etc. or their
     GLIBC_TUNABLES are used as given).
