@@ -34,9 +34,9 @@ def main() -> int:
     host_memory.configure()  # before TensorFlow loads
     print(f"malloc arenas: {host_memory.arena_limit or 'glibc default'}")
     from launch.bench_data import baselines, timed_window, warmup_batches
-    from pipelines import reader as current
+    from pipelines.threads import cores_per_worker
 
-    threads = current.cores_per_worker(1)
+    threads = cores_per_worker(1)
     versions = {}
     for k, path in enumerate(args.readers):
         spec = importlib.util.spec_from_file_location(f"reader_v{k}", path)

@@ -7,15 +7,14 @@ The stages of `pipelines.reader`'s record stream, rebuilt from tf.data parts in 
 the two keys), under `pfc`'s allocator settings and a 2-thread pool as one worker on 2 cores
 gets. It leaves out the reader's per-block scan, the tags and the checks, so the reader's own
 figure is above the last line. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
+Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -30,37 +29,29 @@ def main() -> int:
     host_memory.configure()  # before TensorFlow loads
     import tensorflow as tf
 
+    from launch.bench_data import timed_window
     from pipelines import schema
 
     files = sorted(glob.glob(os.path.join(args.data, "*.tfrecord")))
     if not files:
         raise SystemExit(f"reader_stages: no *.tfrecord files in {args.data}")
 
-    def cpu_s() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
     options = tf.data.Options()
     options.autotune.enabled = False
     options.threading.private_threadpool_size = 2
-    blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64), cycle_length=16).repeat()
-    records = blocks.unbatch()
+    records = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64), cycle_length=16).repeat().unbatch()
     stages = {
-        "read (blocks of 64 records)": blocks,
-        "+ unbatch, batch(128)": records.batch(128),
+        "read in blocks of 64, batch(128)": records.batch(128),
         "+ shuffle(4096)": records.shuffle(4096, seed=1).batch(128),
         "+ parse_example": records.shuffle(4096, seed=1).batch(128).map(
             lambda r: tf.io.parse_example(r, schema.feature_spec())),
     }
+    n = 128 * args.batches
     for name, ds in stages.items():
-        it = iter(ds.with_options(options))
-        for _ in range(20):  # warm-up: files open, shuffle buffer full
-            next(it)
-        c0, t0, n = cpu_s(), time.perf_counter(), 0
-        for _ in range(args.batches):
-            n += tf.nest.flatten(next(it))[0].shape[0]  # a static shape: no op per element
-        print(f"{name:30s} {1e6 * (cpu_s() - c0) / n:6.1f} µs CPU/img  {n / (time.perf_counter() - t0):10,.0f} img/s")
+        # warm-up of 20 batches: files open, shuffle buffer full
+        wall, cpu = timed_window(ds.with_options(options), 20, args.batches)
+        print(f"{name:34s} {1e6 * cpu / n:6.1f} µs CPU/img  {n / wall:10,.0f} img/s")
     return 0
 
 

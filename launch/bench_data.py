@@ -201,9 +201,10 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     import tensorflow as tf
 
     from pipelines import reader
+    from pipelines.threads import cores_per_worker
 
     # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
-    threads = reader.cores_per_worker(size)
+    threads = cores_per_worker(size)
     pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
                                shuffle_buffer=args.shuffle_buffer, skip_corrupt=args.skip_corrupt,
                                threads=threads)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from pipelines.threads import cores_per_worker
+
 # Variables in which horovodrun (Gloo) and Open MPI's mpirun give each worker its host's worker count.
 _LOCAL_SIZE_VARS = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
@@ -16,8 +18,8 @@ def malloc_arenas(environ: dict[str, str], cpu_count: int) -> int:
     """glibc arenas for one worker: one per thread that decodes its input, and at least two.
 
     The reader decodes with this worker's share of the host's cores (`cores_per_worker`), and
-    its record stream runs beside them; threads sharing an arena wait on its lock (one arena
-    made the reader +16-20 % over decode-only on 2 cores, two +9 %: docs/benchmarks.md). More
+    its record stream runs beside them; threads sharing an arena wait on its lock (on 2 cores
+    two arenas gave the reader 13-25 % more images/s than one: docs/benchmarks.md). More
     arenas than threads only add free lists that hold on to freed memory.
     """
     local_size = 1
@@ -27,7 +29,7 @@ def malloc_arenas(environ: dict[str, str], cpu_count: int) -> int:
             break
         except (KeyError, ValueError):
             continue
-    return max(2, cpu_count // local_size)
+    return max(2, cores_per_worker(local_size, cpu_count))
 
 
 def configure() -> None:

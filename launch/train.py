@@ -176,7 +176,8 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
 
 
 def _open(cfg: Config, comm, start_epoch: int):
-    from pipelines.reader import cores_per_worker, open_dataset
+    from pipelines.reader import open_dataset
+    from pipelines.threads import cores_per_worker
 
     if len(cfg.data.train) != 1:
         raise SystemExit(f"data.train: one dataset (a directory, manifest, shard file or glob) is "

@@ -203,7 +203,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     cycle_length: files open at once (records of this many files are mixed before the shuffle).
     threads: batches decoded at once, and this pipeline's own thread pool of that size (None:
       all cores, in tf.data's shared pool). With several workers on one host, give each its
-      share (`cores_per_worker(local_size)`): pools of all cores each oversubscribe the host.
+      share (`pipelines.threads.cores_per_worker(local_size)`): pools of all cores each oversubscribe the host.
     """
     _, manifest, files, counts = resolve(path)
     plan = plan_shards(files, counts, rank, size, batch_size)
@@ -431,11 +431,6 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     if threads:
         options.threading.private_threadpool_size = int(threads)
     return Pipeline(dataset.with_options(options), manifest, plan, counter, size_hw, base_seed, flip)
-
-
-def cores_per_worker(workers_on_host: int) -> int:
-    """This worker's share of the host's cores: the `threads` to give `open_dataset`."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers_on_host))
 
 
 def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
