@@ -5,9 +5,10 @@ a fresh iterator after a warm-up, each in a thread pool of this worker's share o
 (cores // workers):
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
-  * decode-only, batched: the same bytes in batches, each decoded in one function call (a loop
-    of tf.io.decode_jpeg), batches in parallel: the decoding the reader itself does. Per image
-    it avoids tf.data's per-element cost, which with several threads per worker is large.
+  * decode-only, batched: the same bytes in batches, each decoded in one function call run
+    inline (`pipelines.reader.jpeg_batch_decoder` in `map_inline`), batches in parallel: the
+    decoding the reader itself does. Per image it avoids tf.data's per-element cost, which with
+    several threads per worker is large.
     The headline overhead is against the faster of the two.
   * reader: pipelines.reader.open_dataset with its defaults (files, parallel interleave, parsing,
     decode, the corruption and label checks, shuffle buffer, batch, prefetch): uint8 batches.
@@ -145,7 +146,7 @@ def baselines(pipe, batch: int, steps: int, threads: int):
     first batch * steps records, held in memory), each in a private pool of `threads`."""
     import tensorflow as tf
 
-    from pipelines import schema
+    from pipelines import reader, schema
 
     h, w = pipe.image_size
     need = batch * steps
@@ -163,12 +164,10 @@ def baselines(pipe, batch: int, steps: int, threads: int):
     per_image = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
                  .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
                  .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
-    batched = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
-               .batch(batch, drop_remainder=True)
-               .map(lambda b: tf.map_fn(decode, b, parallel_iterations=1,
-                                        fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8)),
-                    num_parallel_calls=threads, deterministic=True)
-               .prefetch(2).with_options(options))
+    decode_batch, _ = reader.jpeg_batch_decoder(batch, (h, w), pipe.manifest.image_size)
+    batched = reader.map_inline(
+        tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat().batch(batch, drop_remainder=True),
+        decode_batch, parallel=threads).prefetch(2).with_options(options)
     return per_image, batched
 
 

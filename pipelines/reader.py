@@ -10,13 +10,15 @@ Per epoch e (e = start_epoch, start_epoch+1, ...):
   1. this worker's files in an order shuffled by (seed, rank, e);
   2. cycle_length files open at a time, read in blocks of 64 records (object storage: each file
      by a background reader), every record tagged with its file and index; a file that ends
-     before the manifest's count (bad CRC, truncation) or runs past it is noted;
+     before the manifest's count (bad CRC, truncation) or runs past it is noted (the last
+     block holds an end mark, so this needs no state, and runs inline: `map_inline`);
   3. a bounded shuffle buffer of the *encoded* records (shuffle_buffer records, seeded by
      (seed, rank, e)): a fifth of the bytes of decoded images, and each image is batched while
      its decoded pixels are still in cache;
   4. batches of batch_size records, each parsed and JPEG-decoded (3 channels; resized if asked)
-     as a whole, `threads` batches at once, then checked: file faults noted so far, labels in
-     [0, num_classes);
+     as a whole by one inline call without control flow (`jpeg_batch_decoder`), `threads`
+     batches at once, then checked: file faults noted so far, labels in [0, num_classes), and
+     no batch missing;
   5. exactly steps_per_epoch uint8 batches. Records past them are still read to the end of every
      file (so a broken or over-long file is always found) but not decoded.
 Steps 1-3 run a shuffle buffer's worth of batches ahead of the decoders, into the next epoch:
@@ -59,6 +61,9 @@ _TAG_BITS = 32
 _TAG_MASK = (1 << _TAG_BITS) - 1
 # Records read from a file per tf.data element (tf.data's per-element cost, paid per block).
 _READ_BLOCK = 64
+# Put after a file's records to mark its end (no record in this format is these bytes: it is
+# not a parsable Example).
+_END_MARK = b"\xffpfc-data: end of file\xff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +225,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     # Per file: (fault, record index, records); fault 1: unreadable from that index on, 2: more
     # records than the manifest lists. Written where it is found, raised by the next batch's check.
     faults = tf.Variable(tf.zeros([n_files, 3], tf.int64), trainable=False, name="file_faults")
-    decode_one, decode_block = _decoders(size_hw, manifest.image_size)
+    decode_one, decode_block = _decoders(size_hw, manifest.image_size, batch_size)
     num_classes = manifest.num_classes
 
     files_t = tf.constant(plan.files)
@@ -242,36 +247,40 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     def file_blocks(fidx, count: bool):
         """File `fidx` -> blocks (tags [n], records [n]) of this worker's records in file order,
         tag = fidx << 32 | record index in the file. A failed read ends the file (TFRecordDataset
-        moves on after an error), so the records that came are a prefix of the file: at its end
-        (an empty block) the count read is compared with the manifest's."""
-        name, total = files_t[fidx], records_t[fidx]
-        ds = tf.data.TFRecordDataset(name, buffer_size=1 << 20).ignore_errors().batch(_READ_BLOCK)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(no_records))
+        moves on after an error), so the records that came are a prefix of the file. An end mark
+        after them lands in the last block, which so knows the count read and compares it with
+        the manifest's. Block k starts at record k * _READ_BLOCK: no state, so the bookkeeping runs
+        inline in the reading thread (see `map_inline`)."""
+        name, total, first, own = files_t[fidx], records_t[fidx], first_t[fidx], own_t[fidx]
+        ds = tf.data.TFRecordDataset(name, buffer_size=1 << 20).ignore_errors()
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(_END_MARK)).batch(_READ_BLOCK).enumerate()
 
-        def step(state, records):
-            read, kept = state
-            n = tf.size(records, out_type=tf.int64)
-            index = read + tf.range(n)
+        def block(k, records):
+            end = tf.equal(records[-1], _END_MARK)  # (a block is never empty)
+            n = tf.size(records, out_type=tf.int64) - tf.cast(end, tf.int64)
+            read = k * _READ_BLOCK
+            records, index = records[:n], read + tf.range(n)
             if stride > 1:
-                mine = index % stride == first_t[fidx]
+                mine = index % stride == first
                 index, records = tf.boolean_mask(index, mine), tf.boolean_mask(records, mine)
-            kept = kept + tf.size(index, out_type=tf.int64)
-            lost = tf.where(tf.equal(n, 0), tf.maximum(own_t[fidx] - kept, 0), 0)  # what never came
+            # At the end: this worker's records of the file that never came (own ones below read + n).
+            kept = tf.maximum((read + n - first + stride - 1) // stride, 0)
+            lost = tf.where(end, tf.maximum(own - kept, 0), 0)
             over = read + n > total
             if skip_corrupt:
                 fault = tf.where(over, tf.stack([2, total, 0]), tf.zeros([3], tf.int64))
             else:
                 fault = tf.where(over, tf.stack([2, total, 0]),
-                                 tf.where(lost > 0, tf.stack([1, read, lost]), tf.zeros([3], tf.int64)))
+                                 tf.where(lost > 0, tf.stack([1, read + n, lost]), tf.zeros([3], tf.int64)))
             # (A file has one kind of fault at most, so an elementwise max keeps it whole.)
             writes = [faults.scatter_nd_max(tf.reshape(fidx, [1, 1]), fault[None])]
             if skip_corrupt and count:
                 writes.append(counter.assign_add(lost))
             with tf.control_dependencies(writes):
                 tags = tf.bitwise.bitwise_or(tf.bitwise.left_shift(fidx, _TAG_BITS), index)
-                return (read + n, kept), (tf.identity(tags), records)
+                return tf.identity(tags), records
 
-        return ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
+        return map_inline(ds, block)
 
     def raw_batches(epoch, count: bool):
         """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
@@ -341,16 +350,19 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         no_images = tf.zeros([0, h, w, 3], tf.uint8)
 
         def numbered(epoch):
-            """(epoch, (batch number, (tags, records))), and a last empty batch so that a gap at
-            the epoch's end shows."""
-            ends = raw_batches(epoch, True).concatenate(tf.data.Dataset.from_tensors((no_tags, no_records)))
-            return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(epoch).repeat(), ends.enumerate()))
+            """(epoch, (batch number, (tags, records)))."""
+            return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(epoch).repeat(),
+                                        raw_batches(epoch, True).enumerate()))
 
         def decode(epoch, numbered_batch):
             i, (tags, records) = numbered_batch
-            # Batches past the epoch's steps are read to the end of every file (so a truncated
-            # or over-long file is always found) but not decoded.
-            images, labels = tf.cond(i < steps, lambda: decode_block(records), lambda: (no_images, no_tags))
+            # Batches past the epoch's steps are read to the end of every file (so a truncated or
+            # over-long file is always found) but not decoded: this assertion drops them (through
+            # the ignore_errors below). A branch would keep the function from running inline.
+            past = _assert(i < steps, ["pfc-data: batch", i, "is past the epoch's", steps, "steps"])
+            with tf.control_dependencies([past]):
+                records = tf.identity(records)
+            images, labels = decode_block(records)
             return epoch, i, images, labels, tags
 
         # One record stream through all epochs, running ahead of the decoders by a shuffle
@@ -358,11 +370,18 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         # while this epoch's last batches decode. (Epoch by epoch, the decoders stood idle
         # for that fill at every epoch start: 60-70 ms on 2 cores, measured.)
         ahead = max(2, -(-shuffle_buffer // batch_size))
-        ds = epochs_ds.flat_map(numbered).prefetch(ahead).map(
-            decode, num_parallel_calls=cores, deterministic=True).ignore_errors()
+        ds = map_inline(epochs_ds.flat_map(numbered).prefetch(ahead), decode, parallel=cores).ignore_errors()
+        # The checks below run in the thread pool the decoders keep busy: this buffer keeps the
+        # decoders from waiting on them.
+        ds = ds.prefetch(2)
+        if epochs is not None:  # a last element, so that a gap at the very end shows
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(
+                (tf.constant(last, tf.int64), tf.constant(0, tf.int64), no_images, no_tags, no_tags)))
 
         def name_bad_record(epoch, i):
-            tags, records = raw_batches(epoch, True).skip(i).take(1).get_single_element()
+            # (No batch i at all: the epoch's records ran out, and a file fault says why.)
+            tags, records = raw_batches(epoch, True).skip(i).take(1).concatenate(
+                tf.data.Dataset.from_tensors((no_tags, no_records))).take(1).get_single_element()
             _, _, out = decode_each(tags, records).get_single_element()
             ops = checks(no_tags, no_tags, out, tags)
             with tf.control_dependencies(ops):  # every record decodes alone: still not silent
@@ -370,15 +389,24 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                                        "a whole, though each of its records decodes alone"])
 
         def step(last, batch):
+            """The first batch missing, if any: in this epoch before batch i, or at the end of
+            the last epoch (an epoch has batches 0 .. steps - 1)."""
             last_epoch, last_i = last
             epoch, i, images, labels, tags = batch
-            expected = tf.where(tf.equal(epoch, last_epoch), last_i + 1, 0)
-            gap = tf.cond(i > expected, lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
+            new = tf.not_equal(epoch, last_epoch)
+            short = new & (last_i < steps - 1)
+            missing_epoch = tf.where(short, last_epoch, epoch)
+            expected = tf.where(new, tf.constant(0, tf.int64), last_i + 1)
+            missing_i = tf.where(short, last_i + 1, expected)
+            gap = tf.cond(short | (i > expected),
+                          lambda: name_bad_record(missing_epoch, missing_i), lambda: tf.no_op())
             with tf.control_dependencies([gap, *checks(images, labels, tags)]):
                 return (epoch, i), (tf.identity(images), tf.identity(labels), epoch)
 
-        ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(-1, tf.int64)), step)
-        return ds.filter(lambda x, y, e: tf.equal(tf.size(y), batch_size))  # exactly `steps` per epoch
+        ds = ds.scan((tf.constant(start_epoch, tf.int64), tf.constant(-1, tf.int64)), step)
+        if epochs is not None:
+            ds = ds.filter(lambda x, y, e: tf.size(y) > 0)  # the last element
+        return ds
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
@@ -417,7 +445,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
         return ds.map(lambda x, y: (x, y, epoch))
 
-    last = start_epoch + epochs if epochs is not None else 2**62
+    last = start_epoch + epochs if epochs is not None else 2**62  # (the first epoch not read)
     # Decoded epochs one after the other. (Two epochs decoding at once kept up to 2.3 GB of
     # decoded images buffered and cost 70 % more CPU per image on 2 cores, measured; only the
     # encoded records of the next epoch are read ahead.)
@@ -462,24 +490,61 @@ def _index_of(tag):
     return tf.bitwise.bitwise_and(tag, _TAG_MASK)
 
 
-def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int]):
-    """(one record -> (image uint8 [H, W, 3], label int64),
-        records [n] -> (images uint8 [n, H, W, 3], labels int64 [n])).
+def map_inline(ds: tf.data.Dataset, fn, parallel: int | None = None) -> tf.data.Dataset:
+    """`ds.map(fn)` (`parallel` calls at once, in order) with each call run whole in the thread
+    that makes it.
 
-    Writers store every image at the manifest's size, so the common case decodes without a
-    resize or a branch; an image of another size then fails `ensure_shape` and counts as a
-    corrupt record. The batch decoder parses in one call and decodes in a loop inside one
-    function: tf.data's per-element overhead is paid once per batch.
+    tf.data otherwise hands a function's ops to its thread pool, a thread wake-up per call and
+    more; while the pool's threads decode, a small function there waits for one to finish. On
+    the 2-core VM of docs/benchmarks.md that cost the reader ~40 context switches per batch
+    (~15 against ~10 for decoding alone) and several µs of CPU per image. `fn` must have no
+    control flow (tf.cond, loops): TensorFlow's single-threaded executor runs these calls.
+    (tf.data has no public switch for this; the private constructors are pinned with
+    TensorFlow's version, and tests/test_pipelines_reader.py checks the attribute is set.)
     """
-    spec = schema.feature_spec()
+    from tensorflow.python.data.ops import map_op
+
+    if parallel is None:
+        return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False)
+    return map_op._ParallelMapDataset(ds, fn, num_parallel_calls=parallel, deterministic=True,
+                                      use_inter_op_parallelism=False)
+
+
+def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size: tuple[int, int] | None = None):
+    """encoded JPEGs string [batch_size] -> uint8 [batch_size, H, W, 3] (3 channels; resized to
+    image_size = (H, W) unless stored_size, the size the writer stored, is the same).
+
+    One tf.io.decode_jpeg per image, unrolled: no loop, so it can run inline (`map_inline`),
+    which made batched decoding 5-12 % cheaper per image than a tf.map_fn loop (measured). A
+    batch of another size fails (as a whole: the callers then go record by record); an image
+    of another size fails its `ensure_shape`.
+    """
     h, w = image_size
+    same = stored_size is not None and tuple(image_size) == tuple(stored_size)
 
     def image(encoded):
         img = tf.io.decode_jpeg(encoded, channels=3)
-        if tuple(image_size) == tuple(stored_size):
-            return tf.ensure_shape(img, [h, w, 3])
-        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [h, w])), 0, 255), tf.uint8)
+        if not same:
+            img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [h, w])), 0, 255), tf.uint8)
         return tf.ensure_shape(img, [h, w, 3])
+
+    def decode(encoded):
+        return tf.stack([image(e) for e in tf.unstack(encoded, num=batch_size)])
+
+    return decode, image
+
+
+def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int], batch_size: int):
+    """(one record -> (image uint8 [H, W, 3], label int64),
+        records [batch_size] -> (images uint8 [batch_size, H, W, 3], labels int64 [batch_size])).
+
+    Writers store every image at the manifest's size, so the common case decodes without a
+    resize or a branch; an image of another size then fails `ensure_shape` and counts as a
+    corrupt record. The batch decoder parses and decodes in one function without control flow,
+    so that it runs inline: tf.data's per-element overhead is paid once per batch.
+    """
+    spec = schema.feature_spec()
+    images, image = jpeg_batch_decoder(batch_size, image_size, stored_size)
 
     def one(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -487,9 +552,7 @@ def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int]):
 
     def block(serialized):
         ex = tf.io.parse_example(serialized, spec)
-        images = tf.map_fn(image, ex[schema.IMAGE_KEY], parallel_iterations=1,
-                           fn_output_signature=tf.TensorSpec([h, w, 3], tf.uint8))
-        return images, ex[schema.LABEL_KEY]
+        return images(ex[schema.IMAGE_KEY]), ex[schema.LABEL_KEY]
 
     return one, block
 
