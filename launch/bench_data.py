@@ -164,7 +164,7 @@ def baselines(pipe, batch: int, steps: int, threads: int):
     per_image = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
                  .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
                  .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
-    decode_batch, _ = reader.jpeg_batch_decoder(batch, (h, w), pipe.manifest.image_size)
+    decode_batch, _ = reader.jpeg_batch_decoder(batch, (h, w), (h, w))  # (no resize, as per image)
     batched = reader.map_inline(
         tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat().batch(batch, drop_remainder=True),
         decode_batch, parallel=threads).prefetch(2).with_options(options)

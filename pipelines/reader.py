@@ -61,8 +61,8 @@ _TAG_BITS = 32
 _TAG_MASK = (1 << _TAG_BITS) - 1
 # Records read from a file per tf.data element (tf.data's per-element cost, paid per block).
 _READ_BLOCK = 64
-# Put after a file's records to mark its end (no record in this format is these bytes: it is
-# not a parsable Example).
+# Put after a file's records to mark its end; each pipeline adds 16 random bytes, so that no
+# record, however crafted, can pass for it.
 _END_MARK = b"\xffpfc-data: end of file\xff"
 
 
@@ -243,6 +243,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     base_seed = (seed * 1_000_003 + rank) % (2**31 - 1)
     h, w = size_hw
     no_tags, no_records = tf.zeros([0], tf.int64), tf.zeros([0], tf.string)
+    end_mark = tf.constant(_END_MARK + os.urandom(16))
 
     def file_blocks(fidx, count: bool):
         """File `fidx` -> blocks (tags [n], records [n]) of this worker's records in file order,
@@ -253,10 +254,10 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         inline in the reading thread (see `map_inline`)."""
         name, total, first, own = files_t[fidx], records_t[fidx], first_t[fidx], own_t[fidx]
         ds = tf.data.TFRecordDataset(name, buffer_size=1 << 20).ignore_errors()
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(_END_MARK)).batch(_READ_BLOCK).enumerate()
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(end_mark)).batch(_READ_BLOCK).enumerate()
 
         def block(k, records):
-            end = tf.equal(records[-1], _END_MARK)  # (a block is never empty)
+            end = tf.equal(records[-1], end_mark)  # (a block is never empty)
             n = tf.size(records, out_type=tf.int64) - tf.cast(end, tf.int64)
             read = k * _READ_BLOCK
             records, index = records[:n], read + tf.range(n)
@@ -285,9 +286,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     def raw_batches(epoch, count: bool):
         """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
         last one shorter)."""
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), epoch]))
-        ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        ds = tf.data.Dataset.from_tensor_slices(file_order(n_files, base_seed, epoch)).interleave(
             lambda f: file_blocks(f, count), cycle_length=cycle, block_length=1,
             num_parallel_calls=cycle if remote else None, deterministic=True if remote else None)
         ds = ds.unbatch()
@@ -347,12 +346,19 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         again, record by record, to name the record. (Guarding every batch with a record-by-record
         fallback cost 5-8 % more CPU, measured.)"""
         steps = plan.steps_per_epoch
-        no_images = tf.zeros([0, h, w, 3], tf.uint8)
+        # The end of an epoch travels through the decoders as a batch numbered -1 (they run
+        # without branches, so it is a real batch: one blank image, batch_size times; ~0.1 % of
+        # an epoch's decoding). It always arrives, so a gap at the end of an epoch (or a whole
+        # epoch that failed) is named when that epoch ends.
+        blank = schema.encode_example(
+            tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy(), 0)
+        end_of_epoch = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), (
+            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank)))))
 
         def numbered(epoch):
-            """(epoch, (batch number, (tags, records)))."""
+            """(epoch, (batch number, (tags, records))), the epoch's end last."""
             return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(epoch).repeat(),
-                                        raw_batches(epoch, True).enumerate()))
+                                        raw_batches(epoch, True).enumerate().concatenate(end_of_epoch)))
 
         def decode(epoch, numbered_batch):
             i, (tags, records) = numbered_batch
@@ -374,9 +380,6 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         # The checks below run in the thread pool the decoders keep busy: this buffer keeps the
         # decoders from waiting on them.
         ds = ds.prefetch(2)
-        if epochs is not None:  # a last element, so that a gap at the very end shows
-            ds = ds.concatenate(tf.data.Dataset.from_tensors(
-                (tf.constant(last, tf.int64), tf.constant(0, tf.int64), no_images, no_tags, no_tags)))
 
         def name_bad_record(epoch, i):
             # (No batch i at all: the epoch's records ran out, and a file fault says why.)
@@ -388,25 +391,21 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "
                                        "a whole, though each of its records decodes alone"])
 
-        def step(last, batch):
-            """The first batch missing, if any: in this epoch before batch i, or at the end of
-            the last epoch (an epoch has batches 0 .. steps - 1)."""
-            last_epoch, last_i = last
+        def step(last_i, batch):
+            """The first batch missing, if any: before batch i, or before the epoch's end (i = -1;
+            an epoch has batches 0 .. steps - 1). The state: the epoch's last batch so far."""
             epoch, i, images, labels, tags = batch
-            new = tf.not_equal(epoch, last_epoch)
-            short = new & (last_i < steps - 1)
-            missing_epoch = tf.where(short, last_epoch, epoch)
-            expected = tf.where(new, tf.constant(0, tf.int64), last_i + 1)
-            missing_i = tf.where(short, last_i + 1, expected)
-            gap = tf.cond(short | (i > expected),
-                          lambda: name_bad_record(missing_epoch, missing_i), lambda: tf.no_op())
+            end = i < 0
+            expected = last_i + 1
+            gap = tf.cond(tf.where(end, last_i < steps - 1, i > expected),
+                          lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
+            n = tf.where(end, 0, tf.size(labels))
+            images, labels, tags = images[:n], labels[:n], tags[:n]
             with tf.control_dependencies([gap, *checks(images, labels, tags)]):
-                return (epoch, i), (tf.identity(images), tf.identity(labels), epoch)
+                return tf.where(end, tf.constant(-1, tf.int64), i), (tf.identity(images), tf.identity(labels), epoch)
 
-        ds = ds.scan((tf.constant(start_epoch, tf.int64), tf.constant(-1, tf.int64)), step)
-        if epochs is not None:
-            ds = ds.filter(lambda x, y, e: tf.size(y) > 0)  # the last element
-        return ds
+        ds = ds.scan(tf.constant(-1, tf.int64), step)
+        return ds.filter(lambda x, y, e: tf.size(y) > 0)  # (the ends of the epochs)
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
@@ -445,7 +444,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
         return ds.map(lambda x, y: (x, y, epoch))
 
-    last = start_epoch + epochs if epochs is not None else 2**62  # (the first epoch not read)
+    last = start_epoch + epochs if epochs is not None else 2**62
     # Decoded epochs one after the other. (Two epochs decoding at once kept up to 2.3 GB of
     # decoded images buffered and cost 70 % more CPU per image on 2 cores, measured; only the
     # encoded records of the next epoch are read ahead.)
@@ -505,9 +504,16 @@ def map_inline(ds: tf.data.Dataset, fn, parallel: int | None = None) -> tf.data.
     from tensorflow.python.data.ops import map_op
 
     if parallel is None:
-        return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False)
+        return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False, preserve_cardinality=True)
     return map_op._ParallelMapDataset(ds, fn, num_parallel_calls=parallel, deterministic=True,
-                                      use_inter_op_parallelism=False)
+                                      use_inter_op_parallelism=False, preserve_cardinality=True)
+
+
+def file_order(n_files: int, base_seed: int, epoch) -> tf.Tensor:
+    """The order a worker reads its n_files files in, in an epoch: int64 [n_files], a permutation
+    seeded by (base_seed, epoch) (`Pipeline.seed` is base_seed)."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)]))
 
 
 def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size: tuple[int, int] | None = None):
