@@ -5,7 +5,7 @@
 The stages of `pipelines.reader`'s record stream, rebuilt from tf.data parts in the same shape
 (16 files interleaved, blocks of 64 records, a 4096-record shuffle, batches of 128, parse of
 the two keys), under `pfc`'s allocator settings and a 2-thread pool as one worker on 2 cores
-gets. It leaves out the reader's per-block scan, the tags and the checks, so the reader's own
+gets. It leaves out the reader's per-block bookkeeping, the tags and the checks, so the reader's own
 figure is above the last line. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
 Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
 """
