@@ -41,8 +41,8 @@ the numbers is read again record by record to name the bad one. With skip_corrup
 records are skipped and counted in `corrupt_records` (a file whose framing breaks is abandoned
 from the broken record on: its remaining records, as counted by the manifest, are counted as
 skipped); every batch is then guarded by a record-by-record fallback, which costs 5-8 % more
-CPU per image (measured). Labels outside [0, num_classes) and files longer than the manifest says
-always raise, naming file, record index and label or count.
+CPU per image (measured). Labels outside [0, num_classes) in a batch and files longer than the
+manifest says always raise, naming file, record index and label or count.
 """
 from __future__ import annotations
 
@@ -347,11 +347,12 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         fallback cost 5-8 % more CPU, measured.)"""
         steps = plan.steps_per_epoch
         # The end of an epoch travels through the decoders as a batch numbered -1 (they run
-        # without branches, so it is a real batch: one blank image, batch_size times; ~0.1 % of
-        # an epoch's decoding). It always arrives, so a gap at the end of an epoch (or a whole
-        # epoch that failed) is named when that epoch ends.
-        blank = schema.encode_example(
-            tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy(), 0)
+        # without branches, so it is a real batch: one blank image, batch_size times; one batch
+        # in steps_per_epoch, of images that decode fast). It always arrives, so a gap at the end
+        # of an epoch (or a whole epoch that failed) is named when that epoch ends.
+        with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
+            blank = schema.encode_example(
+                tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy(), 0)
         end_of_epoch = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), (
             tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank)))))
 
@@ -397,15 +398,19 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
             epoch, i, images, labels, tags = batch
             end = i < 0
             expected = last_i + 1
+            # (fail closed: were an epoch's end batch ever lost, its end would go unchecked)
+            ordered = _assert(end | (i > last_i), ["pfc-data: internal error: the end of an epoch "
+                                                   "was lost before batch", i, "of epoch", epoch])
             gap = tf.cond(tf.where(end, last_i < steps - 1, i > expected),
                           lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
             n = tf.where(end, 0, tf.size(labels))
             images, labels, tags = images[:n], labels[:n], tags[:n]
-            with tf.control_dependencies([gap, *checks(images, labels, tags)]):
+            with tf.control_dependencies([ordered, gap, *checks(images, labels, tags)]):
                 return tf.where(end, tf.constant(-1, tf.int64), i), (tf.identity(images), tf.identity(labels), epoch)
 
-        ds = ds.scan(tf.constant(-1, tf.int64), step)
-        return ds.filter(lambda x, y, e: tf.size(y) > 0)  # (the ends of the epochs)
+        ds = ds.scan(tf.constant(-1, tf.int64), step).filter(lambda x, y, e: tf.size(y) > 0)  # (the ends)
+        return map_inline(ds, lambda x, y, e: (tf.ensure_shape(x, [batch_size, h, w, 3]),
+                                               tf.ensure_shape(y, [batch_size]), e))
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the

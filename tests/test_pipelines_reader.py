@@ -330,3 +330,15 @@ def test_nothing_decodable_raises_instead_of_reading_forever(tmp_path):
     assert result, "the reader neither yielded nor raised in 120 s"
     shard = str(tmp_path / "train-00000-of-00001.tfrecord")
     assert f"corrupt record in file] [{shard}] [at record index] [0]" in result[0]
+
+
+def test_a_bad_record_in_an_epochs_last_batch_is_named_when_resizing_and_resuming(tmp_path):
+    # the epoch's end batch goes through the resizing decoder too; epochs numbered from 3
+    write_indexed(str(tmp_path), [12], bad_image={10})
+    shard = str(tmp_path / "train-00000-of-00001.tfrecord")
+    it = iter(reader.make_dataset(str(tmp_path), 4, image_size=(5, 7), shuffle_buffer=0, start_epoch=3))
+    for _ in range(2):
+        x, y, e = next(it)
+        assert x.shape == (4, 5, 7, 3) and int(e) == 3
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{shard}\\] \\[at record index\\] \\[10\\]"):
+        next(it)
