@@ -160,13 +160,14 @@ def baselines(pipe, batch: int, steps: int, threads: int):
             break
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
-    decode = lambda b: tf.ensure_shape(tf.io.decode_jpeg(b, channels=3), [h, w, 3])  # noqa: E731
-    per_image = (tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()
-                 .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    # The reader's own decoders (at the stored size: no resize).
+    decode_batch, decode_one = reader.jpeg_batch_decoder(batch, (h, w), (h, w))
+    encoded = tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()  # (stacked once: ~0.5 GB)
+    per_image = (encoded
+                 .map(decode_one, num_parallel_calls=tf.data.AUTOTUNE)
                  .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
-    decode_batch, _ = reader.jpeg_batch_decoder(batch, (h, w), (h, w))  # (no resize, as per image)
     batched = reader.map_inline(
-        tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat().batch(batch, drop_remainder=True),
+        encoded.batch(batch, drop_remainder=True),
         decode_batch, parallel=threads).prefetch(2).with_options(options)
     return per_image, batched
 

@@ -208,7 +208,8 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     cycle_length: files open at once (records of this many files are mixed before the shuffle).
     threads: batches decoded at once, and this pipeline's own thread pool of that size (None:
       all cores, in tf.data's shared pool). With several workers on one host, give each its
-      share (`pipelines.threads.cores_per_worker(local_size)`): pools of all cores each oversubscribe the host.
+      share (`pipelines.threads.cores_per_worker(local_size)`): pools of all cores each
+      oversubscribe the host.
     """
     _, manifest, files, counts = resolve(path)
     plan = plan_shards(files, counts, rank, size, batch_size)
@@ -500,8 +501,8 @@ def map_inline(ds: tf.data.Dataset, fn, parallel: int | None = None) -> tf.data.
 
     tf.data otherwise hands a function's ops to its thread pool, a thread wake-up per call and
     more; while the pool's threads decode, a small function there waits for one to finish. On
-    the 2-core VM of docs/benchmarks.md that cost the reader ~40 context switches per batch
-    (~15 against ~10 for decoding alone) and several µs of CPU per image. `fn` must have no
+    the 2-core VM of docs/benchmarks.md the reader had ~50 context switches per batch against
+    10-15 for decoding alone, and ~5 µs more kernel time per image. `fn` must have no
     control flow (tf.cond, loops): TensorFlow's single-threaded executor runs these calls.
     (tf.data has no public switch for this; the private constructors are pinned with
     TensorFlow's version, and tests/test_pipelines_reader.py checks the attribute is set.)
@@ -521,17 +522,18 @@ def file_order(n_files: int, base_seed: int, epoch) -> tf.Tensor:
         tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)]))
 
 
-def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size: tuple[int, int] | None = None):
-    """encoded JPEGs string [batch_size] -> uint8 [batch_size, H, W, 3] (3 channels; resized to
-    image_size = (H, W) unless stored_size, the size the writer stored, is the same).
+def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size: tuple[int, int]):
+    """(encoded JPEGs string [batch_size] -> uint8 [batch_size, H, W, 3], one encoded JPEG ->
+    uint8 [H, W, 3]): 3 channels, resized to image_size = (H, W) unless stored_size, the size the
+    writer stored, is the same.
 
     One tf.io.decode_jpeg per image, unrolled: no loop, so it can run inline (`map_inline`),
-    which made batched decoding 5-12 % cheaper per image than a tf.map_fn loop (measured). A
+    which made batched decoding 10-15 % cheaper per image than a tf.map_fn loop (measured). A
     batch of another size fails (as a whole: the callers then go record by record); an image
     of another size fails its `ensure_shape`.
     """
     h, w = image_size
-    same = stored_size is not None and tuple(image_size) == tuple(stored_size)
+    same = tuple(image_size) == tuple(stored_size)
 
     def image(encoded):
         img = tf.io.decode_jpeg(encoded, channels=3)
