@@ -3,8 +3,8 @@
     .venv/bin/python bench/reader_stages.py /tmp/pfc-bench-data-112-40k [--batches 300]
 
 The stages of `pipelines.reader`'s record stream, rebuilt from tf.data parts in the same shape
-(16 files interleaved, blocks of 64 records, a 4096-record shuffle, batches of 128, parse of
-the two keys), under `pfc`'s allocator settings and a 2-thread pool as one worker on 2 cores
+(16 files interleaved, blocks of 64 records, windows of 4096 records each permuted by one
+gather, batches of 128 cut from them, parse of the two keys), under `pfc`'s allocator settings and a 2-thread pool as one worker on 2 cores
 gets. It leaves out the reader's per-block bookkeeping, the tags and the checks, so the reader's own
 figure is above the last line. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
 Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
@@ -30,7 +30,7 @@ def main() -> int:
     import tensorflow as tf
 
     from launch.bench_data import timed_window
-    from pipelines import schema
+    from pipelines import reader, schema
 
     files = sorted(glob.glob(os.path.join(args.data, "*.tfrecord")))
     if not files:
@@ -39,13 +39,19 @@ def main() -> int:
     options = tf.data.Options()
     options.autotune.enabled = False
     options.threading.private_threadpool_size = 2
-    records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64), cycle_length=16).repeat().unbatch()
+    blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64), cycle_length=16).repeat()
+
+    def permute(k, window):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(tf.shape(window)[0]), seed=tf.stack([tf.constant(1, tf.int64), k]))
+        return tf.gather(window, order)
+
+    shuffled = reader.map_inline(blocks.rebatch(4096).enumerate(), permute).rebatch(128)
     stages = {
-        "read in blocks of 64, batch(128)": records.batch(128),
-        "+ shuffle(4096)": records.shuffle(4096, seed=1).batch(128),
-        "+ parse_example": records.shuffle(4096, seed=1).batch(128).map(
-            lambda r: tf.io.parse_example(r, schema.feature_spec())),
+        "read in blocks of 64, rebatch(128)": blocks.rebatch(128),
+        "+ window permutation (4096)": shuffled,
+        "+ parse_example": reader.map_inline(shuffled, lambda r: tf.io.parse_example(r, schema.feature_spec())),
     }
     n = 128 * args.batches
     for name, ds in stages.items():

@@ -12,17 +12,19 @@ Per epoch e (e = start_epoch, start_epoch+1, ...):
      by a background reader), every record tagged with its file and index; a file that ends
      before the manifest's count (bad CRC, truncation) or runs past it is noted (the last
      block holds an end mark, so this needs no state, and runs inline: `map_inline`);
-  3. a bounded shuffle buffer of the *encoded* records (shuffle_buffer records, seeded by
-     (seed, rank, e)): a fifth of the bytes of decoded images, and each image is batched while
-     its decoded pixels are still in cache;
-  4. batches of batch_size records, each parsed and JPEG-decoded (3 channels; resized if asked)
-     as a whole by one inline call without control flow (`jpeg_batch_decoder`), `threads`
-     batches at once, then checked: file faults noted so far, labels in [0, num_classes), and
-     no batch missing;
+  3. a bounded shuffle of the *encoded* records (a fifth of the bytes of decoded images): each
+     window of shuffle_buffer records in read order (rounded up to whole batches) is permuted
+     as a whole, seeded by (seed, rank, e), with one gather (tf.data's shuffle buffer handled
+     records one at a time);
+  4. batches of batch_size records, cut from the windows without a copy, each parsed and
+     JPEG-decoded (3 channels; resized if asked) as a whole by one inline call without control
+     flow (`jpeg_batch_decoder`), `threads` batches at once, then checked: file faults noted so
+     far, labels in [0, num_classes), and no batch missing;
   5. exactly steps_per_epoch uint8 batches. Records past them are still read to the end of every
      file (so a broken or over-long file is always found) but not decoded.
-Steps 1-3 run a shuffle buffer's worth of batches ahead of the decoders, into the next epoch:
-its files open and its shuffle buffer fills while this epoch's last batches decode.
+Steps 1-3 run a window ahead of the decoders, into the next epoch: its files open and its first
+window fills while this epoch's last batches decode. They hand the decoders whole windows, so
+the reading thread wakes once per window, not once per batch.
 The augmentation (random horizontal flip, x / 127.5 - 1 as float32) is `Pipeline.augment`, called
 in the training step: compiled with the backbone on its device it costs next to nothing, in
 tf.data it cost a third of the reader's time (docs/benchmarks.md).
@@ -199,7 +201,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     path: dataset directory, its manifest.json, a shard file or a glob (local, s3://, gs://, hdfs://).
     rank, size: this worker and the number of workers (cluster.rank / cluster.size).
     image_size: (H, W) to resize to; default the manifest's.
-    shuffle_buffer: records in the shuffle buffer (0: no shuffle).
+    shuffle_buffer: records permuted together (rounded up to whole batches; 0: no shuffle).
     seed: file order and shuffle (with rank and epoch) and `Pipeline.augment`'s flips (with rank
       and step); TensorFlow's global seed plays no part.
     flip: whether `Pipeline.augment` flips images.
@@ -284,23 +286,38 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
 
         return map_inline(ds, block)
 
-    def raw_batches(epoch, count: bool):
-        """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
-        last one shorter)."""
+    # Records are shuffled, and travel to the decoders, in windows of whole batches: the reading
+    # thread then wakes once per window rather than once per batch (fewer thread switches on
+    # the decoders' cores), and the windows are cut into batches without a copy.
+    window_batches = max(1, -(-shuffle_buffer // batch_size))
+    window = window_batches * batch_size
+
+    def raw_windows(epoch, count: bool, trim: bool):
+        """One pass's records in windows (tags [n], records [n]) of `window` records (the last
+        one shorter), each permuted as a whole when shuffling. trim: the last window cut to whole
+        batches (the records cut off are past the epoch's steps: read, never decoded)."""
         ds = tf.data.Dataset.from_tensor_slices(file_order(n_files, base_seed, epoch)).interleave(
             lambda f: file_blocks(f, count), cycle_length=cycle, block_length=1,
             num_parallel_calls=cycle if remote else None, deterministic=True if remote else None)
-        ds = ds.unbatch()
-        if shuffle_buffer > 0:
-            g = tf.compat.v1.get_default_graph()
-            # The order depends on `seed` alone: not on TensorFlow's global seed (a global seed
-            # of 0 would even break tf.data's seed handling of a per-epoch tensor seed).
-            saved, g.seed = g.seed, None
-            try:
-                ds = ds.shuffle(shuffle_buffer, seed=base_seed * 7919 + epoch, reshuffle_each_iteration=False)
-            finally:
-                g.seed = saved
-        return ds.batch(batch_size)
+        # (a window permuted by one gather: tf.data's shuffle took records one by one)
+        seed = tf.stack([tf.constant(base_seed * 7919, tf.int64) + epoch, tf.constant(0, tf.int64)])
+
+        def arrange(k, block):
+            tags, records = block
+            n = tf.shape(tags, out_type=tf.int64)[0]
+            order = tf.range(n)
+            if shuffle_buffer > 0:
+                order = tf.random.experimental.stateless_shuffle(order, seed=seed + tf.stack([0, k]))
+            if trim:
+                order = order[:n // batch_size * batch_size]
+            return tf.gather(tags, order), tf.gather(records, order)
+
+        return map_inline(ds.rebatch(window).enumerate(), arrange)
+
+    def raw_batches(epoch, count: bool):
+        """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
+        last one shorter)."""
+        return raw_windows(epoch, count, trim=False).rebatch(batch_size)
 
     def decode_each(tags, records):
         """Record by record: (images [m, H, W, 3], labels [m], tags [m]) of the m <= n records
@@ -354,16 +371,24 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
             blank = schema.encode_example(
                 tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy(), 0)
-        end_of_epoch = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), (
-            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank)))))
+        end_of_epoch = tf.data.Dataset.from_tensors((
+            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank))))
 
         def numbered(epoch):
-            """(epoch, (batch number, (tags, records))), the epoch's end last."""
-            return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(epoch).repeat(),
-                                        raw_batches(epoch, True).enumerate().concatenate(end_of_epoch)))
+            """The epoch's windows, each record with its epoch and batch number: (epochs [n],
+            numbers [n], tags [n], records [n]), n a multiple of batch_size; the epoch's end last,
+            its tags -1 (one batch)."""
+            def number(k, w):
+                tags, records = w
+                n = tf.shape(tags, out_type=tf.int64)[0]
+                # (a window cut to nothing has no first tag: _at gives 0)
+                i = tf.where(_at(tags, 0) < 0, tf.constant(-1, tf.int64), k * window_batches + tf.range(n) // batch_size)
+                return tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, records
 
-        def decode(epoch, numbered_batch):
-            i, (tags, records) = numbered_batch
+            return map_inline(raw_windows(epoch, True, trim=True).concatenate(end_of_epoch).enumerate(), number)
+
+        def decode(epochs, numbers, tags, records):
+            epoch, i = epochs[0], numbers[0]
             # Batches past the epoch's steps are read to the end of every file (so a truncated or
             # over-long file is always found) but not decoded: this assertion drops them (through
             # the ignore_errors below). A branch would keep the function from running inline.
@@ -371,17 +396,15 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
             with tf.control_dependencies([past]):
                 records = tf.identity(records)
             images, labels = decode_block(records)
-            return epoch, i, images, labels, tags
+            return epoch, i, images, tf.ensure_shape(labels, [batch_size]), tags
 
-        # One record stream through all epochs, running ahead of the decoders by a shuffle
-        # buffer's worth of batches: the next epoch's files open and its shuffle buffer fills
-        # while this epoch's last batches decode. (Epoch by epoch, the decoders stood idle
-        # for that fill at every epoch start: 60-70 ms on 2 cores, measured.)
-        ahead = max(2, -(-shuffle_buffer // batch_size))
-        ds = map_inline(epochs_ds.flat_map(numbered).prefetch(ahead), decode, parallel=cores).ignore_errors()
-        # The checks below run in the thread pool the decoders keep busy: this buffer keeps the
-        # decoders from waiting on them.
-        ds = ds.prefetch(2)
+        # One record stream through all epochs, a window ahead of the decoders: the next epoch's
+        # files open and its first window fills while this epoch's last batches decode. (Epoch
+        # by epoch, the decoders stood idle for that fill at every epoch start: 60-70 ms on 2
+        # cores, measured.) Windows are cut into batches in the thread that feeds the decoders
+        # (rebatch passes each batch on as a slice of its window, without a copy).
+        ds = epochs_ds.flat_map(numbered).prefetch(1).rebatch(batch_size)
+        ds = map_inline(ds, decode, parallel=cores).ignore_errors()
 
         def name_bad_record(epoch, i):
             # (No batch i at all: the epoch's records ran out, and a file fault says why.)
@@ -404,14 +427,12 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                                                    "was lost before batch", i, "of epoch", epoch])
             gap = tf.cond(tf.where(end, last_i < steps - 1, i > expected),
                           lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
-            n = tf.where(end, 0, tf.size(labels))
-            images, labels, tags = images[:n], labels[:n], tags[:n]
             with tf.control_dependencies([ordered, gap, *checks(images, labels, tags)]):
-                return tf.where(end, tf.constant(-1, tf.int64), i), (tf.identity(images), tf.identity(labels), epoch)
+                # (the epoch's end leaves with epoch -1, for the filter)
+                return tf.where(end, tf.constant(-1, tf.int64), i), (
+                    tf.identity(images), tf.identity(labels), tf.where(end, tf.constant(-1, tf.int64), epoch))
 
-        ds = ds.scan(tf.constant(-1, tf.int64), step).filter(lambda x, y, e: tf.size(y) > 0)  # (the ends)
-        return map_inline(ds, lambda x, y, e: (tf.ensure_shape(x, [batch_size, h, w, 3]),
-                                               tf.ensure_shape(y, [batch_size]), e))
+        return ds.scan(tf.constant(-1, tf.int64), step).filter(lambda x, y, e: e >= 0)
 
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the

@@ -342,3 +342,16 @@ def test_a_bad_record_in_an_epochs_last_batch_is_named_when_resizing_and_resumin
         assert x.shape == (4, 5, 7, 3) and int(e) == 3
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"{shard}\\] \\[at record index\\] \\[10\\]"):
         next(it)
+
+
+def test_shuffle_permutes_each_window_of_whole_batches(tmp_path):
+    # 60 records read in one order (3 files, one 64-record block each); shuffle_buffer 10 with
+    # batches of 4 is a window of 12 records: each window of the read order permuted as a whole
+    write_indexed(str(tmp_path), [20, 20, 20])
+    read = lambda buf: np.concatenate([y.numpy() for _, y, _ in reader.make_dataset(
+        str(tmp_path), 4, seed=1, epochs=1, shuffle_buffer=buf)])
+    plain, shuffled = read(0), read(10)
+    assert sorted(plain) == list(range(60)) and sorted(shuffled) == list(range(60))
+    windows = [(sorted(plain[k:k + 12]), sorted(shuffled[k:k + 12])) for k in range(0, 60, 12)]
+    assert all(p == s for p, s in windows)                       # no record leaves its window
+    assert all(not np.array_equal(plain[k:k + 12], shuffled[k:k + 12]) for k in range(0, 60, 12))
