@@ -56,3 +56,12 @@ def truncate_in(path: str, record: int) -> None:
     off, n = record_offsets(path)[record]
     b = open(path, "rb").read()
     open(path, "wb").write(b[:off + 12 + n // 2])
+
+
+def replace_record(path: str, record: int, data: bytes) -> None:
+    """Rewrite `path` with `record`'s bytes replaced by `data` (framing and CRCs valid)."""
+    records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    records[record] = data
+    with tf.io.TFRecordWriter(path) as w:
+        for r in records:
+            w.write(r)

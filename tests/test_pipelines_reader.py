@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines import reader, schema
-from pipelines_helpers import SIZE, flip_byte, truncate_in, write_indexed
+from pipelines_helpers import SIZE, flip_byte, replace_record, truncate_in, write_indexed
 
 
 def _labels_per_epoch(path, batch, rank, size, epochs=1, **kw):
@@ -355,3 +355,19 @@ def test_shuffle_permutes_each_window_of_whole_batches(tmp_path):
     windows = [(sorted(plain[k:k + 12]), sorted(shuffled[k:k + 12])) for k in range(0, 60, 12)]
     assert all(p == s for p, s in windows)                       # no record leaves its window
     assert all(not np.array_equal(plain[k:k + 12], shuffled[k:k + 12]) for k in range(0, 60, 12))
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_unparsable_example_is_named_wherever_it_falls_in_its_window(tmp_path, later):
+    # Windows of 12 records (3 batches of 4) are parsed as a whole; one that fails is dropped
+    # whole, and the record is named even when it is not in the first of the window's batches.
+    write_indexed(str(tmp_path), [24])
+    shard = str(tmp_path / "train-00000-of-00001.tfrecord")
+    order = np.concatenate([y.numpy() for _, y, _ in reader.make_dataset(
+        str(tmp_path), 4, seed=3, epochs=1, shuffle_buffer=12)])   # record at each position
+    bad = next(int(g) for p, g in enumerate(order) if ((p // 4) % 3 > 0) == later)
+    replace_record(shard, bad, b"\x0a\x05not an Example")
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        for _ in reader.make_dataset(str(tmp_path), 4, seed=3, epochs=1, shuffle_buffer=12):
+            pass
+    assert f"corrupt record in file] [{shard}] [at record index] [{bad}] [: unparsable Example" in e.value.message
