@@ -15,11 +15,11 @@ Per epoch e (e = start_epoch, start_epoch+1, ...):
   3. a bounded shuffle of the *encoded* records (a fifth of the bytes of decoded images): each
      window of shuffle_buffer records in read order (rounded up to whole batches) is permuted
      as a whole, seeded by (seed, rank, e), with one gather (tf.data's shuffle buffer handled
-     records one at a time);
-  4. batches of batch_size records, cut from the windows without a copy, each parsed and
-     JPEG-decoded (3 channels; resized if asked) as a whole by one inline call without control
-     flow (`jpeg_batch_decoder`), `threads` batches at once, then checked: file faults noted so
-     far, labels in [0, num_classes), and no batch missing;
+     records one at a time), and parsed as a whole;
+  4. batches of batch_size records, cut from the windows without a copy, each JPEG-decoded (3
+     channels; resized if asked) as a whole by one inline call without control flow
+     (`jpeg_batch_decoder`), `threads` batches at once, then checked: file faults noted so far,
+     labels in [0, num_classes), and no batch missing;
   5. exactly steps_per_epoch uint8 batches. Records past them are still read to the end of every
      file (so a broken or over-long file is always found) but not decoded.
 Steps 1-3 run a window ahead of the decoders, into the next epoch: its files open and its first
@@ -38,8 +38,9 @@ computed from the manifest's per-shard counts (no communication, no counting).
 
 Corrupt data (bad CRC, truncated file, unparsable Example, undecodable JPEG) raises
 InvalidArgumentError naming the file and the record index. A batch with a bad record fails to
-decode as a whole; tf.data can only drop it, so batches are numbered, and the batch missing from
-the numbers is read again record by record to name the bad one. With skip_corrupt=True, bad
+decode as a whole (a window, to parse); tf.data can only drop it, so batches are numbered, and
+from the first batch missing from the numbers to its window's end the records are read again one
+by one to name the bad one. With skip_corrupt=True, bad
 records are skipped and counted in `corrupt_records` (a file whose framing breaks is abandoned
 from the broken record on: its remaining records, as counted by the manifest, are counted as
 skipped); every batch is then guarded by a record-by-record fallback, which costs 5-8 % more
