@@ -295,24 +295,32 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     window_batches = max(1, -(-shuffle_buffer // batch_size))
     window = window_batches * batch_size
 
+    def used(k, n):
+        """Records of window k (of n records) in the epoch's steps_per_epoch batches: whole
+        batches only."""
+        return tf.clip_by_value((plan.steps_per_epoch - k * window_batches) * batch_size, 0,
+                                n // batch_size * batch_size)
+
     def raw_windows(epoch, count: bool, trim: bool):
         """One pass's records in windows (tags [n], records [n]) of `window` records (the last
-        one shorter), each permuted as a whole when shuffling. trim: the last window cut to whole
-        batches (the records cut off are past the epoch's steps: read, never decoded)."""
+        one shorter), each permuted as a whole when shuffling. trim: each window cut to the
+        records the epoch's batches use (`used`); the others are read, never parsed."""
         ds = tf.data.Dataset.from_tensor_slices(file_order(n_files, base_seed, epoch)).interleave(
             lambda f: file_blocks(f, count), cycle_length=cycle, block_length=1,
             num_parallel_calls=cycle if remote else None, deterministic=True if remote else None)
-        # (a window permuted by one gather: tf.data's shuffle took records one by one)
-        seed = tf.stack([tf.constant(base_seed * 7919, tf.int64) + epoch, tf.constant(0, tf.int64)])
+        # (a window permuted by one gather: tf.data's shuffle took records one by one; its seed
+        # derived from (seed, rank, epoch) otherwise than `file_order`'s)
+        seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)])
 
         def arrange(k, block):
             tags, records = block
             n = tf.shape(tags, out_type=tf.int64)[0]
             order = tf.range(n)
             if shuffle_buffer > 0:
-                order = tf.random.experimental.stateless_shuffle(order, seed=seed + tf.stack([0, k]))
+                order = tf.random.experimental.stateless_shuffle(
+                    order, seed=tf.random.experimental.stateless_fold_in(seed, k))
             if trim:
-                order = order[:n // batch_size * batch_size]
+                order = order[:used(k, n)]
             return tf.gather(tags, order), tf.gather(records, order)
 
         return map_inline(ds.rebatch(window).enumerate(), arrange)
@@ -326,7 +334,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         """Record by record: (images [m, H, W, 3], labels [m], tags [m]) of the m <= n records
         that parse and decode, in order."""
         ds = tf.data.Dataset.from_tensor_slices((tags, records)).map(
-            lambda t, r: (*decode_one(r), t)).ignore_errors().batch(tf.maximum(tf.size(tags, out_type=tf.int64), 1))
+            lambda t, r: (*decode_one(r), t)).ignore_errors().batch(batch_size)
         empty = (tf.zeros([0, h, w, 3], tf.uint8), tf.zeros([0], tf.int64), no_tags)
         return ds.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
 
@@ -412,7 +420,8 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         # files open and its first window fills while this epoch's last batches decode. (Epoch
         # by epoch, the decoders stood idle for that fill at every epoch start: 60-70 ms on 2
         # cores, measured.) Windows are cut into batches in the thread that feeds the decoders
-        # (rebatch passes each batch on as a slice of its window, without a copy).
+        # (rebatch passes each batch on as a slice of its window, without a copy when the slice
+        # is aligned: batch sizes that are multiples of 8).
         ds = epochs_ds.flat_map(numbered).prefetch(1).rebatch(batch_size)
         ds = map_inline(ds, decode, parallel=cores).ignore_errors()
 
@@ -420,11 +429,23 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
             # Batch i to its window's end, record by record (a window that failed to parse lost
             # all its batches from i on). (No batch i at all: the epoch's records ran out, and a
             # file fault says why.)
-            tags, records = raw_windows(epoch, True, trim=False).skip(i // window_batches).take(1).concatenate(
+            k = i // window_batches
+            tags, records = raw_windows(epoch, True, trim=False).skip(k).take(1).concatenate(
                 tf.data.Dataset.from_tensors((no_tags, no_records))).take(1).get_single_element()
+            end = used(k, tf.size(tags, out_type=tf.int64))
             start = i % window_batches * batch_size
-            tags, records = tags[start:], records[start:]
-            _, _, out = decode_each(tags, records).get_single_element()
+            tags, records = tags[start:end], records[start:end]
+
+            def decodes(t, r):
+                # The tag of a record that decodes alone, and a value computed from its image (a
+                # control dependency alone let the optimizer drop the decode), not the image: a
+                # window of images could exceed the memory.
+                image, _ = decode_one(r)
+                return t, tf.reduce_max(image)
+
+            out, _ = tf.data.Dataset.from_tensor_slices((tags, records)).map(decodes).ignore_errors().batch(
+                tf.maximum(tf.size(tags, out_type=tf.int64), 1)).concatenate(
+                tf.data.Dataset.from_tensors((no_tags, tf.zeros([0], tf.uint8)))).take(1).get_single_element()
             ops = checks(no_tags, no_tags, out, tags)
             with tf.control_dependencies(ops):  # every record decodes alone: still not silent
                 return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "

@@ -360,14 +360,29 @@ def test_shuffle_permutes_each_window_of_whole_batches(tmp_path):
 @pytest.mark.parametrize("later", [False, True])
 def test_unparsable_example_is_named_wherever_it_falls_in_its_window(tmp_path, later):
     # Windows of 12 records (3 batches of 4) are parsed as a whole; one that fails is dropped
-    # whole, and the record is named even when it is not in the first of the window's batches.
-    write_indexed(str(tmp_path), [24])
+    # whole, and the record is named also when it is not in the first of the window's batches
+    # (here in the third window: the replay starts at the right window and batch).
+    write_indexed(str(tmp_path), [48])
     shard = str(tmp_path / "train-00000-of-00001.tfrecord")
     order = np.concatenate([y.numpy() for _, y, _ in reader.make_dataset(
         str(tmp_path), 4, seed=3, epochs=1, shuffle_buffer=12)])   # record at each position
-    bad = next(int(g) for p, g in enumerate(order) if ((p // 4) % 3 > 0) == later)
+    bad = next(int(g) for p, g in enumerate(order) if p // 12 == 2 and ((p // 4) % 3 > 0) == later)
     replace_record(shard, bad, b"\x0a\x05not an Example")
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         for _ in reader.make_dataset(str(tmp_path), 4, seed=3, epochs=1, shuffle_buffer=12):
             pass
     assert f"corrupt record in file] [{shard}] [at record index] [{bad}] [: unparsable Example" in e.value.message
+
+
+def test_records_past_the_epochs_steps_are_never_parsed(tmp_path):
+    # Worker 0 of 2 holds 8 records but runs worker 1's 4 // 4 = 1 step: one window of both its
+    # batches, of which only the first is used. A bad record in the other one goes unnoticed,
+    # as it would in any batch past the steps.
+    write_indexed(str(tmp_path), [8, 4])
+    kw = dict(rank=0, size=2, seed=3, epochs=1, shuffle_buffer=8)
+    used = sorted(int(g) for _, y, _ in reader.make_dataset(str(tmp_path), 4, **kw) for g in y.numpy())
+    assert len(used) == 4
+    replace_record(str(tmp_path / "train-00000-of-00002.tfrecord"), min(set(range(8)) - set(used)),
+                   b"\x0a\x05not an Example")
+    again = sorted(int(g) for _, y, _ in reader.make_dataset(str(tmp_path), 4, **kw) for g in y.numpy())
+    assert again == used
