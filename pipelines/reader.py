@@ -408,9 +408,10 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
 
         def decode(epochs, numbers, tags, jpegs, labels):
             epoch, i = epochs[0], numbers[0]
-            # Batches past the epoch's steps are read to the end of every file (so a truncated or
-            # over-long file is always found) but not decoded: this assertion drops them (through
-            # the ignore_errors below). A branch would keep the function from running inline.
+            # Records past the epoch's steps are read to the end of every file (so a truncated or
+            # over-long file is always found) but cut from their windows before parsing; were a
+            # batch past the steps ever to come, this assertion would drop it (through the
+            # ignore_errors below; a branch would keep the function from running inline).
             past = _assert(i < steps, ["pfc-data: batch", i, "is past the epoch's", steps, "steps"])
             with tf.control_dependencies([past]):
                 jpegs = tf.identity(jpegs)
