@@ -229,9 +229,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     # Per file: (fault, record index, records); fault 1: unreadable from that index on, 2: more
     # records than the manifest lists. Written where it is found, raised by the next batch's check.
     faults = tf.Variable(tf.zeros([n_files, 3], tf.int64), trainable=False, name="file_faults")
-    decode_one, decode_block = _decoders(size_hw, manifest.image_size, batch_size)
-    decode_jpegs, _ = jpeg_batch_decoder(batch_size, size_hw, manifest.image_size)
-    spec = schema.feature_spec()
+    decode_one, parse_records, decode_jpegs = _decoders(size_hw, manifest.image_size, batch_size)
     num_classes = manifest.num_classes
 
     files_t = tf.constant(plan.files)
@@ -323,7 +321,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 order = order[:used(k, n)]
             return tf.gather(tags, order), tf.gather(records, order)
 
-        return map_inline(ds.rebatch(window).enumerate(), arrange)
+        ds = ds.rebatch(window)
+        # (in read order, whole: nothing to arrange, so no copy)
+        return map_inline(ds.enumerate(), arrange) if shuffle_buffer > 0 or trim else ds
 
     def raw_batches(epoch, count: bool):
         """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
@@ -400,8 +400,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 # intra-op threads, and parsing each batch among the decoders woke them ~10
                 # times per batch, preempting the decoders (measured: 17 against 9 involuntary
                 # switches of the decoders per batch).
-                ex = tf.io.parse_example(records, spec)
-                return tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, ex[schema.IMAGE_KEY], ex[schema.LABEL_KEY]
+                return (tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, *parse_records(records))
 
             windows = raw_windows(epoch, True, trim=True).concatenate(end_of_epoch).enumerate()
             return map_inline(windows, number).ignore_errors()
@@ -474,7 +473,11 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
         records that fail are skipped and counted; batches refilled to batch_size."""
         def decode(tags, records):
-            whole = tf.data.Dataset.from_tensors(records).map(lambda r: (*decode_block(r), tags)).ignore_errors()
+            def whole_batch(r):
+                jpegs, labels = parse_records(r)
+                return decode_jpegs(jpegs), labels, tags
+
+            whole = tf.data.Dataset.from_tensors(records).map(whole_batch).ignore_errors()
             return whole.concatenate(decode_each(tags, records)).take(1).map(
                 lambda x, y, out: (x, y, out, tags))
 
@@ -606,12 +609,13 @@ def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size
 
 def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int], batch_size: int):
     """(one record -> (image uint8 [H, W, 3], label int64),
-        records [batch_size] -> (images uint8 [batch_size, H, W, 3], labels int64 [batch_size])).
+        records [n] -> (JPEGs string [n], labels int64 [n]),
+        JPEGs [batch_size] -> images uint8 [batch_size, H, W, 3]).
 
     Writers store every image at the manifest's size, so the common case decodes without a
     resize or a branch; an image of another size then fails `ensure_shape` and counts as a
-    corrupt record. The batch decoder parses and decodes in one function without control flow,
-    so that it runs inline: tf.data's per-element overhead is paid once per batch.
+    corrupt record. Parsing and batch decoding have no control flow, so that they run inline:
+    tf.data's per-element overhead is paid once per window or batch.
     """
     spec = schema.feature_spec()
     images, image = jpeg_batch_decoder(batch_size, image_size, stored_size)
@@ -620,11 +624,11 @@ def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int], batch_s
         ex = tf.io.parse_single_example(serialized, spec)
         return image(ex[schema.IMAGE_KEY]), ex[schema.LABEL_KEY]
 
-    def block(serialized):
+    def parse(serialized):
         ex = tf.io.parse_example(serialized, spec)
-        return images(ex[schema.IMAGE_KEY]), ex[schema.LABEL_KEY]
+        return ex[schema.IMAGE_KEY], ex[schema.LABEL_KEY]
 
-    return one, block
+    return one, parse, images
 
 
 def _isdir(path: str) -> bool:
