@@ -37,6 +37,13 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PY) -c "import horovod.tensorflow as hvd, tensorflow as tf, tensorflow_io; print('stack ok: tf', tf.__version__)"
 	@touch $@
 
+# The reader's compiled op (pipelines/record_blocks.cc), built against the installed TensorFlow;
+# a no-op once built for this source (a changed source builds anew).
+.PHONY: record-reader
+setup: record-reader
+record-reader: $(VENV)/.stamp
+	$(PY) -m pipelines.record_blocks
+
 test: setup
 	$(VENV)/bin/pytest -q
 

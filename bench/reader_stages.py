@@ -1,12 +1,13 @@
-"""CPU per image of the reader's stages before decoding, each stage added to the last.
+"""CPU per image of the reader's stages before decoding (an indented stage adds to the one above).
 
     .venv/bin/python bench/reader_stages.py /tmp/pfc-bench-data-112-40k [--batches 300]
 
-The stages of `pipelines.reader`'s record stream, rebuilt from tf.data parts in the same shape
-(16 files interleaved, blocks of 64 records, windows of 4096 records each permuted by one
-gather, batches of 128 cut from them, parse of the two keys), under `pfc`'s allocator settings and a 2-thread pool as one worker on 2 cores
-gets. It leaves out the reader's per-block bookkeeping, the tags and the checks, so the reader's own
-figure is above the last line. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
+The record stream of `pipelines.reader` rebuilt in the same shape (16 files interleaved, blocks
+of 64 records, windows of 4096 records each permuted by one gather, batches of 128 cut from
+them), read and parsed two ways: with TensorFlow's TFRecordDataset and parse_example, and with
+the reader's compiled op (`pipelines.record_blocks`). Under `pfc`'s allocator settings and a
+2-thread pool, as one worker on 2 cores gets. It leaves out the reader's per-block bookkeeping,
+the tags and the checks. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
 Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> int:
     import tensorflow as tf
 
     from launch.bench_data import timed_window
-    from pipelines import reader, schema
+    from pipelines import reader, record_blocks, schema
 
     files = sorted(glob.glob(os.path.join(args.data, "*.tfrecord")))
     if not files:
@@ -39,19 +40,24 @@ def main() -> int:
     options = tf.data.Options()
     options.autotune.enabled = False
     options.threading.private_threadpool_size = 2
-    blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64), cycle_length=16).repeat()
+    def interleaved(read):
+        return tf.data.Dataset.from_tensor_slices(files).interleave(read, cycle_length=16).repeat()
+
+    # TensorFlow's record reader, one record per element, batched, then parse_example
+    tf_blocks = interleaved(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).batch(64)).rebatch(128)
+    # the reader's op: blocks read and parsed in one call (JPEGs, labels)
+    op_blocks = interleaved(lambda f: record_blocks.RecordBlocks(f, 64).map(lambda s, j, y, d: (j, y)))
 
     def permute(k, window):
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(tf.shape(window)[0]), seed=tf.stack([tf.constant(1, tf.int64), k]))
-        return tf.gather(window, order)
+            tf.range(tf.shape(window[0])[0]), seed=tf.stack([tf.constant(1, tf.int64), k]))
+        return tuple(tf.gather(t, order) for t in window)
 
-    shuffled = reader.map_inline(blocks.rebatch(4096).enumerate(), permute).rebatch(128)
     stages = {
-        "read in blocks of 64, rebatch(128)": blocks.rebatch(128),
-        "+ window permutation (4096)": shuffled,
-        "+ parse_example": reader.map_inline(shuffled, lambda r: tf.io.parse_example(r, schema.feature_spec())),
+        "TFRecordDataset, blocks of 64": tf_blocks,
+        "  + parse_example": reader.map_inline(tf_blocks, lambda r: tf.io.parse_example(r, schema.feature_spec())),
+        "record_blocks op, blocks of 64": op_blocks.rebatch(128),
+        "  + window permutation (4096)": reader.map_inline(op_blocks.rebatch(4096).enumerate(), permute).rebatch(128),
     }
     n = 128 * args.batches
     for name, ds in stages.items():

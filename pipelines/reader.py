@@ -8,14 +8,15 @@
 
 Per epoch e (e = start_epoch, start_epoch+1, ...):
   1. this worker's files in an order shuffled by (seed, rank, e);
-  2. cycle_length files open at a time, read in blocks of 64 records (object storage: each file
-     by a background reader), every record tagged with its file and index; a file that ends
-     before the manifest's count (bad CRC, truncation) or runs past it is noted (the last
-     block holds an end mark, so this needs no state, and runs inline: `map_inline`);
-  3. a bounded shuffle of the *encoded* records (a fifth of the bytes of decoded images): each
+  2. cycle_length files open at a time, read and parsed in blocks of 64 records by our compiled
+     op (`record_blocks`; object storage: each file by a background reader), every record
+     tagged with its file and index; a file that ends before the manifest's count (bad CRC,
+     truncation) or runs past it is noted (the op marks a file's last block, so this needs no
+     state, and runs inline: `map_inline`);
+  3. a bounded shuffle of the *encoded* images (a fifth of the bytes of decoded ones): each
      window of shuffle_buffer records in read order (rounded up to whole batches) is permuted
      as a whole, seeded by (seed, rank, e), with one gather (tf.data's shuffle buffer handled
-     records one at a time), and parsed as a whole;
+     records one at a time);
   4. batches of batch_size records, cut from the windows without a copy, each JPEG-decoded (3
      channels; resized if asked) as a whole by one inline call without control flow
      (`jpeg_batch_decoder`), `threads` batches at once, then checked: file faults noted so far,
@@ -37,10 +38,10 @@ steps_per_epoch is the same on every worker: the smallest worker's record count 
 computed from the manifest's per-shard counts (no communication, no counting).
 
 Corrupt data (bad CRC, truncated file, unparsable Example, undecodable JPEG) raises
-InvalidArgumentError naming the file and the record index. A batch with a bad record fails to
-decode as a whole (a window, to parse); tf.data can only drop it, so batches are numbered, and
-from the first batch missing from the numbers to its window's end the records are read again one
-by one to name the bad one. With skip_corrupt=True, bad
+InvalidArgumentError naming the file and the record index. An unparsable Example comes from the
+op as an empty image, which no decoder accepts. A batch with a bad record fails to decode as a
+whole; tf.data can only drop it, so batches are numbered, and the first batch missing from the
+numbers is read again, record by record, to name the bad one. With skip_corrupt=True, bad
 records are skipped and counted in `corrupt_records` (a file whose framing breaks is abandoned
 from the broken record on: its remaining records, as counted by the manifest, are counted as
 skipped); every batch is then guarded by a record-by-record fallback, which costs 5-8 % more
@@ -55,7 +56,7 @@ import warnings
 
 import tensorflow as tf
 
-from pipelines import schema, storage
+from pipelines import record_blocks, schema, storage
 
 _GLOB_CHARS = "*?["
 _warned_record_level: set = set()
@@ -64,9 +65,6 @@ _TAG_BITS = 32
 _TAG_MASK = (1 << _TAG_BITS) - 1
 # Records read from a file per tf.data element (tf.data's per-element cost, paid per block).
 _READ_BLOCK = 64
-# Put after a file's records to mark its end; each pipeline adds 16 random bytes, so that no
-# record, however crafted, can pass for it.
-_END_MARK = b"\xffpfc-data: end of file\xff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +227,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     # Per file: (fault, record index, records); fault 1: unreadable from that index on, 2: more
     # records than the manifest lists. Written where it is found, raised by the next batch's check.
     faults = tf.Variable(tf.zeros([n_files, 3], tf.int64), trainable=False, name="file_faults")
-    decode_one, parse_records, decode_jpegs = _decoders(size_hw, manifest.image_size, batch_size)
+    # Writers store every image at the manifest's size, so the common case decodes without a
+    # resize; an image of another size fails its `ensure_shape` and counts as a corrupt record.
+    decode_jpegs, decode_one = jpeg_batch_decoder(batch_size, size_hw, manifest.image_size)
     num_classes = manifest.num_classes
 
     files_t = tf.constant(plan.files)
@@ -242,32 +242,29 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     # Local files are read in the interleave's own thread (no latency to hide; background
     # readers cost CPU per block, measured); object storage by one background reader per file.
     remote = storage.is_url(plan.files[0])
+    # Bytes per read: object storage answers each read with a request, so larger ones there.
+    read_buffer = 1 << 20 if remote else 1 << 18
     # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds derived
     # from it fit in int64 for any seed.
     base_seed = (seed * 1_000_003 + rank) % (2**31 - 1)
     h, w = size_hw
-    no_tags, no_records = tf.zeros([0], tf.int64), tf.zeros([0], tf.string)
-    end_mark = tf.constant(_END_MARK + os.urandom(16))
+    no_tags, no_jpegs = tf.zeros([0], tf.int64), tf.zeros([0], tf.string)
 
     def file_blocks(fidx, count: bool):
-        """File `fidx` -> blocks (tags [n], records [n]) of this worker's records in file order,
-        tag = fidx << 32 | record index in the file. A failed read ends the file (TFRecordDataset
-        moves on after an error), so the records that came are a prefix of the file. An end mark
-        after them lands in the last block, which so knows the count read and compares it with
-        the manifest's. Block k starts at record k * _READ_BLOCK: no state, so the bookkeeping runs
-        inline in the reading thread (see `map_inline`)."""
+        """File `fidx` -> blocks (tags [n], JPEGs [n], labels [n]) of this worker's records in
+        file order, parsed (`record_blocks`: an unparsable record has JPEG b"" and label -1), tag =
+        fidx << 32 | record index in the file. A failed read ends the file, so the records that
+        came are a prefix of the file; its last block (`done`) so knows the count read and
+        compares it with the manifest's. No state, so the bookkeeping runs inline in the reading
+        thread (see `map_inline`)."""
         name, total, first, own = files_t[fidx], records_t[fidx], first_t[fidx], own_t[fidx]
-        ds = tf.data.TFRecordDataset(name, buffer_size=1 << 20).ignore_errors()
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(end_mark)).batch(_READ_BLOCK).enumerate()
 
-        def block(k, records):
-            end = tf.equal(records[-1], end_mark)  # (a block is never empty)
-            n = tf.size(records, out_type=tf.int64) - tf.cast(end, tf.int64)
-            read = k * _READ_BLOCK
-            records, index = records[:n], read + tf.range(n)
+        def block(read, jpegs, labels, end):
+            n = tf.size(labels, out_type=tf.int64)
+            index = read + tf.range(n)
             if stride > 1:
                 mine = index % stride == first
-                index, records = tf.boolean_mask(index, mine), tf.boolean_mask(records, mine)
+                index, jpegs, labels = (tf.boolean_mask(t, mine) for t in (index, jpegs, labels))
             # At the end: this worker's records of the file that never came (own ones below read + n).
             kept = tf.maximum((read + n - first + stride - 1) // stride, 0)
             lost = tf.where(end, tf.maximum(own - kept, 0), 0)
@@ -283,9 +280,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                 writes.append(counter.assign_add(lost))
             with tf.control_dependencies(writes):
                 tags = tf.bitwise.bitwise_or(tf.bitwise.left_shift(fidx, _TAG_BITS), index)
-                return tf.identity(tags), records
+                return tf.identity(tags), jpegs, labels
 
-        return map_inline(ds, block)
+        return map_inline(record_blocks.RecordBlocks(name, _READ_BLOCK, read_buffer), block)
 
     # Records are shuffled, and travel to the decoders, in windows of whole batches: the reading
     # thread then wakes once per window rather than once per batch (fewer thread switches on
@@ -300,9 +297,9 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
                                 n // batch_size * batch_size)
 
     def raw_windows(epoch, count: bool, trim: bool):
-        """One pass's records in windows (tags [n], records [n]) of `window` records (the last
-        one shorter), each permuted as a whole when shuffling. trim: each window cut to the
-        records the epoch's batches use (`used`); the others are read, never parsed."""
+        """One pass's records in windows (tags [n], JPEGs [n], labels [n]) of `window` records
+        (the last one shorter), each permuted as a whole when shuffling. trim: each window cut to
+        the records the epoch's batches use (`used`); the others are read, never decoded."""
         ds = tf.data.Dataset.from_tensor_slices(file_order(n_files, base_seed, epoch)).interleave(
             lambda f: file_blocks(f, count), cycle_length=cycle, block_length=1,
             num_parallel_calls=cycle if remote else None, deterministic=True if remote else None)
@@ -311,30 +308,29 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)])
 
         def arrange(k, block):
-            tags, records = block
-            n = tf.shape(tags, out_type=tf.int64)[0]
+            n = tf.shape(block[0], out_type=tf.int64)[0]
             order = tf.range(n)
             if shuffle_buffer > 0:
                 order = tf.random.experimental.stateless_shuffle(
                     order, seed=tf.random.experimental.stateless_fold_in(seed, k))
             if trim:
                 order = order[:used(k, n)]
-            return tf.gather(tags, order), tf.gather(records, order)
+            return tuple(tf.gather(t, order) for t in block)
 
         ds = ds.rebatch(window)
         # (in read order, whole: nothing to arrange, so no copy)
         return map_inline(ds.enumerate(), arrange) if shuffle_buffer > 0 or trim else ds
 
     def raw_batches(epoch, count: bool):
-        """One pass's records, shuffled, in batches (tags [n], records [n]) of batch_size (the
-        last one shorter)."""
+        """One pass's records, shuffled, in batches (tags [n], JPEGs [n], labels [n]) of
+        batch_size (the last one shorter)."""
         return raw_windows(epoch, count, trim=False).rebatch(batch_size)
 
-    def decode_each(tags, records):
+    def decode_each(tags, jpegs, labels):
         """Record by record: (images [m, H, W, 3], labels [m], tags [m]) of the m <= n records
-        that parse and decode, in order."""
-        ds = tf.data.Dataset.from_tensor_slices((tags, records)).map(
-            lambda t, r: (*decode_one(r), t)).ignore_errors().batch(batch_size)
+        that decode, in order."""
+        ds = tf.data.Dataset.from_tensor_slices((tags, jpegs, labels)).map(
+            lambda t, j, y: (decode_one(j), y, t)).ignore_errors().batch(batch_size)
         empty = (tf.zeros([0, h, w, 3], tf.uint8), tf.zeros([0], tf.int64), no_tags)
         return ds.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
 
@@ -369,8 +365,8 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         return ops
 
     def fast_batches(epochs_ds):
-        """Default: (images, labels, epoch) batches of all epochs. Each batch is parsed and decoded
-        as a whole, several at once. A batch with a bad record fails as a whole and is dropped
+        """Default: (images, labels, epoch) batches of all epochs. Each batch is decoded as a
+        whole, several at once. A batch with a bad record fails as a whole and is dropped
         (tf.data cannot do better), the gap in the batch numbers shows it, and that batch is read
         again, record by record, to name the record. (Guarding every batch with a record-by-record
         fallback cost 5-8 % more CPU, measured.)"""
@@ -380,35 +376,29 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         # in steps_per_epoch, of images that decode fast). It always arrives, so a gap at the end
         # of an epoch (or a whole epoch that failed) is named when that epoch ends.
         with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
-            blank = schema.encode_example(
-                tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy(), 0)
+            blank = tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy()
         end_of_epoch = tf.data.Dataset.from_tensors((
-            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank))))
+            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank)),
+            tf.zeros([batch_size], tf.int64)))
 
         def numbered(epoch):
-            """The epoch's windows, parsed, each record with its epoch and batch number: (epochs
-            [n], numbers [n], tags [n], JPEGs [n], labels [n]), n a multiple of batch_size; the
-            epoch's end last, its tags -1 (one batch). A window that fails to parse (an
-            unparsable Example) is dropped: its batches are then missing, and the first of them
-            is named (`name_bad_record` reads on to the window's end)."""
+            """The epoch's windows, each record with its epoch and batch number: (epochs [n],
+            numbers [n], tags [n], JPEGs [n], labels [n]), n a multiple of batch_size; the
+            epoch's end last, its tags -1 (one batch)."""
             def number(k, w):
-                tags, records = w
+                tags, jpegs, labels = w
                 n = tf.shape(tags, out_type=tf.int64)[0]
                 # (a window cut to nothing has no first tag: _at gives 0)
                 i = tf.where(_at(tags, 0) < 0, tf.constant(-1, tf.int64), k * window_batches + tf.range(n) // batch_size)
-                # Parsed here, once per window: parse_example spreads its work over TensorFlow's
-                # intra-op threads, and parsing each batch among the decoders woke them ~10
-                # times per batch, preempting the decoders (measured: 17 against 9 involuntary
-                # switches of the decoders per batch).
-                return (tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, *parse_records(records))
+                return tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, jpegs, labels
 
             windows = raw_windows(epoch, True, trim=True).concatenate(end_of_epoch).enumerate()
-            return map_inline(windows, number).ignore_errors()
+            return map_inline(windows, number)
 
         def decode(epochs, numbers, tags, jpegs, labels):
             epoch, i = epochs[0], numbers[0]
             # Records past the epoch's steps are read to the end of every file (so a truncated or
-            # over-long file is always found) but cut from their windows before parsing; were a
+            # over-long file is always found) but cut from their windows before decoding; were a
             # batch past the steps ever to come, this assertion would drop it (through the
             # ignore_errors below; a branch would keep the function from running inline).
             past = _assert(i < steps, ["pfc-data: batch", i, "is past the epoch's", steps, "steps"])
@@ -426,24 +416,21 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         ds = map_inline(ds, decode, parallel=cores).ignore_errors()
 
         def name_bad_record(epoch, i):
-            # Batch i to its window's end, record by record (a window that failed to parse lost
-            # all its batches from i on). (No batch i at all: the epoch's records ran out, and a
-            # file fault says why.)
+            # Batch i again, record by record. (No batch i at all: the epoch's records ran out,
+            # and a file fault says why.)
             k = i // window_batches
-            tags, records = raw_windows(epoch, True, trim=False).skip(k).take(1).concatenate(
-                tf.data.Dataset.from_tensors((no_tags, no_records))).take(1).get_single_element()
-            end = used(k, tf.size(tags, out_type=tf.int64))
+            tags, jpegs, _ = raw_windows(epoch, True, trim=False).skip(k).take(1).concatenate(
+                tf.data.Dataset.from_tensors((no_tags, no_jpegs, no_tags))).take(1).get_single_element()
             start = i % window_batches * batch_size
-            tags, records = tags[start:end], records[start:end]
+            end = tf.minimum(start + batch_size, used(k, tf.size(tags, out_type=tf.int64)))
+            tags, jpegs = tags[start:end], jpegs[start:end]
 
-            def decodes(t, r):
+            def decodes(t, j):
                 # The tag of a record that decodes alone, and a value computed from its image (a
-                # control dependency alone let the optimizer drop the decode), not the image: a
-                # window of images could exceed the memory.
-                image, _ = decode_one(r)
-                return t, tf.reduce_max(image)
+                # control dependency alone let the optimizer drop the decode).
+                return t, tf.reduce_max(decode_one(j))
 
-            out, _ = tf.data.Dataset.from_tensor_slices((tags, records)).map(decodes).ignore_errors().batch(
+            out, _ = tf.data.Dataset.from_tensor_slices((tags, jpegs)).map(decodes).ignore_errors().batch(
                 tf.maximum(tf.size(tags, out_type=tf.int64), 1)).concatenate(
                 tf.data.Dataset.from_tensors((no_tags, tf.zeros([0], tf.uint8)))).take(1).get_single_element()
             ops = checks(no_tags, no_tags, out, tags)
@@ -472,13 +459,10 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     def tolerant_batches(epoch, count: bool):
         """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
         records that fail are skipped and counted; batches refilled to batch_size."""
-        def decode(tags, records):
-            def whole_batch(r):
-                jpegs, labels = parse_records(r)
-                return decode_jpegs(jpegs), labels, tags
-
-            whole = tf.data.Dataset.from_tensors(records).map(whole_batch).ignore_errors()
-            return whole.concatenate(decode_each(tags, records)).take(1).map(
+        def decode(tags, jpegs, labels):
+            whole = tf.data.Dataset.from_tensors(jpegs).map(
+                lambda j: (decode_jpegs(j), labels, tags)).ignore_errors()
+            return whole.concatenate(decode_each(tags, jpegs, labels)).take(1).map(
                 lambda x, y, out: (x, y, out, tags))
 
         def checked(x, y, out, tags):
@@ -605,30 +589,6 @@ def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size
         return tf.stack([image(e) for e in tf.unstack(encoded, num=batch_size)])
 
     return decode, image
-
-
-def _decoders(image_size: tuple[int, int], stored_size: tuple[int, int], batch_size: int):
-    """(one record -> (image uint8 [H, W, 3], label int64),
-        records [n] -> (JPEGs string [n], labels int64 [n]),
-        JPEGs [batch_size] -> images uint8 [batch_size, H, W, 3]).
-
-    Writers store every image at the manifest's size, so the common case decodes without a
-    resize or a branch; an image of another size then fails `ensure_shape` and counts as a
-    corrupt record. Parsing and batch decoding have no control flow, so that they run inline:
-    tf.data's per-element overhead is paid once per window or batch.
-    """
-    spec = schema.feature_spec()
-    images, image = jpeg_batch_decoder(batch_size, image_size, stored_size)
-
-    def one(serialized):
-        ex = tf.io.parse_single_example(serialized, spec)
-        return image(ex[schema.IMAGE_KEY]), ex[schema.LABEL_KEY]
-
-    def parse(serialized):
-        ex = tf.io.parse_example(serialized, spec)
-        return ex[schema.IMAGE_KEY], ex[schema.LABEL_KEY]
-
-    return one, parse, images
 
 
 def _isdir(path: str) -> bool:

@@ -359,9 +359,9 @@ def test_shuffle_permutes_each_window_of_whole_batches(tmp_path):
 
 @pytest.mark.parametrize("later", [False, True])
 def test_unparsable_example_is_named_wherever_it_falls_in_its_window(tmp_path, later):
-    # Windows of 12 records (3 batches of 4) are parsed as a whole; one that fails is dropped
-    # whole, and the record is named also when it is not in the first of the window's batches
-    # (here in the third window: the replay starts at the right window and batch).
+    # Windows of 12 records (3 batches of 4); the record is named also when it is not in the
+    # first of its window's batches (here in the third window: the replay starts at the right
+    # window and batch).
     write_indexed(str(tmp_path), [48])
     shard = str(tmp_path / "train-00000-of-00001.tfrecord")
     order = np.concatenate([y.numpy() for _, y, _ in reader.make_dataset(
@@ -374,7 +374,7 @@ def test_unparsable_example_is_named_wherever_it_falls_in_its_window(tmp_path, l
     assert f"corrupt record in file] [{shard}] [at record index] [{bad}] [: unparsable Example" in e.value.message
 
 
-def test_records_past_the_epochs_steps_are_never_parsed(tmp_path):
+def test_records_past_the_epochs_steps_are_never_decoded(tmp_path):
     # Worker 0 of 2 holds 8 records but runs worker 1's 4 // 4 = 1 step: one window of both its
     # batches, of which only the first is used. A bad record in the other one goes unnoticed,
     # as it would in any batch past the steps.
