@@ -1,8 +1,12 @@
 """`pfc bench data PATH`: images/s of the full training reader vs decoding the same JPEGs alone.
 
-All are measured in the same process, alternately in rounds (so drift hits them alike), each from
-a fresh iterator after a warm-up, each in a thread pool of this worker's share of the cores
-(cores // workers):
+Each pipeline of each worker runs in its own process, as the reader runs in a training process;
+the processes take turns, in rounds (so drift hits all alike): in each round every pipeline's
+timed window, its workers' windows started together, while the other pipelines' processes wait.
+(Until session 9 all pipelines shared one process: the C allocator's heap, left by the baselines'
+76,800 loaded JPEGs and their decoding, then cost the reader 10-30 us of CPU per image that a
+fresh process does not pay, measured; docs/benchmarks.md.) Each window comes from a fresh
+iterator after a warm-up, in a thread pool of this worker's share of the cores (cores // workers):
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
   * decode-only, batched: the same bytes in batches, each decoded in one function call run
@@ -22,9 +26,9 @@ median cancels what drifts between rounds.
 The reader keeps a shuffle buffer and prefetched batches of decoded images, so a timed window
 must be long against them (--steps 600 batches of 128: 76,800 images against the default 4,096-image
 buffer) or it would count images decoded before it began.
-With --workers 2, two processes on this host each run both, as ranks 0 and 1 of 2 (rank and size
-passed explicitly: the reader needs no collective), with a file barrier before each timed round;
-images/s are summed over the workers.
+With --workers 2, each pipeline runs in two processes on this host, as ranks 0 and 1 of 2 (rank
+and size passed explicitly: the reader needs no collective); images/s are summed over the
+workers. File barriers order the turns; the JSON row keeps each turn's start and end.
 """
 from __future__ import annotations
 
@@ -54,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", default=None, choices=PIPELINES, help=argparse.SUPPRESS)
+
+
+PIPELINES = ("decode_only", "decode_batched", "reader")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,25 +69,39 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"pfc bench data: --{name} must be >= 1, got {getattr(args, name)}")
     if args.rank is not None:
-        return _measure(args, args.rank, args.workers, args.barrier_dir)
-    if args.workers == 1:
-        result = _measure(args, 0, 1, None, report=False)
-        return _report(args, [result])
+        return _measure(args, args.rank, args.workers, args.barrier_dir, args.pipeline)
+    # One process per pipeline and worker, timed in turn (see the module docstring).
     with tempfile.TemporaryDirectory() as barrier:
-        argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", "2",
+        argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", str(args.workers),
                 "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
                 "--shuffle-buffer", str(args.shuffle_buffer), "--barrier-dir", barrier]
         argv += ["--skip-corrupt"] if args.skip_corrupt else []
         # as horovodrun tells its workers, so each sets up its allocator as in training
-        env = {**os.environ, "HOROVOD_LOCAL_SIZE": "2"}
-        procs = [subprocess.Popen(argv + ["--rank", str(r)], stdout=subprocess.PIPE, text=True, env=env)
-                 for r in range(2)]
-        outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
+        env = {**os.environ, "HOROVOD_LOCAL_SIZE": str(args.workers)}
+        procs = {(name, r): subprocess.Popen(argv + ["--rank", str(r), "--pipeline", name], stdout=subprocess.PIPE,
+                                             text=True, env=env)
+                 for name in PIPELINES for r in range(args.workers)}
+        outs = {key: p.communicate()[0] for key, p in procs.items()}
+    if any(p.returncode for p in procs.values()):
         print("pfc bench data: a worker failed", file=sys.stderr)
         return 1
-    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
-    return _report(args, results)
+    parts = {key: json.loads(o.strip().splitlines()[-1]) for key, o in outs.items()}
+    return _report(args, [_worker_result(args, [parts[name, r] for name in PIPELINES])
+                          for r in range(args.workers)])
+
+
+def _worker_result(args, parts: list[dict]) -> dict:
+    """One worker's figures from its pipelines' processes (in PIPELINES order): medians of the
+    rounds' wall and CPU times."""
+    n = args.batch * args.steps
+    out = {k: v for k, v in parts[-1].items() if k not in ("pipeline", "times", "turns")}
+    for part in parts:
+        name, times = part["pipeline"], part["times"]
+        wall, cpu = sorted(times)[len(times) // 2]
+        out[f"{name}_img_s"], out[f"{name}_cpu_us"], out[f"{name}_wall_us"] = n / wall, 1e6 * cpu / n, 1e6 * wall / n
+        out.setdefault("walls", {})[name] = [t[0] for t in times]
+        out.setdefault("turns", {})[name] = part["turns"]
+    return out
 
 
 def paired_overhead(baselines: list[list[list[float]]], reader_s: list[list[float]]) -> float:
@@ -119,7 +141,7 @@ def _report(args, results: list[dict]) -> int:
               "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
               "decode_batched_cpu_us_per_img": round(sum(r["decode_batched_cpu_us"] for r in results) / len(results), 1),
               "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1),
-              "walls": walls}
+              "walls": walls, "turns": {name: [r["turns"][name] for r in results] for name in walls}}
     print(f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
           f"batch={args.batch} shuffle={args.shuffle_buffer}{' skip_corrupt' if args.skip_corrupt else ''}: decode-only {dec:,.0f} img/s, batched {dec_b:,.0f}  reader {rdr:,.0f} img/s  "
           f"reader overhead {100 * over:+.1f}% over the faster (paired, median of {args.rounds} rounds)  (CPU per image: decode-only "
@@ -133,11 +155,10 @@ def _report(args, results: list[dict]) -> int:
     return 0
 
 
-def _barrier(directory: str | None, name: str, rank: int, size: int) -> None:
-    if directory is None:
-        return
-    open(os.path.join(directory, f"{name}.{rank}"), "w").close()
-    while not all(os.path.exists(os.path.join(directory, f"{name}.{r}")) for r in range(size)):
+def _barrier(directory: str, name: str, me: str, everyone: list[str]) -> None:
+    """Wait until every process in `everyone` has reached barrier `name` (files in `directory`)."""
+    open(os.path.join(directory, f"{name}.{me}"), "w").close()
+    while not all(os.path.exists(os.path.join(directory, f"{name}.{p}")) for p in everyone):
         time.sleep(0.005)
 
 
@@ -197,7 +218,10 @@ def timed_window(ds, warmup: int, steps: int, ready=None) -> tuple[float, float]
     return wall, cpu
 
 
-def _measure(args, rank: int, size: int, barrier: str | None, report: bool = True):
+def _measure(args, rank: int, size: int, barrier: str, pipeline: str) -> int:
+    """One pipeline of one worker, in its own process: `args.rounds` timed windows, each when the
+    previous pipeline's window of the round has ended (all processes meet before each), started
+    together with the other workers' windows of the same pipeline. Prints a JSON line."""
     import tensorflow as tf
 
     from pipelines import reader
@@ -208,35 +232,33 @@ def _measure(args, rank: int, size: int, barrier: str | None, report: bool = Tru
     pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
                                shuffle_buffer=args.shuffle_buffer, skip_corrupt=args.skip_corrupt,
                                threads=threads)
-    decode_only, decode_batched = baselines(pipe, args.batch, args.steps, threads)
-    h, w = pipe.image_size
-    datasets = {"decode_only": decode_only, "decode_batched": decode_batched, "reader": pipe.dataset}
+    if pipeline == "reader":
+        ds = pipe.dataset
+    else:
+        ds = baselines(pipe, args.batch, args.steps, threads)[PIPELINES.index(pipeline)]
+    everyone = [f"{name}-{r}" for name in PIPELINES for r in range(size)]
+    me, peers = f"{pipeline}-{rank}", [f"{pipeline}-{r}" for r in range(size)]
     warmup = warmup_batches(args.shuffle_buffer, args.batch)
-    times = {name: [] for name in datasets}
-    for rnd in range(args.rounds):  # alternating, so drift hits both alike
-        for name, ds in datasets.items():
-            ready = lambda: _barrier(barrier, f"{name}-{rnd}", rank, size)  # noqa: E731
-            times[name].append(timed_window(ds, warmup, args.steps, ready))
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    n = args.batch * args.steps
-    # The augmentation as the training step runs it (compiled, here on the CPU), on real batches.
-    batches = [b[0] for b in pipe.dataset.take(8)]
-    augment = tf.function(pipe.augment)
-    augment(batches[0], tf.constant(0, tf.int64)).numpy()
-    _barrier(barrier, "augment", rank, size)
-    t0 = time.perf_counter()
-    for i in range(max(1, args.steps // 10)):
-        augment(batches[i % len(batches)], tf.constant(i, tf.int64)).numpy()
-    augment_us = 1e6 * (time.perf_counter() - t0) / (args.batch * max(1, args.steps // 10))
-    result = {"rank": rank, "threads": threads, "malloc_arena_max": host_memory.arena_limit,
-              "image_size": [h, w],
-              "decode_only_img_s": n / med["decode_only"][0], "reader_img_s": n / med["reader"][0],
-              "decode_batched_img_s": n / med["decode_batched"][0],
-              "decode_only_cpu_us": 1e6 * med["decode_only"][1] / n, "reader_cpu_us": 1e6 * med["reader"][1] / n,
-              "decode_batched_cpu_us": 1e6 * med["decode_batched"][1] / n,
-              "decode_only_wall_us": 1e6 * med["decode_only"][0] / n, "augment_us": augment_us,
-              "walls": {k: [t[0] for t in v] for k, v in times.items()}}
-    if report:
-        print(json.dumps(result), flush=True)
-        return 0
-    return result
+    times, turns = [], []  # (wall s, CPU s) of each timed window; (start, end) of each turn
+    for rnd in range(args.rounds):  # alternating, so drift hits all alike
+        for name in PIPELINES:
+            _barrier(barrier, f"turn-{rnd}-{name}", me, everyone)
+            if name == pipeline:
+                t0 = time.monotonic()  # (the host's clock: comparable across processes)
+                times.append(timed_window(ds, warmup, args.steps,
+                                          lambda: _barrier(barrier, f"start-{rnd}", me, peers)))
+                turns.append((t0, time.monotonic()))
+    result = {"pipeline": pipeline, "rank": rank, "threads": threads, "malloc_arena_max": host_memory.arena_limit,
+              "image_size": list(pipe.image_size), "times": times, "turns": turns}
+    if pipeline == "reader":
+        # The augmentation as the training step runs it (compiled, here on the CPU), on real batches.
+        batches = [b[0] for b in pipe.dataset.take(8)]
+        augment = tf.function(pipe.augment)
+        augment(batches[0], tf.constant(0, tf.int64)).numpy()
+        _barrier(barrier, "augment", me, peers)
+        t0 = time.perf_counter()
+        for i in range(max(1, args.steps // 10)):
+            augment(batches[i % len(batches)], tf.constant(i, tf.int64)).numpy()
+        result["augment_us"] = 1e6 * (time.perf_counter() - t0) / (args.batch * max(1, args.steps // 10))
+    print(json.dumps(result), flush=True)
+    return 0

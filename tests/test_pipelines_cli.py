@@ -58,17 +58,25 @@ def test_bad_input_exits_1_with_a_message_naming_it(tmp_path, capsys, argv, mess
     assert err.startswith("pfc: error: ") and message.format(tmp=tmp_path) in err
 
 
-def test_bench_data_runs_and_reports_both_pipelines(tmp_path, capsys):
+def test_bench_data_times_each_pipeline_in_its_own_process_in_turn(tmp_path, capsys):
     # a smoke test of the command (speed itself is measured by the benchmark, never by tests)
     write_indexed(str(tmp_path), [6, 6])
-    out = tmp_path / "r.jsonl"
+    out, workers = tmp_path / "r.jsonl", 2
     code, text, _ = run(capsys, "bench", "data", str(tmp_path), "--batch", "2", "--steps", "3",
-                        "--rounds", "1", "--json", str(out))
+                        "--rounds", "2", "--workers", str(workers), "--json", str(out))
     assert code == 0 and "decode-only" in text and "reader overhead" in text
     import json
     row = json.loads(out.read_text())
-    assert row["workers"] == 1 and row["decode_only_img_s"] > 0 and row["reader_img_s"] > 0
-    assert [len(w[0]) for w in row["walls"].values()] == [1, 1, 1]  # one worker, one round each
+    assert row["workers"] == workers and row["decode_only_img_s"] > 0 and row["reader_img_s"] > 0
+    assert [[len(w) for w in per_worker] for per_worker in row["walls"].values()] == [[2] * workers] * 3
+    # Turns never overlap: round by round, each pipeline's processes (one per worker) run while
+    # the other pipelines' wait.
+    turns = sorted((start, end, name) for name, per_worker in row["turns"].items()
+                   for worker in per_worker for start, end in worker)
+    names = [name for _, _, name in turns]
+    assert names == [n for _ in range(2) for n in ("decode_only", "decode_batched", "reader") for _ in range(workers)]
+    for (_, end, a), (start, _, b) in zip(turns, turns[1:]):
+        assert a == b or end <= start
 
 
 def test_bench_data_overhead_is_the_median_of_paired_rounds():
