@@ -8,7 +8,9 @@ of `pfc bench data` run alternately, `--rounds` times, each from a fresh iterato
 of two shuffle buffers; per round each version's time is divided by the same round's baseline
 time. Prints per version: median img/s, CPU µs per image, cores busy, and the median (and all)
 of the per-round overheads. It runs under `pfc`'s allocator settings (`launch.host_memory`);
-MALLOC_ARENA_MAX etc. in the environment override them, as for `pfc`.
+MALLOC_ARENA_MAX etc. in the environment override them, as for `pfc`. The versions share one
+process and its heap, which moves a reader's CPU per image by several µs (bench/reader_heap.py):
+for small differences, run each version alone (one file per run) against the baseline.
 """
 from __future__ import annotations
 

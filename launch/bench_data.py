@@ -4,8 +4,8 @@ Each pipeline of each worker runs in its own process, as the reader runs in a tr
 the processes take turns, in rounds (so drift hits all alike): in each round every pipeline's
 timed window, its workers' windows started together, while the other pipelines' processes wait.
 (Until session 9 all pipelines shared one process: the C allocator's heap, left by the baselines'
-76,800 loaded JPEGs and their decoding, then cost the reader 10-30 us of CPU per image that a
-fresh process does not pay, measured; docs/benchmarks.md.) Each window comes from a fresh
+76,800 loaded JPEGs and their decoding, then cost the reader 5-30 us of CPU per image that a
+fresh process does not pay: bench/reader_heap.py, docs/benchmarks.md.) Each window comes from a fresh
 iterator after a warm-up, in a thread pool of this worker's share of the cores (cores // workers):
   * decode-only: the worker's JPEG bytes already in memory -> parallel tf.io.decode_jpeg -> batch.
     The floor for any reader that decodes JPEGs (no I/O, parsing, shuffling or augmentation).
