@@ -81,6 +81,16 @@ def run(args: argparse.Namespace) -> int:
         procs = {(name, r): subprocess.Popen(argv + ["--rank", str(r), "--pipeline", name], stdout=subprocess.PIPE,
                                              text=True, env=env)
                  for name in PIPELINES for r in range(args.workers)}
+        # The others would wait for a failed process at their next barrier forever: stop them.
+        while any(p.poll() is None for p in procs.values()):
+            failed = [key for key, p in procs.items() if p.returncode]
+            if failed:
+                for p in procs.values():
+                    p.kill()
+                print(f"pfc bench data: the {failed[0][0]} process of worker {failed[0][1]} failed "
+                      f"(exit {procs[failed[0]].returncode})", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
         outs = {key: p.communicate()[0] for key, p in procs.items()}
     if any(p.returncode for p in procs.values()):
         print("pfc bench data: a worker failed", file=sys.stderr)

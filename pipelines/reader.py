@@ -342,7 +342,7 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         j, k = _first(tf.equal(f[:, 0], 1)), _first(tf.equal(f[:, 0], 2))
         ops = [_assert(tf.reduce_all(f[:, 0] != 1), [
                    "pfc-data: corrupt record in file", files_t[j], "at record index", f[j, 1], ":", f[j, 2],
-                   "record(s) unreadable from there (bad CRC or truncated file); repair the file "
+                   "record(s) unreadable from there (bad CRC, truncated or unreadable file); repair the file "
                    "or read with skip_corrupt=True"]),
                _assert(tf.reduce_all(f[:, 0] != 2), [
                    "pfc-data: file", files_t[k], "has more records than its manifest lists:", f[k, 1]])]

@@ -79,20 +79,27 @@ def build() -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it
         if os.path.exists(path):
             return path
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+        directory, name = os.path.split(path)
+        fd, tmp = tempfile.mkstemp(prefix=name[:-len(".so")] + ".", suffix=".tmp", dir=directory)
         os.close(fd)
         cmd = [*shlex.split(cxx), _SOURCE, "-o", tmp, *_flags()]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            os.unlink(tmp)
-            raise RuntimeError(f"pipelines.record_blocks: no C++ compiler '{cxx}' to build the record reader "
-                               f"({_SOURCE}); install g++ (or set CXX) and run `python -m pipelines.record_blocks`") from None
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"pipelines.record_blocks: building the record reader failed: {shlex.join(cmd)}\n"
-                               f"{proc.stderr[-4000:]}")
-        os.replace(tmp, path)  # whole or not at all
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RuntimeError(f"pipelines.record_blocks: no C++ compiler '{cxx}' to build the record reader "
+                                   f"({_SOURCE}); install g++ (or set CXX) and run "
+                                   "`python -m pipelines.record_blocks`") from None
+            if proc.returncode != 0:
+                raise RuntimeError(f"pipelines.record_blocks: building the record reader failed: "
+                                   f"{shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+            # Readable by every user (mkstemp made it the owner's alone): an image built as root
+            # runs as another user.
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)  # whole or not at all
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 

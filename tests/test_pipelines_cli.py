@@ -79,6 +79,15 @@ def test_bench_data_times_each_pipeline_in_its_own_process_in_turn(tmp_path, cap
         assert a == b or end <= start
 
 
+@pytest.mark.timeout(300)
+def test_bench_data_stops_every_process_when_one_fails(tmp_path, capsys):
+    # A record that is not a JPEG: the first pipeline's process fails in its first turn while
+    # the others wait at the next barrier; they are stopped and the command exits 1 naming it.
+    write_indexed(str(tmp_path), [6, 6], bad_image={1})
+    code, _, err = run(capsys, "bench", "data", str(tmp_path), "--batch", "2", "--steps", "3", "--rounds", "2")
+    assert code == 1 and "the decode_only process of worker 0 failed" in err
+
+
 def test_bench_data_overhead_is_the_median_of_paired_rounds():
     from launch.bench_data import paired_overhead
     # One slow reader round moves the median by one rank, not by its size.
