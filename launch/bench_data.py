@@ -82,29 +82,29 @@ def run(args: argparse.Namespace) -> int:
                                              text=True, env=env)
                  for name in PIPELINES for r in range(args.workers)}
         # The others would wait for a failed process at their next barrier forever: stop them.
-        while any(p.poll() is None for p in procs.values()):
-            failed = [key for key, p in procs.items() if p.returncode]
+        while True:
+            failed = [key for key, p in procs.items() if p.poll()]
             if failed:
                 for p in procs.values():
                     p.kill()
                 print(f"pfc bench data: the {failed[0][0]} process of worker {failed[0][1]} failed "
                       f"(exit {procs[failed[0]].returncode})", file=sys.stderr)
                 return 1
+            if all(p.returncode is not None for p in procs.values()):
+                break
             time.sleep(0.2)
         outs = {key: p.communicate()[0] for key, p in procs.items()}
-    if any(p.returncode for p in procs.values()):
-        print("pfc bench data: a worker failed", file=sys.stderr)
-        return 1
     parts = {key: json.loads(o.strip().splitlines()[-1]) for key, o in outs.items()}
     return _report(args, [_worker_result(args, [parts[name, r] for name in PIPELINES])
                           for r in range(args.workers)])
 
 
 def _worker_result(args, parts: list[dict]) -> dict:
-    """One worker's figures from its pipelines' processes (in PIPELINES order): medians of the
-    rounds' wall and CPU times."""
+    """One worker's figures from its pipelines' processes: medians of the rounds' wall and CPU
+    times, and the reader's process's other figures."""
     n = args.batch * args.steps
-    out = {k: v for k, v in parts[-1].items() if k not in ("pipeline", "times", "turns")}
+    reader_part = next(part for part in parts if part["pipeline"] == "reader")
+    out = {k: v for k, v in reader_part.items() if k not in ("pipeline", "times", "turns")}
     for part in parts:
         name, times = part["pipeline"], part["times"]
         wall, cpu = sorted(times)[len(times) // 2]

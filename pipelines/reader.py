@@ -416,23 +416,14 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
         ds = map_inline(ds, decode, parallel=cores).ignore_errors()
 
         def name_bad_record(epoch, i):
-            # Batch i again, record by record. (No batch i at all: the epoch's records ran out,
-            # and a file fault says why.)
+            # Batch i again, record by record: its window, cut as the epoch cut it. (No batch i at
+            # all: the epoch's records ran out, and a file fault says why.)
             k = i // window_batches
-            tags, jpegs, _ = raw_windows(epoch, True, trim=False).skip(k).take(1).concatenate(
+            tags, jpegs, labels = raw_windows(epoch, True, trim=True).skip(k).take(1).concatenate(
                 tf.data.Dataset.from_tensors((no_tags, no_jpegs, no_tags))).take(1).get_single_element()
             start = i % window_batches * batch_size
-            end = tf.minimum(start + batch_size, used(k, tf.size(tags, out_type=tf.int64)))
-            tags, jpegs = tags[start:end], jpegs[start:end]
-
-            def decodes(t, j):
-                # The tag of a record that decodes alone, and a value computed from its image (a
-                # control dependency alone let the optimizer drop the decode).
-                return t, tf.reduce_max(decode_one(j))
-
-            out, _ = tf.data.Dataset.from_tensor_slices((tags, jpegs)).map(decodes).ignore_errors().batch(
-                tf.maximum(tf.size(tags, out_type=tf.int64), 1)).concatenate(
-                tf.data.Dataset.from_tensors((no_tags, tf.zeros([0], tf.uint8)))).take(1).get_single_element()
+            tags, jpegs, labels = (t[start:start + batch_size] for t in (tags, jpegs, labels))
+            _, _, out = decode_each(tags, jpegs, labels).get_single_element()
             ops = checks(no_tags, no_tags, out, tags)
             with tf.control_dependencies(ops):  # every record decodes alone: still not silent
                 return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "
