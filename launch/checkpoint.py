@@ -182,6 +182,20 @@ def restore_backbone(path: str, backbone_vars: Sequence[tf.Variable]) -> dict:
     return manifest
 
 
+def class_blocks(path: str, rows: int = _BLOCK_ROWS):
+    """Yield (first class, weight rows float32 [n, D]) of a checkpoint's class matrix, in class order."""
+    manifest = read_manifest(path)
+    info = manifest["fc"]
+    dtype = tf.as_dtype(info["weight_dtype"])
+    for shard in sorted(info["shards"], key=lambda s: s["class_range"][0]):
+        o_start, o_end = shard["class_range"]
+        for lo in range(o_start, o_end, rows):
+            hi = min(o_end, lo + rows)
+            var = tf.Variable(tf.zeros([hi - lo, manifest["embedding_dim"]], dtype))
+            _read_rows(os.path.join(path, shard["files"]["weight"]), var, dtype, o_start, o_end, lo, hi, lo)
+            yield lo, tf.cast(var, tf.float32).numpy()
+
+
 # --- files -----------------------------------------------------------------------------------
 
 def _write_rows(file: str, var: tf.Variable) -> None:

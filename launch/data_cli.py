@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     _add_resume(synth)
     synth.set_defaults(func=_guarded(_synth))
 
+    _add_fonts(kinds)
+
     insp = kinds.add_parser("inspect", help="counts, classes, label histogram; decode every record")
     insp.add_argument("path", metavar="PATH", help="dataset directory, manifest.json, shard file or glob")
     insp.add_argument("--no-decode", action="store_true", help="skip JPEG decoding (framing, parsing, labels only)")
@@ -46,6 +48,38 @@ def add_parser(sub) -> None:
     mx.add_argument("--shards", type=int, required=True)
     _add_resume(mx)
     mx.set_defaults(func=_guarded(_convert_mxrec))
+
+
+def _add_fonts(kinds) -> None:
+    from pipelines.fonts import CLASS_SETS, DEFAULT_MIN_FACES
+    p = kinds.add_parser(
+        "fonts", help="real data: CJK characters drawn by the system's typefaces, open-set splits",
+        description="Render CJK characters in every installed typeface (make fonts installs them) as "
+                    "an open-set dataset: training shards, two verification .bin sets (unseen characters "
+                    "in training / unseen typefaces) and a closed set (training characters in unseen "
+                    "typefaces). Example: pfc data fonts data/fonts --size 64 --per-style 2")
+    p.add_argument("out", metavar="OUT", help="new local output folder (must not exist)")
+    p.add_argument("--fonts", nargs="+", default=None, metavar="FILE",
+                   help="font files to use (default: every font under --font-dir)")
+    p.add_argument("--font-dir", action="append", default=None, metavar="DIR",
+                   help="where to look for fonts (repeatable; default /usr/share/fonts, /usr/local/share/fonts)")
+    p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    p.add_argument("--per-style", type=int, default=4, help="training samples per (character, style) (default 4)")
+    p.add_argument("--min-faces", type=int, default=None,
+                   help=f"distinct styles a character must be drawn in to be a class (default "
+                        f"{DEFAULT_MIN_FACES}, lowered to the number of styles when fewer)")
+    p.add_argument("--classes", choices=CLASS_SETS, default="gb2312-1",
+                   help="candidate characters: GB2312 level 1 (3,755) or every CJK ideograph (default gb2312-1)")
+    p.add_argument("--unseen-classes", type=float, default=0.1, help="share of characters held out (default 0.1)")
+    p.add_argument("--unseen-faces", type=float, default=0.2,
+                   help="share of styles held out, whole families (default 0.2)")
+    p.add_argument("--pairs", type=int, default=6000, help="pairs per verification set, half genuine (default 6000)")
+    p.add_argument("--max-classes", type=int, default=None, help="keep only the first N classes (small runs)")
+    p.add_argument("--max-faces", type=int, default=None, help="keep only the first N styles by name (small runs)")
+    p.add_argument("--shards", type=int, default=8, help="training shard files (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, default=None, help="rendering processes (default: the cores)")
+    p.set_defaults(func=_guarded(_fonts))
 
 
 def _add_resume(p) -> None:
@@ -83,6 +117,28 @@ def _synth(args) -> int:
     m = synth.write_synth(args.out, cfg, args.shards, resume=args.resume, log=_log)
     print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards "
           f"and {synth.VERIFICATION_NAME} ({2 * args.verification_pairs} pairs) to {args.out}")
+    return 0
+
+
+def _fonts(args) -> int:
+    import os
+
+    from pipelines import fonts, fonts_data, typefaces
+    cfg = fonts.FontsConfig(size=args.size, per_style=args.per_style, min_faces=args.min_faces,
+                            classes=args.classes, unseen_classes=args.unseen_classes,
+                            unseen_faces=args.unseen_faces, pairs=args.pairs, shards=args.shards,
+                            seed=args.seed, max_classes=args.max_classes, max_faces=args.max_faces)
+    if os.path.exists(args.out):
+        raise ValueError(f"{args.out}: already exists; pick a new output folder or remove it")
+    plan, _ = fonts.build_plan(cfg, args.fonts, args.font_dir or typefaces.DEFAULT_FONT_DIRS)
+    for note in plan.notes:
+        _log(f"note: {note}")
+    _log(fonts.summary(plan))
+    counts = fonts_data.write_fonts(args.out, cfg, plan, processes=args.processes or os.cpu_count() or 1,
+                                    log=_log)
+    print(f"wrote {counts['train']} training images of {len(plan.classes)} characters, {counts['closed']} "
+          f"closed-set images, {fonts.SEEN_BIN} and {fonts.UNSEEN_BIN} ({counts['seen_pairs']} pairs each) "
+          f"to {args.out}")
     return 0
 
 

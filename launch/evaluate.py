@@ -39,6 +39,21 @@ def evaluate(embed: Callable[[np.ndarray], np.ndarray], sets: EvalSets, *, batch
     return results
 
 
+def closed_top1(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
+                class_blocks, *, batch_size: int) -> float:
+    """Top-1 accuracy of argmax_c cos(embedding, W_c) over class-matrix blocks (start, [n, D])."""
+    emb = np.concatenate([embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    best = np.full(len(emb), -np.inf)
+    arg = np.zeros(len(emb), np.int64)
+    for start, rows in class_blocks:
+        cos = emb @ (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).T   # [N, n]
+        better = cos.max(1) > best
+        arg[better] = start + cos.argmax(1)[better]
+        best = np.maximum(best, cos.max(1))
+    return float(np.mean(arg == labels)) if len(labels) else float("nan")
+
+
 def summary_line(results: dict[str, dict], far: float) -> str:
     return "  ".join(f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {r['tar']:.4f}"
                      for name, r in results.items())
@@ -75,10 +90,19 @@ def run_eval(args: argparse.Namespace) -> int:
                            cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
     ckpt.restore_backbone(path, model.variables)
     sets = load_sets(sets_paths, cfg.data.image_size)
-    results = evaluate(lambda x: model(x, training=False).numpy(), sets, batch_size=cfg.eval.batch_size,
+    embed = lambda x: model(x, training=False).numpy()  # noqa: E731
+    results = evaluate(embed, sets, batch_size=cfg.eval.batch_size,
                        folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip)
-    print(f"step {manifest['step']}  {summary_line(results, cfg.eval.far)}", flush=True)
+    line = f"step {manifest['step']}  {summary_line(results, cfg.eval.far)}"
+    out = {"checkpoint": path, "step": manifest["step"], "eval": results}
+    if cfg.data.closed:
+        from pipelines.verification import load_labelled
+        images, labels = load_labelled(cfg.data.closed, (cfg.data.image_size,) * 2)
+        out["closed_top1"] = closed_top1(embed, images, labels, ckpt.class_blocks(path),
+                                         batch_size=cfg.eval.batch_size)
+        line += f"  closed-set top-1 {out['closed_top1']:.4f} ({len(labels)} images)"
+    print(line, flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"checkpoint": path, "step": manifest["step"], "eval": results}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0

@@ -105,3 +105,23 @@ def _as_bytes(b) -> bytes:
     if isinstance(b, np.ndarray) and b.dtype == np.uint8:
         return b.tobytes()
     raise TypeError(f"image entry of type {type(b).__name__}, expected bytes")
+
+
+def load_labelled(path: str, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled dataset (directory with a manifest) for closed-set evaluation, in file order:
+    (images float32 [N, H, W, 3] in [-1, 1], labels int64 [N]). Bad records name file and index."""
+    manifest = schema.Manifest.load(schema.manifest_path(path))
+    images, labels = [], []
+    for file in manifest.shard_paths(path):
+        for i, raw in enumerate(tf.data.TFRecordDataset(file)):
+            where = f"{file}: record {i}"
+            try:
+                ex = tf.io.parse_single_example(raw, schema.feature_spec())
+                img = tf.io.decode_image(ex[schema.IMAGE_KEY], channels=3, expand_animations=False)
+            except tf.errors.InvalidArgumentError as e:
+                raise schema.DataError(f"{where}: not a decodable record ({schema.first_line(e)})") from None
+            if tuple(img.shape[:2]) != tuple(image_size):
+                img = tf.image.resize(img, image_size)
+            images.append(tf.cast(img, tf.float32).numpy() / 127.5 - 1.0)
+            labels.append(int(ex[schema.LABEL_KEY]))
+    return np.stack(images) if images else np.zeros((0, *image_size, 3), np.float32), np.array(labels, np.int64)
