@@ -134,20 +134,42 @@ def plot(run: RunLog, out_dir: Path, title: str) -> list[Path]:
         plt.close(fig)
         written.append(path)
     if run.evals:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, (set_name, metrics) in enumerate(sorted(run.evals.items())):
-            for metric, points in sorted(metrics.items()):
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", ls="-" if metric == "accuracy" else "--",
-                        label=f"{set_name} {metric}")
-        ax.set(xlabel="step", ylabel="verification", title=f"{title}: verification")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
         path = out_dir / "verification.png"
-        _save(fig, path)
-        plt.close(fig)
+        _plot_verification(plt, verification_series(run), path, title)
         written.append(path)
     return written
+
+
+def verification_series(run: RunLog) -> dict[str, dict[str, list[tuple]]]:
+    """{panel: {set: [(step, value, std or None)]}}: accuracy (± fold std) and TAR at the FAR, per set.
+
+    Only these two panels are drawn: the other keys of an evaluation (thresholds, pair counts,
+    the reached FAR) are not on an accuracy scale.
+    """
+    out: dict[str, dict[str, list[tuple]]] = {"accuracy": {}, "tar": {}}
+    for name, metrics in sorted(run.evals.items()):
+        std = dict(metrics.get("accuracy_std", []))
+        out["accuracy"][name] = [(x, y, std.get(x)) for x, y in metrics["accuracy"]]
+        for key in sorted(k for k in metrics if k.startswith("tar@far=")):
+            out["tar"][f"{name} {key.replace('tar@far=', 'TAR@FAR=')}"] = [(x, y, None) for x, y in metrics[key]]
+    return out
+
+
+def _plot_verification(plt, series: dict, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (panel, ylabel) in zip(axes, (("accuracy", "10-fold accuracy (± fold std)"),
+                                          ("tar", "TAR at the evaluation FAR"))):
+        for i, (label, points) in enumerate(series[panel].items()):
+            xs, ys, std = zip(*points)
+            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=label)
+            if panel == "accuracy" and all(v is not None for v in std):
+                ax.fill_between(xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)],
+                                color=f"C{i}", alpha=0.2)
+        ax.set(xlabel="step", ylabel=ylabel, title=f"{title}: {panel}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    _save(fig, path)
+    plt.close(fig)
 
 
 def summary(run: RunLog) -> str:

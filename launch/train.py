@@ -185,7 +185,7 @@ def _open(cfg: Config, comm, start_epoch: int):
     return open_dataset(cfg.data.train[0], cfg.train.batch_size, rank=comm.rank, size=comm.size,
                         image_size=(cfg.data.image_size, cfg.data.image_size),
                         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, start_epoch=start_epoch,
-                        skip_corrupt=cfg.data.skip_corrupt,
+                        skip_corrupt=cfg.data.skip_corrupt, flip=cfg.data.flip,
                         threads=cores_per_worker(comm.local_size))
 
 

@@ -37,6 +37,12 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"loss.png", "accuracy.png", "throughput.png", "verification.png"} <= {
         p.name for p in (run_dir / "report").iterdir()}
+    # the real log's evaluation holds thresholds and pair counts too: only accuracy and TAR are drawn
+    from launch.report import read_log, verification_series
+    series = verification_series(read_log(run_dir / "log.jsonl"))
+    assert list(series["accuracy"]) == ["verification"] and list(series["tar"]) == ["verification TAR@FAR=0.001"]
+    (step, acc, std), = series["accuracy"]["verification"]
+    assert step == 20 and acc == evals[0]["eval"]["verification"]["accuracy"] and std is not None
 
     # Resuming a finished run does no steps, and says where it resumed.
     proc = pfc("train", "--config", "configs/smoke.yaml", *sets)

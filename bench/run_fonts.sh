@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The real-data tables (docs/benchmarks.md): the typeface dataset, then the margin table.
+# About 3 minutes for the data and ~7 minutes per head on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+make fonts
+test -d data/fonts64 || .venv/bin/pfc data fonts data/fonts64 --size 64 --per-style 1
+$PY bench/fonts_table.py "$@"
