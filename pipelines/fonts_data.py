@@ -62,8 +62,9 @@ def write_fonts(out: str, cfg: fonts.FontsConfig, plan: fonts.Plan, *, processes
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    said = (lambda msg: log(msg.replace(tmp, out))) if log else None  # name the final paths
     try:
-        counts = _fill(tmp, plan, cfg, processes, log)
+        counts = _fill(tmp, plan, cfg, processes, said)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
