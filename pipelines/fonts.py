@@ -256,26 +256,24 @@ class Sample:
     seed: tuple[int, ...]
 
 
-def train_samples(plan: Plan, cfg: FontsConfig) -> list[Sample]:
-    """Training characters x training styles drawing them x per_style, faces of a style in turn."""
+def _labelled_samples(plan: Plan, styles: Sequence[int], k: int, seed: tuple[int, int]) -> list[Sample]:
+    """Training characters x the `styles` drawing them x k, each style's faces in turn."""
     out = []
     for label, ch in enumerate(plan.classes):
-        for s in plan.styles_with(ch, plan.train_styles):
+        for s in plan.styles_with(ch, styles):
             faces = plan.faces_for(s, ch)
-            out += [Sample(ch, faces[k % len(faces)], label, (cfg.seed, 1, ord(ch), s, k))
-                    for k in range(cfg.per_style)]
+            out += [Sample(ch, faces[i % len(faces)], label, (*seed, ord(ch), s, i)) for i in range(k)]
     return out
+
+
+def train_samples(plan: Plan, cfg: FontsConfig) -> list[Sample]:
+    """Training characters x training styles drawing them x per_style."""
+    return _labelled_samples(plan, plan.train_styles, cfg.per_style, (cfg.seed, 1))
 
 
 def closed_samples(plan: Plan, cfg: FontsConfig) -> list[Sample]:
     """Training characters in unseen styles, with their training labels."""
-    out = []
-    for label, ch in enumerate(plan.classes):
-        for s in plan.styles_with(ch, plan.unseen_styles):
-            faces = plan.faces_for(s, ch)
-            out += [Sample(ch, faces[k % len(faces)], label, (cfg.seed, 2, ord(ch), s, k))
-                    for k in range(cfg.closed_per_style)]
-    return out
+    return _labelled_samples(plan, plan.unseen_styles, cfg.closed_per_style, (cfg.seed, 2))
 
 
 def _pick_face(plan: Plan, rng, ch: str, style: int) -> int:
