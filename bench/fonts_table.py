@@ -47,13 +47,20 @@ def run_config(base: dict, head: str, steps: int, run_dir: str, extra: dict) -> 
     return path
 
 
-def final_loss(run_dir: str) -> float | None:
-    loss = None
+def progress(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            loss = row.get("loss", loss)
-    return loss
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def final_loss(run_dir: str) -> float | None:
+    rows = progress(run_dir)
+    return rows[-1]["loss"] if rows else None
+
+
+def samples_per_sec(run_dir: str) -> float | None:
+    """The median throughput of the progress windows after the first (compilation) one."""
+    rates = sorted(r["samples_per_sec"] for r in progress(run_dir)[1:])
+    return rates[len(rates) // 2] if rates else None
 
 
 def train_and_eval(config: str, workers: int) -> tuple[float, dict]:
@@ -67,11 +74,13 @@ def train_and_eval(config: str, workers: int) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
-def row(head: str, steps: int, workers: int, wall: float, ev: dict, loss, extra: dict) -> dict:
+def row(head: str, steps: int, workers: int, wall: float, ev: dict, run_dir: str, extra: dict,
+        data: str) -> dict:
     sets = {name: {k: r[k] for k in ("accuracy", "accuracy_std", "tar", "far_target", "num_pairs")}
             for name, r in ev["eval"].items()}
     return {"head": head, "loss_config": HEADS[head], "steps": steps, "workers": workers, "overrides": extra,
-            "wall_s": round(wall, 1), "final_loss": loss, "closed_top1": ev.get("closed_top1"), "sets": sets,
+            "data": data, "wall_s": round(wall, 1), "final_loss": final_loss(run_dir),
+            "samples_per_sec": samples_per_sec(run_dir), "closed_top1": ev.get("closed_top1"), "sets": sets,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip(), "time": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -109,7 +118,8 @@ def main(argv=None) -> int:
         run_dir = os.path.join(args.runs, f"{head}{'_' + tag if tag else ''}")
         config = run_config(base, head, steps, run_dir, extra)
         wall, ev = train_and_eval(config, args.workers)
-        rows.append(row(head, steps, args.workers, wall, ev, final_loss(run_dir), extra))
+        data = extra.get("data.train", base["data"]["train"])
+        rows.append(row(head, steps, args.workers, wall, ev, run_dir, extra, data))
         with open(args.out, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
         print(markdown(rows), flush=True)

@@ -115,6 +115,10 @@ class Cluster(abc.ABC):
         """Elementwise max over workers. Not differentiable (used for stabilizers and argmax)."""
         return tf.stop_gradient(self._allreduce(tf.convert_to_tensor(x), "max"))
 
+    def peer_lost(self, error: BaseException) -> bool:
+        """Whether a failed collective means a peer stopped (a single process has none)."""
+        return False
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backend={self.backend!r}, rank={self.rank}, size={self.size}, "
                 f"local_rank={self.local_rank}, local_size={self.local_size})")

@@ -10,6 +10,10 @@ import tensorflow as tf
 from cluster.base import Cluster
 
 
+_PEER_LOST = ("Horovod has been shut down", "HorovodInternalError", "Connection closed by peer",
+              "Connection reset by peer", "Broken pipe", "gloo::IoException", "gloo/transport")
+
+
 class HorovodCluster(Cluster):
     """Workers started by `horovodrun` (or `mpirun` with an MPI-enabled Horovod)."""
 
@@ -44,6 +48,12 @@ class HorovodCluster(Cluster):
     def barrier(self) -> None:
         # Horovod's TensorFlow binding has no barrier; a named scalar allreduce is one.
         self._hvd.allreduce(tf.zeros([1]), op=self._hvd.Sum, name=f"pfc_barrier_{next(self._barriers)}")
+
+    def peer_lost(self, error: BaseException) -> bool:
+        """Horovod's words when a peer's process ends or its connection drops mid-collective
+        (Gloo's transport errors, then Horovod's background loop shutting down)."""
+        text = str(error)
+        return any(sign in text for sign in _PEER_LOST)
 
     def shutdown(self) -> None:
         self._hvd.shutdown()

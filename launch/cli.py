@@ -36,14 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        code = int(args.func(args) or 0)
-    except _user_errors() as e:  # bad config, data, checkpoint, port: one line, no traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        print(f"pfc {args.command}: error: {first}", file=sys.stderr, flush=True)
-        code = 1
+    code = run_guarded(args.command, lambda: args.func(args))
     from pipelines import storage  # tensorflow-io's S3 client aborts at exit: end with os._exit
     return storage.exit_if_object_storage(code)
+
+
+def run_guarded(command: str, run) -> int:
+    """run() -> exit code. A user's error (bad config, data, checkpoint, port, a lost peer)
+    becomes one line `pfc COMMAND: error: ...` on stderr and exit 1, with no traceback."""
+    try:
+        return int(run() or 0)
+    except _user_errors() as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        print(f"pfc {command}: error: {first}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -51,12 +57,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from launch.checkpoint import CheckpointError
     from launch.config import ConfigError
+    from launch.run_lock import RunLockError
     from launch.trainer import TrainingError
     from monitoring.exporter import PortInUseError
     from pipelines.schema import DataError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, PortInUseError, FileExistsError,
-            tf.errors.OpError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, RunLockError, PortInUseError,
+            FileExistsError, tf.errors.OpError)
 
 
 if __name__ == "__main__":

@@ -311,7 +311,12 @@ class TrainConfig(_Section):
     epochs: Optional[float] = _field(None, "Length of the run in passes over the training data.", gt=0.0)
     log_every: int = _field(50, "Steps between progress lines (terminal and JSON log).", ge=1)
     nonfinite: Literal["stop", "skip"] = _field("stop", "On a non-finite loss: stop with an error "
-                                                "naming the step, or skip the update and count it.")
+                                                "naming the step, or skip the update (nothing of the "
+                                                "step is applied) and count it.")
+    max_skipped_share: float = _field(0.05, "With nonfinite: skip, stop once more than "
+                                      "ceil(share x planned steps) steps were skipped.", gt=0.0, le=1.0)
+    max_skipped_in_a_row: int = _field(10, "With nonfinite: skip, stop once more than this many "
+                                       "consecutive steps were skipped.", ge=0)
     run_dir: str = _field("runs/default", "Directory for the JSON log, the resolved config and (by "
                           "default) checkpoints.")
 

@@ -49,6 +49,17 @@ def _step(record: dict, where: str) -> int:
     return step
 
 
+def _rewind(run: RunLog, step: int) -> None:
+    """A resume at `step`: the records past it were written by the run that crashed, and the
+    resumed run writes them again; keep the resumed run's."""
+    keep = [i for i, s in enumerate(run.train["step"]) if s <= step]
+    for key, column in run.train.items():
+        run.train[key] = [column[i] for i in keep]
+    for metrics in run.evals.values():
+        for name, points in metrics.items():
+            metrics[name] = [(s, v) for s, v in points if s <= step]
+
+
 def read_log(path: Path) -> RunLog:
     """Parse and check the whole log. A last line without its newline is a record being written: skipped."""
     try:
@@ -70,6 +81,9 @@ def read_log(path: Path) -> RunLog:
             raise LogError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise LogError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if record.get("event") == "resume":
+            _rewind(run, _step(record, where))
+            continue
         if "event" in record:
             continue
         step = _step(record, where)

@@ -7,8 +7,10 @@ One step (compiled with `tf.function`):
      is ever reduced over workers);
   3. the backbone's gradients are SUMMED over workers in one allreduce: each worker's loss is the
      mean over the GLOBAL batch, so the sum is the exact gradient (MARGINS.md);
-  4. optional clipping of that global gradient, then the backbone update. A non-finite loss
-     updates nothing (the verdict is the same on every worker).
+  4. optional clipping of that global gradient, then the backbone update.
+A skipped step (a non-finite loss: the verdict is the same on every worker) applies nothing: the
+state a forward pass changes outside the optimizers (batch-norm statistics, RNG and sampler states)
+is put back, and only the data position and the skip count move.
 """
 from __future__ import annotations
 
@@ -43,6 +45,21 @@ class StepResult:
     applied: bool
     grad_norm: float
     comm_seconds: float   # in the backbone-gradient allreduce, waiting for the slowest worker included
+
+
+@dataclasses.dataclass
+class Position:
+    """Where the run is in its data and how many steps it skipped (checkpointed in the manifest).
+
+    samples: global samples taken from the data, skipped batches included: the data position, valid
+    at any world size (optimizer steps are not, once the global batch changes).
+    """
+    samples: int = 0
+    skipped: int = 0
+    skipped_in_a_row: int = 0
+
+    def meta(self) -> dict:
+        return {"samples": self.samples, "skipped_steps": self.skipped}
 
 
 class Trainer:
@@ -87,14 +104,20 @@ class Trainer:
         # Same seed everywhere already; the broadcast makes "identical replicas" a fact, not a hope.
         self.comm.broadcast_variables([v.value for v in self.model.weights], root=0)
         self.total_steps = 0  # set by `set_total_steps` before the first step
+        self.position = Position()
+        self._volatile = self._volatile_variables()
         self._step_fn = tf.function(self._step)
         self._compiled = False
 
     # --- the step ------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        """Optimizer steps taken (skipped non-finite steps included): drives lr and λ."""
+        """Optimizer steps applied (skipped steps not counted): drives lr and λ."""
         return int(self.fc.step.numpy())
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.train.batch_size * self.comm.size
 
     def set_total_steps(self, total: int) -> None:
         self.total_steps = int(total)
@@ -106,13 +129,33 @@ class Trainer:
                              min_lr=o.min_lr)
 
     def train_step(self, images, labels) -> StepResult:
-        loss, acc, applied, norm, comm_s = self._step_fn(images, labels)
+        loss, acc, applied, fc_applied, norm, comm_s = self._step_fn(images, labels)
         if not self._compiled:
             # The first call traced and compiled the step: hand the compiler's freed scratch back
             # (pfc's allocator keeps freed memory for reuse; measured 0.04-0.1 GiB at 5M classes).
             release_free_memory()
             self._compiled = True
+        if bool(fc_applied) and not bool(applied):
+            raise TrainingError(
+                f"step {self.step}: the loss ({float(loss)}) is finite but the backbone's gradient is "
+                f"not (norm {float(norm)}): the class rows were updated and the backbone was not, so "
+                "the step cannot be skipped; stopping. Lower optim.lr or check the data")
+        self._advance(bool(applied))
         return StepResult(float(loss), float(acc), bool(applied), float(norm), float(comm_s))
+
+    def _advance(self, applied: bool) -> None:
+        p = self.position
+        p.samples += self.global_batch
+        p.skipped += not applied
+        p.skipped_in_a_row = 0 if applied else p.skipped_in_a_row + 1
+
+    def _volatile_variables(self) -> list[tf.Variable]:
+        """Variables a step changes outside the optimizers: batch-norm statistics, RNG states
+        (dropout) and the Partial FC sampler's state. A skipped step puts them back."""
+        trainable = {id(v) for v in self.model.trainable_variables}
+        found = [v for v in self.model.variables if id(v) not in trainable]
+        sampler = getattr(self.fc, "sampler", None)
+        return found + ([sampler.state] if sampler is not None else [])
 
     def _step(self, images, labels):
         cfg = self.config
@@ -121,6 +164,8 @@ class Trainer:
         variables = self.model.trainable_variables
         if self.augment is not None:
             images = self.augment(images, step)
+        # read before the forward pass changes them (stateful ops run in program order)
+        before = [tf.identity(tf.convert_to_tensor(v)) for v in self._volatile]
         with tf.GradientTape() as tape:
             emb = self.model(images, training=True)
         out = self.fc.train_step(emb, labels, self.fc_opt, lr * cfg.optim.fc_lr_scale, step=step)
@@ -139,9 +184,14 @@ class Trainer:
             self.opt.apply_gradients(zip(grads, variables))
             return tf.constant(True)
 
-        tf.cond(ok, apply, lambda: tf.constant(False))
-        step.assign_add(1)
-        return out.loss, out.accuracy, ok, norm, comm_s
+        def put_back():
+            for v, value in zip(self._volatile, before):
+                v.assign(value)
+            return tf.constant(False)
+
+        tf.cond(ok, apply, put_back)
+        step.assign_add(tf.cast(ok, step.dtype))
+        return out.loss, out.accuracy, ok, out.applied, norm, comm_s
 
     def _sum_over_workers(self, grads):
         """One allreduce of all backbone gradients, flattened: the exact global gradient, and the
@@ -166,28 +216,39 @@ class Trainer:
     def save(self, meta: dict | None = None) -> str:
         cfg = self.config
         info = {"num_classes": self.num_classes, "embedding_dim": cfg.model.embedding_dim,
-                "config": cfg.to_dict(), **(meta or {})}
+                "config": cfg.to_dict(), **self.position.meta(), **(meta or {})}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint_dir, self.step, self.comm, self.fc_state(),
                          self.model.variables, self.opt.variables, info, keep=cfg.checkpoint.keep)
         self.last_checkpoint_seconds = time.perf_counter() - t0
         return path
 
-    def resume_path(self) -> str | None:
-        """The checkpoint to start from per `checkpoint.resume`, checked against C and D, or None."""
-        mode = self.config.checkpoint.resume
+    def resume_path(self) -> tuple[str | None, list[str]]:
+        """The checkpoint to start from per `checkpoint.resume`, verified and checked against C and
+        D, or None; and notes on corrupt checkpoints `auto` passed over (every worker says them).
+        An explicit path never falls back: a corrupt one is an error."""
+        cfg = self.config
+        mode, notes = cfg.checkpoint.resume, []
         if mode == "none":
-            return None
-        path = ckpt.latest(self.config.checkpoint_dir) if mode == "auto" else mode
+            return None, notes
+        if mode == "auto":
+            path, notes = ckpt.choose_resume(cfg.checkpoint_dir, self.comm, self.fc.class_range)
+        else:
+            path = mode
         if path is None:
-            return None
+            return None, notes
         manifest = ckpt.read_manifest(path)
-        ckpt.check_compatible(path, manifest, self.num_classes, self.config.model.embedding_dim)
-        return path
+        ckpt.check_compatible(path, manifest, self.num_classes, cfg.model.embedding_dim)
+        if mode != "auto":
+            ckpt.verify(path, self.fc.class_range, self.comm)
+        return path, notes
 
-    def restore(self, path: str) -> dict:
-        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables, self.opt.variables)
+    def restore(self, path: str, *, verified: bool = False) -> dict:
+        """Load `path` (verified first unless `resume_path` just did) into every variable."""
+        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables, self.opt.variables,
+                                verified=verified)
         self.fc.step.assign(int(manifest["step"]))
+        self.position = restored_position(manifest)
         return manifest
 
     def embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -195,3 +256,12 @@ class Trainer:
         out = [self.model(images[i:i + batch_size], training=False).numpy()
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros([0, self.config.model.embedding_dim], np.float32)
+
+
+def restored_position(manifest: dict) -> Position:
+    """A checkpoint's data position; one written before positions were recorded took a global
+    batch per step (it did not skip, or counted skips as steps)."""
+    if "samples" in manifest:
+        return Position(int(manifest["samples"]), int(manifest.get("skipped_steps", 0)))
+    train = manifest.get("config", {}).get("train", {})
+    return Position(int(manifest["step"]) * int(train.get("batch_size", 0)) * int(manifest["world_size"]))

@@ -24,7 +24,7 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     assert all(k in progress[0] for k in ("epoch", "accuracy", "lr", "samples_per_sec", "time"))
     evals = [x for x in lines if "eval" in x]
     assert len(evals) == 1 and 0.0 <= evals[0]["eval"]["verification"]["accuracy"] <= 1.0
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
     assert ckpts == ["ckpt-000000010", "ckpt-000000020"]
 
     proc = pfc("eval", "--config", "configs/smoke.yaml", *sets)
@@ -44,9 +44,10 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     (step, acc, std), = series["accuracy"]["verification"]
     assert step == 20 and acc == evals[0]["eval"]["verification"]["accuracy"] and std is not None
 
-    # Resuming a finished run does no steps, and says where it resumed.
+    # Resuming a finished run has nothing to do: an error that says so, not a silent zero-step run.
     proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout and "step 20/20" not in proc.stdout
+    assert proc.returncode == 1 and "resumed from" in proc.stdout and "step 20/20" not in proc.stdout
+    assert "nothing is left to train" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_errors_before_any_work(synth_dataset, tmp_path):

@@ -72,13 +72,13 @@ def main(out_dir: str, run_dir: str, steps: int, chunk=None) -> None:
     res = {}
     # The state the run resumes from, as this world size re-splits it.
     probe = Trainer(cfg, comm, num_classes=NUM_CLASSES)
-    path = probe.resume_path()
+    path, _ = probe.resume_path()
     if path:
         probe.restore(path)
         res.update({f"resumed_{k}": v for k, v in state(probe).items()})
     summary = train_lib.train(cfg, comm, data=data, steps_per_epoch=10, num_classes=NUM_CLASSES)
     final = Trainer(cfg, comm, num_classes=NUM_CLASSES)
-    final.restore(final.resume_path())
+    final.restore(final.resume_path()[0])
     res.update({f"final_{k}": v for k, v in state(final).items()})
     res["loss"] = np.array(summary["loss"])
     np.savez(os.path.join(out_dir, f"rank{r}.npz"), **res)
