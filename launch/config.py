@@ -301,6 +301,15 @@ class OptimConfig(_Section):
                               f"schedule, got {self.min_lr}")
 
 
+def _check_posix_dir(section, key: str, path: str) -> None:
+    """The run and checkpoint folders are files on a filesystem every worker mounts (local, NFS, a
+    volume): their atomic renames and the run's lock need one. Object storage is for data."""
+    if "://" in path:
+        raise section._error(key, f"{path!r} is an object-storage URL: the run and checkpoint "
+                             "directories must be a filesystem path every worker sees (a local "
+                             "disk for one node; NFS or a shared volume for several)")
+
+
 @dataclasses.dataclass
 class TrainConfig(_Section):
     _key: typing.ClassVar[str] = "train"
@@ -326,6 +335,7 @@ class TrainConfig(_Section):
                               f"(got steps={self.steps}, epochs={self.epochs})")
         if not self.run_dir:
             raise self._error("run_dir", "must not be empty")
+        _check_posix_dir(self, "run_dir", self.run_dir)
 
 
 @dataclasses.dataclass
@@ -340,6 +350,8 @@ class CheckpointConfig(_Section):
     def _check(self) -> None:
         if self.dir == "":
             raise self._error("dir", "must not be empty (null means <train.run_dir>/checkpoints)")
+        if self.dir is not None:
+            _check_posix_dir(self, "dir", self.dir)
         if not self.resume:
             raise self._error("resume", "must be auto, none or a checkpoint path")
 
