@@ -14,16 +14,18 @@ import subprocess
 import sys
 import time
 
-from launch import host_memory
+from launch import commands, host_memory
 
 # Set by the parent when it re-executes itself under horovodrun for --workers N.
 _CHILD_ENV = "PFC_BENCH_CHILD"
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (fc: the model-parallel layer; data: the reader)")
+    bench = commands.add(sub, "bench")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    fc = kinds.add_parser("fc", help="time of one FC forward+backward vs the bare matmuls")
+    fc = commands.add(kinds, "fc", "time of one FC training step vs the bare matmuls of the same work", (
+        "pfc bench fc --classes 1000000 --dim 512 --batch 256 --workers 2 --steps 5",
+        "pfc bench fc --classes 100000 --sample-rate 0.1 --dtype bfloat16 --json bench/fc_results.jsonl"))
     fc.add_argument("--classes", type=int, required=True, help="C, total classes")
     fc.add_argument("--dim", type=int, default=512, help="D, embedding width")
     fc.add_argument("--batch", type=int, default=256, help="GLOBAL batch B (split over workers)")
@@ -43,7 +45,8 @@ def add_parser(sub) -> None:
     fc.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     fc.set_defaults(func=run_fc)
     from launch import bench_data
-    data = kinds.add_parser("data", help="images/s of the training reader vs decode-only, same JPEGs")
+    data = commands.add(kinds, "data", "images/s of the training reader vs decode-only, same JPEGs", (
+        "pfc bench data data/synth --workers 2 --rounds 3",))
     bench_data.add_arguments(data)
     data.set_defaults(func=bench_data.run)
 

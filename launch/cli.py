@@ -1,37 +1,45 @@
-"""The `pfc` command line. Subcommands grow with the project; each lives in its own module."""
+"""The `pfc` command line. Each subcommand lives in its own module, listed in launch/commands.py
+and imported only when it runs: `pfc --help` loads no TensorFlow."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from importlib import metadata
 
+from launch import commands
 from launch import host_memory  # imports no TensorFlow: it must act before TensorFlow loads
+from launch.version import version
 
 
-def version() -> str:
-    try:
-        return metadata.version("partitioned-fc")
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from launch import bench, data_cli, evaluate, export, report, train
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` (its module imported), or help-only entries for every command;
+    command "*": every command's full parser (for tests of the help texts)."""
     parser = argparse.ArgumentParser(
-        prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes")
+        prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes",
+        epilog=commands.epilog([c.examples[0] for c in commands.COMMANDS.values()]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, evaluate, export, data_cli, bench, report):
-        command.add_parser(sub)
+    if command == "*":
+        for name in dict.fromkeys(c.module for c in commands.COMMANDS.values()):
+            __import__(name, fromlist=["add_parser"]).add_parser(sub)
+    elif command in commands.COMMANDS:
+        commands.install(sub, command)
+    else:
+        commands.listing(sub)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, unless asked
     host_memory.configure()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

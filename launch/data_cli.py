@@ -8,18 +8,22 @@ import argparse
 import functools
 import sys
 
+from launch import commands
+
 
 def add_parser(sub) -> None:
-    data = sub.add_parser("data", help="datasets: synthetic identities, inspection")
+    data = commands.add(sub, "data")
     kinds = data.add_subparsers(dest="data_kind", metavar="KIND", required=True)
 
-    synth = kinds.add_parser("synth", help="write a synthetic face-like identity dataset (+ verification.bin)")
+    synth = commands.add(kinds, "synth", "write a synthetic face-like identity dataset (+ verification.bin)", (
+        "pfc data synth data/synth --identities 200 --images-per-identity 20 --shards 4",
+        "pfc data synth s3://bucket/synth --identities 100000 --images-per-identity 50 --shards 256"))
     synth.add_argument("out", metavar="OUT", help="output directory (local or s3://, gs://, hdfs://)")
     synth.add_argument("--identities", type=int, required=True, help="number of identities (classes)")
-    synth.add_argument("--images-per-identity", type=int, required=True)
+    synth.add_argument("--images-per-identity", type=int, required=True, help="images of each identity")
     synth.add_argument("--shards", type=int, required=True, help="number of TFRecord shard files")
     synth.add_argument("--size", type=int, default=112, help="image height = width in pixels (default 112)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same bytes")
     synth.add_argument("--verification-pairs", type=int, default=200,
                        help="genuine pairs in verification.bin (as many impostor pairs; default 200)")
     _add_resume(synth)
@@ -27,37 +31,42 @@ def add_parser(sub) -> None:
 
     _add_fonts(kinds)
 
-    insp = kinds.add_parser("inspect", help="counts, classes, label histogram; decode every record")
+    insp = commands.add(kinds, "inspect", "counts, classes, label histogram; decode every record", (
+        "pfc data inspect data/synth", "pfc data inspect 'data/ms1m/train-*.tfrecord' --no-decode"))
     insp.add_argument("path", metavar="PATH", help="dataset directory, manifest.json, shard file or glob")
     insp.add_argument("--no-decode", action="store_true", help="skip JPEG decoding (framing, parsing, labels only)")
     insp.set_defaults(func=_guarded(_inspect))
 
-    conv = sub.add_parser("convert", help="convert image folders or InsightFace RecordIO to TFRecords")
+    conv = commands.add(sub, "convert")
     ckinds = conv.add_subparsers(dest="convert_kind", metavar="KIND", required=True)
-    img = ckinds.add_parser("images", help="SRC_DIR/<identity>/<images> (ImageFolder)")
-    img.add_argument("src", metavar="SRC_DIR")
-    img.add_argument("out", metavar="OUT")
-    img.add_argument("--shards", type=int, required=True)
+    img = commands.add(ckinds, "images", "SRC_DIR/<identity>/<images> (ImageFolder) to TFRecords", (
+        "pfc convert images ~/photos data/photos --shards 8",))
+    img.add_argument("src", metavar="SRC_DIR", help="a folder per identity, its images inside")
+    img.add_argument("out", metavar="OUT", help="output directory (local or s3://, gs://, hdfs://)")
+    img.add_argument("--shards", type=int, required=True, help="number of TFRecord shard files")
     img.add_argument("--size", type=int, default=None,
                      help="resize to SIZE x SIZE (default: the first image's size)")
     _add_resume(img)
     img.set_defaults(func=_guarded(_convert_images))
-    mx = ckinds.add_parser("mxrec", help="InsightFace train.rec + train.idx + property, without MXNet")
-    mx.add_argument("rec", metavar="PATH/train.rec")
-    mx.add_argument("out", metavar="OUT")
-    mx.add_argument("--shards", type=int, required=True)
+    mx = commands.add(ckinds, "mxrec", "InsightFace train.rec + train.idx + property, without MXNet", (
+        "pfc convert mxrec faces_emore/train.rec data/ms1m --shards 64",))
+    mx.add_argument("rec", metavar="PATH/train.rec", help="the .rec file; its .idx and property beside it")
+    mx.add_argument("out", metavar="OUT", help="output directory (local or s3://, gs://, hdfs://)")
+    mx.add_argument("--shards", type=int, required=True, help="number of TFRecord shard files")
     _add_resume(mx)
     mx.set_defaults(func=_guarded(_convert_mxrec))
 
 
 def _add_fonts(kinds) -> None:
     from pipelines.fonts import CLASS_SETS, DEFAULT_MIN_FACES
-    p = kinds.add_parser(
-        "fonts", help="real data: CJK characters drawn by the system's typefaces, open-set splits",
-        description="Render CJK characters in every installed typeface (make fonts installs them) as "
-                    "an open-set dataset: training shards, two verification .bin sets (unseen characters "
-                    "in training / unseen typefaces) and a closed set (training characters in unseen "
-                    "typefaces). Example: pfc data fonts data/fonts --size 64 --per-style 2")
+    p = commands.add(kinds, "fonts", "real data: CJK characters drawn by the installed typefaces (make "
+                     "fonts), as an open-set dataset: training shards, two verification .bin sets (unseen "
+                     "characters in training / unseen typefaces) and a closed set (training characters in "
+                     "unseen typefaces)", (
+                         "pfc data fonts data/fonts64 --size 64 --per-style 1",
+                         "pfc data fonts data/fonts_all --classes all --size 64 --per-style 1",
+                         "pfc data fonts data/two --fonts /usr/share/fonts/truetype/arphic/ukai.ttc "
+                         "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc --max-classes 200"))
     p.add_argument("out", metavar="OUT", help="new local output folder (must not exist)")
     p.add_argument("--fonts", nargs="+", default=None, metavar="FILE",
                    help="font files to use (default: every font under --font-dir)")
@@ -77,7 +86,7 @@ def _add_fonts(kinds) -> None:
     p.add_argument("--max-classes", type=int, default=None, help="keep only the first N classes (small runs)")
     p.add_argument("--max-faces", type=int, default=None, help="keep only the first N styles by name (small runs)")
     p.add_argument("--shards", type=int, default=8, help="training shard files (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and fonts write the same bytes")
     p.add_argument("--processes", type=int, default=None, help="rendering processes (default: the cores)")
     p.set_defaults(func=_guarded(_fonts))
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from launch import verification
+from launch import commands, verification
 
 EvalSets = dict  # name -> (images [2N, H, W, 3] float32 in [-1, 1], issame [N] bool)
 
@@ -60,7 +60,7 @@ def summary_line(results: dict[str, dict], far: float) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="verification accuracy of a checkpoint on the config's .bin sets")
+    p = commands.add(sub, "eval")
     p.add_argument("--config", required=True, help="the experiment's YAML config")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint directory (default: the newest in the config's checkpoint dir)")

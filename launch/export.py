@@ -12,9 +12,11 @@ import shutil
 
 import tensorflow as tf
 
+from launch import commands
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="a checkpoint's backbone as a SavedModel (images -> embeddings)")
+    p = commands.add(sub, "export")
     p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/ckpt-000001000)")
     p.add_argument("out", help="SavedModel directory to write (must not exist)")
     p.set_defaults(func=run_export)

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch import commands
+
 LOG_NAME = "log.jsonl"
 TRAIN_KEYS = ("time", "step", "epoch", "loss", "accuracy", "lr", "samples_per_sec")
 
@@ -201,7 +203,7 @@ def summary(run: RunLog) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="PNG plots of a run's log (loss, accuracy, throughput, verification)")
+    p = commands.add(sub, "report")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help=f"the run's directory (reads RUN_DIR/{LOG_NAME})")
     p.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default RUN_DIR/report)")
     p.set_defaults(func=run_report)

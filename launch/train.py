@@ -14,11 +14,12 @@ import os
 import time
 import typing
 
+from launch import commands
 from launch.config import Config
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train (one worker, or every worker under horovodrun)")
+    p = commands.add(sub, "train")
     p.add_argument("--config", required=True, help="the experiment's YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set optim.lr=0.05 (repeatable)")
@@ -464,7 +465,7 @@ def _open(cfg: Config, comm, start_epoch: int):
 def _metrics(cfg: Config, comm):
     if not cfg.monitoring.port and not cfg.monitoring.pushgateway:
         return None
-    from launch.cli import version
+    from launch.version import version
     from monitoring.exporter import TrainingMetrics
 
     return TrainingMetrics(job=cfg.monitoring.job, rank=comm.rank, local_rank=comm.local_rank,
