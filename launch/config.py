@@ -179,7 +179,8 @@ class DataConfig(_Section):
                                         "training data's metadata.", ge=1)
     image_size: int = _field(112, "Side of the square input images, in pixels.", ge=8)
     shuffle_buffer: int = _field(10000, "Records in the shuffle buffer; 0 disables shuffling.", ge=0)
-    skip_corrupt: bool = _field(False, "Skip (and count) undecodable records instead of stopping.")
+    skip_corrupt: bool = _field(False, "Skip undecodable records instead of stopping; the count "
+                                "(all workers) is in the progress line and log.jsonl's corrupt_records.")
     flip: bool = _field(True, "Random horizontal flip in training. Off for data whose mirror image "
                         "is another class (characters: configs/fonts.yaml).")
     closed: Optional[str] = _field(None, "A labelled dataset (directory) of the training classes in "

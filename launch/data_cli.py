@@ -44,8 +44,13 @@ def add_parser(sub) -> None:
     img.add_argument("src", metavar="SRC_DIR", help="a folder per identity, its images inside")
     img.add_argument("out", metavar="OUT", help="output directory (local or s3://, gs://, hdfs://)")
     img.add_argument("--shards", type=int, required=True, help="number of TFRecord shard files")
-    img.add_argument("--size", type=int, default=None,
-                     help="resize to SIZE x SIZE (default: the first image's size)")
+    img.add_argument("--size", type=int, default=112,
+                     help="store SIZE x SIZE images (default 112, the face convention)")
+    img.add_argument("--fit", choices=("crop", "pad"), default="crop",
+                     help="a non-square image: crop its centred square (default) or pad it with black")
+    img.add_argument("--skip-bad", action="store_true",
+                     help="write the readable images and list the unreadable ones in the manifest "
+                          "(default: name every unreadable file and write nothing)")
     _add_resume(img)
     img.set_defaults(func=_guarded(_convert_images))
     mx = commands.add(ckinds, "mxrec", "InsightFace train.rec + train.idx + property, without MXNet", (
@@ -106,9 +111,9 @@ def _guarded(fn):
         try:
             return fn(args)
         except (schema.DataError, ValueError) as e:
-            print(f"pfc: error: {e}", file=sys.stderr)
+            print(f"pfc {args.command}: error: {e}", file=sys.stderr)
         except tf.errors.OpError as e:
-            print(f"pfc: error: {schema.first_line(e)}", file=sys.stderr)
+            print(f"pfc {args.command}: error: {schema.first_line(e)}", file=sys.stderr)
         return 1
     return run
 
@@ -160,9 +165,11 @@ def _inspect(args) -> int:
 
 def _convert_images(args) -> int:
     from pipelines import folders
-    size = (args.size, args.size) if args.size else None
-    m = folders.convert(args.src, args.out, args.shards, size=size, resume=args.resume, log=_log)
-    print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
+    m = folders.convert(args.src, args.out, args.shards, size=args.size, fit=args.fit,
+                        skip_bad=args.skip_bad, resume=args.resume, log=_log)
+    skipped = f" ({len(m.skipped)} unreadable files skipped, listed in the manifest)" if m.skipped else ""
+    print(f"wrote {m.num_examples} images of {m.num_classes} identities in {len(m.shards)} shards to "
+          f"{args.out}{skipped}")
     return 0
 
 

@@ -263,6 +263,22 @@ def _peer_errors():
     return (tf.errors.OpError,)
 
 
+def _next(batches):
+    """The next batch; a check of the reader that failed becomes a DataError naming the file,
+    the record and the config key, without TensorFlow's wrapping."""
+    try:
+        return next(batches)
+    except _peer_errors() as e:
+        from pipelines.reader import reader_error
+        from pipelines.schema import DataError
+
+        message = reader_error(e)
+        if message is None:
+            raise
+        raise DataError(message.replace("read with skip_corrupt=True", "set data.skip_corrupt: true "
+                                        "to skip and count such records")) from None
+
+
 @dataclasses.dataclass
 class _Duty:
     """Something the loop does every `every` applied steps (0: never), and at the end if `final`."""
@@ -304,7 +320,7 @@ class _Loop:
         t = self.trainer
         while not self.plan.done(t.step, t.position.samples):
             t0 = time.perf_counter()
-            images, labels, self.epoch = next(batches)
+            images, labels, self.epoch = _next(batches)
             t1 = time.perf_counter()
             self.result = t.train_step(images, labels)
             self.observe(t0, t1, time.perf_counter())
@@ -351,11 +367,10 @@ class _Loop:
                                   data_wait_seconds=t1 - t0, comm_seconds=r.comm_seconds)
 
     def _count_corrupt(self) -> None:
-        if self.pipe is not None:
-            corrupt = int(self.pipe.corrupt_records.numpy())
-            if corrupt > self.corrupt_seen:
-                self.metrics.count_corrupt(corrupt - self.corrupt_seen)
-                self.corrupt_seen = corrupt
+        corrupt = self._corrupt_records()
+        if corrupt > self.corrupt_seen:
+            self.metrics.count_corrupt(corrupt - self.corrupt_seen)
+            self.corrupt_seen = corrupt
 
     def skipped(self) -> None:
         from launch.trainer import TrainingError
@@ -389,12 +404,26 @@ class _Loop:
         left = self.plan.total_steps - step
         eta = left * (now - self.t_start) / max(step - self.plan.start_step, 1)
         lr = float(t.learning_rate(step))
+        corrupt = self._corrupt_records_all() if self.cfg.data.skip_corrupt else 0
         self.log.say(f"step {step}/{self.plan.total_steps} epoch {int(self.epoch)} | loss {r.loss:.4f} "
-                     f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {_eta(eta)}")
+                     f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {_eta(eta)}"
+                     + (f" | {corrupt:,} corrupt records skipped" if corrupt else ""))
         self.log.record({"step": step, "epoch": int(self.epoch), "loss": r.loss,
                          "accuracy": r.accuracy, "lr": lr, "samples_per_sec": round(rate, 2),
                          "grad_norm": r.grad_norm, "nonfinite_steps": t.position.skipped,
-                         "samples": t.position.samples})
+                         "samples": t.position.samples,
+                         **({"corrupt_records": corrupt} if self.cfg.data.skip_corrupt else {})})
+
+    def _corrupt_records_all(self) -> int:
+        """Records skipped as corrupt so far by every worker's reader (every worker calls this)."""
+        import tensorflow as tf
+
+        mine = tf.constant(float(self._corrupt_records()))
+        return int(self.comm.allreduce_sum(mine)) if self.comm.size > 1 else int(mine)
+
+    def _corrupt_records(self) -> int:
+        """Records this worker's reader skipped as corrupt so far (data.skip_corrupt: true)."""
+        return int(self.pipe.corrupt_records.numpy()) if self.pipe is not None else 0
 
     def checkpoint(self, step: int) -> None:
         t = self.trainer

@@ -516,6 +516,22 @@ def _at(values, i):
     return tf.gather(tf.concat([values, tf.zeros([1], values.dtype)], axis=0), i)
 
 
+READER_TAG = "pfc-data: "  # the first word of every check's message
+
+
+def reader_error(error: BaseException) -> str | None:
+    """The message of one of the reader's checks inside a TensorFlow error, as one plain line
+    (TensorFlow prints an Assert's data as `[a] [b] ...` and wraps it in `{{function_node ...}}`
+    and `[[{{node ...}}]]`); None when the error is not one of them."""
+    text = str(error)
+    start = text.find("[" + READER_TAG)
+    if start < 0:
+        return None
+    line = text[start + 1:].split("\n")[0]
+    line = line[:line.rfind("]")] if "]" in line else line
+    return " ".join(p.strip() for p in line[len(READER_TAG):].split("] [")).replace(" : ", ": ")
+
+
 def _assert(condition, data):
     """tf.debugging.Assert without its tf.cond guard: the message tensors are cheap scalars, and
     control flow in a tf.data function costs far more than they do."""

@@ -85,6 +85,8 @@ class Manifest:
     shards: shard file names, relative to the manifest's directory, in shard order.
     examples_per_shard: records in each shard (same order).
     verification: optional InsightFace .bin file names (relative), e.g. ["verification.bin"].
+    skipped: source files a converter left out as unreadable (`pfc convert images --skip-bad`),
+    each {"file": path, "reason": why}.
     """
     num_classes: int
     image_size: tuple[int, int]
@@ -92,6 +94,7 @@ class Manifest:
     examples_per_shard: list[int]
     verification: list[str] = dataclasses.field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    skipped: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def num_examples(self) -> int:
@@ -124,6 +127,9 @@ class Manifest:
         for name in self.verification:
             if not isinstance(name, str) or not name or "/" in name:
                 bad(f"verification file name {name!r} must be a plain file name")
+        if not isinstance(self.skipped, list) or not all(
+                isinstance(x, dict) and set(x) == {"file", "reason"} for x in self.skipped):
+            bad("skipped must be a list of {\"file\": ..., \"reason\": ...} objects")
         return self
 
     def to_json(self) -> str:

@@ -32,12 +32,14 @@ class Record:
 def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], Iterable[Record]], *,
                   num_classes: int, image_size: tuple[int, int], prefix: str = "train",
                   resume: bool = True, verification: list[str] | None = None, job: dict | None = None,
-                  log: Callable[[str], None] | None = None) -> schema.Manifest:
+                  log: Callable[[str], None] | None = None,
+                  skipped: list[dict] | None = None) -> schema.Manifest:
     """Write shards 0..num_shards-1 (`shard_records(k)` yields shard k's records), then the manifest.
 
     `shard_records(k)` must yield the same records on every call (resume relies on it); `job`
     describes what is written (JSON-serializable), so that a resume never keeps another job's shards.
-    Labels are checked against `num_classes` before anything is renamed into place.
+    Labels are checked against `num_classes` before anything is renamed into place. `skipped`: the
+    source files left out, listed in the manifest.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -68,7 +70,8 @@ def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], 
         if log:
             log(f"{path}: {counts[-1]} records")
     manifest = schema.Manifest(num_classes=num_classes, image_size=tuple(image_size), shards=names,
-                               examples_per_shard=counts, verification=list(verification or []))
+                               examples_per_shard=counts, verification=list(verification or []),
+                               skipped=list(skipped or []))
     manifest.save(out_dir)
     return manifest
 

@@ -55,7 +55,7 @@ def test_inspect_names_every_corrupt_record(tmp_path, capsys):
 def test_bad_input_exits_1_with_a_message_naming_it(tmp_path, capsys, argv, message):
     code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 1
-    assert err.startswith("pfc: error: ") and message.format(tmp=tmp_path) in err
+    assert err.startswith(f"pfc {argv[0]}: error: ") and message.format(tmp=tmp_path) in err
 
 
 def test_bench_data_times_each_pipeline_in_its_own_process_in_turn(tmp_path, capsys):

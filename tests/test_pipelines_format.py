@@ -298,7 +298,7 @@ def test_image_folder_conversion(tmp_path):
     png = tf.io.encode_png(np.zeros((20, 16, 3), np.uint8)).numpy()
     (src / "bob" / "z.png").write_bytes(png)
     (src / "bob" / "notes.txt").write_text("ignored")
-    m = folders.convert(str(src), str(tmp_path / "out"), 2)
+    m = folders.convert(str(src), str(tmp_path / "out"), 2, size=12)
     assert m.num_classes == 2 and m.num_examples == 6 and m.image_size == (12, 12)
     seen = []
     for shard in m.shard_paths(str(tmp_path / "out")):
@@ -317,5 +317,50 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(schema.DataError, match=f"{tmp_path}/carol: identity folder has no image files"):
         folders.scan(str(tmp_path))
     (tmp_path / "carol" / "x.jpg").write_bytes(b"not an image")
-    with pytest.raises(schema.DataError, match=r"carol/x.jpg: not a decodable image"):
+    with pytest.raises(schema.DataError, match=r"carol/x.jpg \(not a decodable image"):
         folders.convert(str(tmp_path), str(tmp_path / "out"), 1)
+
+
+def test_image_folder_names_every_bad_file_or_skips_and_lists_them(tmp_path):
+    src = tmp_path / "src"
+    for name in ("ann", "ben"):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            (src / name / f"{i}.jpg").write_bytes(jpeg(i, 12))
+    (src / "ann" / "1.jpg").write_bytes(b"truncated")
+    (src / "ben" / "2.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(schema.DataError) as e:
+        folders.convert(str(src), str(tmp_path / "out"), 2, size=12)
+    message = str(e.value)
+    assert message.startswith(f"{src}: 2 file(s) cannot be read as images: ")
+    assert f"{src}/ann/1.jpg (not a decodable image" in message and f"{src}/ben/2.png (" in message
+    assert "--skip-bad" in message and not (tmp_path / "out").exists()   # nothing written
+    m = folders.convert(str(src), str(tmp_path / "out"), 2, size=12, skip_bad=True)
+    assert m.num_examples == 5 and [x["file"] for x in m.skipped] == [f"{src}/ann/1.jpg", f"{src}/ben/2.png"]
+    assert schema.Manifest.load(str(tmp_path / "out")).skipped == m.skipped
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_non_square_photos_are_cropped_or_padded_not_stretched(tmp_path, fit):
+    """A 40x20 (H x W) photo: white left half, black right half, and a red top quarter. Crop keeps
+    the centred 20x20 (no red); pad keeps it all in a 40x40 square (black bands left and right)."""
+    img = np.zeros((40, 20, 3), np.uint8)
+    img[:, :10] = 255
+    img[:10] = [255, 0, 0]
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.png").write_bytes(tf.io.encode_png(img).numpy())
+    m = folders.convert(str(tmp_path / "src"), str(tmp_path / "out"), 1, size=40, fit=fit)
+    record = next(iter(tf.data.TFRecordDataset(m.shard_paths(str(tmp_path / "out"))[0])))
+    got = tf.io.decode_jpeg(tf.io.parse_single_example(record, schema.feature_spec())[schema.IMAGE_KEY]).numpy()
+    assert got.shape == (40, 40, 3) and m.image_size == (40, 40)
+    left, right, top = got[20:, :8].mean(), got[20:, 32:].mean(), got[:4, 15:25].astype(float)
+    if fit == "crop":   # the centred square: rows 10..30, scaled x2: white left, black right, no red
+        assert left > 200 and right < 40 and abs(top[..., 0] - top[..., 1]).mean() < 40
+    else:               # padded to 40x40: a black band at both sides, red on top in the middle
+        assert got[:, :3].mean() < 40 and got[:, -3:].mean() < 40 and (top[..., 0] - top[..., 1]).mean() > 150
+
+
+def test_image_folder_default_size_is_112(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(jpeg(1, 12))
+    assert folders.convert(str(tmp_path / "src"), str(tmp_path / "out"), 1).image_size == (112, 112)

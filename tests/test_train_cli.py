@@ -1,6 +1,7 @@
 """`pfc train` as users run it: single-node mode with no launcher, its log, checkpoints, `pfc eval`,
 `pfc export` and `pfc report` on the real run, and clear errors before any work."""
 import json
+import re
 import subprocess
 
 from conftest import BIN, ROOT, smoke_overrides, worker_env
@@ -82,3 +83,29 @@ def test_launch_scripts_for_one_host_and_a_hostfile(synth_dataset, tmp_path):
     proc = subprocess.run(["bash", "launch/run_hostfile.sh", str(empty), "configs/smoke.yaml"], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "no hosts" in proc.stderr
+
+
+def test_corrupt_records_name_the_config_key_or_are_counted_where_the_user_looks(synth_dataset, tmp_path):
+    """Strict mode: one line naming the file, the record and data.skip_corrupt, no TensorFlow
+    wrapping. Skip mode: the skipped records in the progress line and log.jsonl, exporter off."""
+    import shutil
+
+    from pipelines_helpers import flip_byte
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    shard = sorted(data.glob("train-*.tfrecord"))[0]
+    for record in (5, 40, 77):
+        flip_byte(str(shard), record)
+    sets = smoke_overrides(data, tmp_path / "strict", 20, "monitoring.port=0")
+    proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"pfc train: error: corrupt record in file {shard} at record index "), line
+    assert "set data.skip_corrupt: true" in line and "function_node" not in line and "[" not in line
+    sets = smoke_overrides(data, tmp_path / "skip", 20, "monitoring.port=0", "data.skip_corrupt=true")
+    proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"step 20/20 .* \| \d+ corrupt records skipped", proc.stdout), proc.stdout[-2000:]
+    last = [json.loads(x) for x in (tmp_path / "skip" / "log.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    assert last["corrupt_records"] >= 3
