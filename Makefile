@@ -13,13 +13,10 @@ TF_SPEC     := tensorflow-cpu==2.17.1
 HOROVOD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: setup test demo bench clean-venv ssh-server
+.PHONY: setup test demo bench clean-venv test-tools
 
-setup: $(VENV)/.stamp ssh-server
-
-# tests/test_k8s.py runs the MPIJob launch path (horovodrun over ssh to our sshd_config): Debian's sshd.
-ssh-server:
-	@test -x /usr/sbin/sshd || (apt-get update -q && apt-get install -y -q --no-install-recommends openssh-server)
+# What the demo and training need: the virtual environment and the reader's op. No root, no apt.
+setup: $(VENV)/.stamp
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +41,7 @@ setup: record-reader
 record-reader: $(VENV)/.stamp
 	$(PY) -m pipelines.record_blocks
 
-test: setup fonts-test
+test: setup test-tools fonts-test
 	$(VENV)/bin/pytest -q
 
 # README command 1: synthetic identities, the smoke config trained by 2 workers, then verification.
@@ -61,13 +58,6 @@ bench: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# Monitoring: Prometheus' server, promtool and the Pushgateway (Debian packages) for the monitoring
-# tests and a local Prometheus; installed only when missing (needs root, as on these machines).
-.PHONY: prometheus-tools
-setup: prometheus-tools
-prometheus-tools:
-	@command -v promtool >/dev/null 2>&1 && command -v prometheus-pushgateway >/dev/null 2>&1 || \
-	  { apt-get update && apt-get install -y --no-install-recommends prometheus prometheus-pushgateway; }
 
 # Real data (pfc data fonts, docs/data.md): Debian's CJK typefaces, installed only when missing.
 # FONTS_ALL: 23 packages, ~420 MB download; FONTS_TEST: the three the tests name (~12 MB).
@@ -84,6 +74,13 @@ define install_debs
 	  else echo "not root: install these Debian packages to get the fonts ($(2)): $$missing"; fi; \
 	fi
 endef
+# The tests' tools (Debian packages, root; without root the tests that need them skip, saying so):
+# Prometheus' server, promtool and the Pushgateway (the monitoring tests), and sshd (the MPIJob
+# launch path in tests/test_k8s.py: horovodrun over ssh to our sshd_config).
+TEST_TOOLS := prometheus prometheus-pushgateway openssh-server
+test-tools:
+	$(call install_debs,$(TEST_TOOLS),the monitoring and ssh-launch tests skip without them)
+
 .PHONY: fonts fonts-test demo-fonts
 fonts:
 	$(call install_debs,$(FONTS_ALL),pfc data fonts)

@@ -61,8 +61,8 @@ class LocalPrometheus:
                  binary: str | None = None) -> None:
         self.binary = binary or shutil.which("prometheus") or "/usr/bin/prometheus"
         if not Path(self.binary).exists():
-            raise PrometheusError(f"Prometheus server binary {self.binary} not found: run `make setup` "
-                                  f"(installs Debian's prometheus package)")
+            raise PrometheusError(f"Prometheus server binary {self.binary} not found: `make test-tools` "
+                                  f"(as root) installs Debian's prometheus package")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cfg = render_config(targets, scrape_interval, evaluation_interval, Path(config))

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,14 @@ def worker_env(**extra) -> dict:
                 "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"})
     env.update(extra)
     return env
+
+
+def need_tool(binary: str, package: str) -> str:
+    """The path of a system tool the test needs, or a skip saying how to get it."""
+    found = shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
+    if not found:
+        pytest.skip(f"{binary} not installed: `make test-tools` (as root) installs Debian's {package}")
+    return found
 
 
 def horovodrun(np_: int, *argv: str, timeout: float = 300, check: bool = True, env=None):

@@ -1,7 +1,6 @@
 """monitoring/prometheus and monitoring/grafana: checked by promtool, and every PromQL expression names
 only metrics a live exporter really serves (or that the rules record)."""
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -9,6 +8,7 @@ import yaml
 
 from monitoring import TrainingMetrics
 from monitoring.local_prometheus import ASSETS, free_port
+from conftest import need_tool
 from monitoring_helpers import feed, metric_names, scrape
 
 RULES = ASSETS / "rules.yml"
@@ -18,8 +18,7 @@ DASHBOARD = ASSETS.parent / "grafana" / "pfc-dashboard.json"
 
 
 def promtool(*args):
-    binary = shutil.which("promtool")
-    assert binary, "promtool missing: run `make setup` (installs Debian's prometheus package)"
+    binary = need_tool("promtool", "prometheus")
     proc = subprocess.run([binary, *args], cwd=ASSETS, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr

@@ -1,6 +1,5 @@
 """monitoring/exporter.py: what a worker serves on /metrics, port handling, Pushgateway pushes."""
 import math
-import shutil
 import socket
 import subprocess
 import time
@@ -10,6 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from monitoring import PortInUseError, TrainingMetrics
+from conftest import need_tool
 from monitoring.local_prometheus import free_port
 from monitoring_helpers import feed, port_pair, scrape
 
@@ -115,14 +115,13 @@ def test_bad_settings_are_named(kwargs, message):
         TrainingMetrics(**kwargs)
 
 
-# A real Pushgateway (Debian's prometheus-pushgateway, installed by `make setup`) rather than a fake
+# A real Pushgateway (Debian's prometheus-pushgateway, installed by `make test-tools`) rather than a fake
 # HTTP server: it parses and validates the pushed payload the way Prometheus would (types, label
 # consistency, grouping keys), so a malformed push fails here instead of in production. Debian's
 # default persists pushes to /var/lib/prometheus: --persistence.file= keeps them in memory only.
 @pytest.fixture
 def pushgateway():
-    binary = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
-    assert shutil.which(binary), f"{binary} missing: run `make setup` (installs prometheus-pushgateway)"
+    binary = need_tool("prometheus-pushgateway", "prometheus-pushgateway")
     port = free_port()
     proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
                              "--log.level=warn"],

@@ -12,11 +12,17 @@ import time
 import pytest
 
 from monitoring import TrainingMetrics
+from conftest import need_tool
 from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
 from conftest import BIN, ROOT, smoke_overrides, worker_env
 from monitoring_helpers import port_pair
 
 JOB = "e2e"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prometheus_installed():
+    need_tool("prometheus", "prometheus")
 
 
 @pytest.fixture(scope="module")
