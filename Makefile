@@ -71,7 +71,7 @@ define install_debs
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	  else echo "not root: install these Debian packages to get the fonts ($(2)): $$missing"; fi; \
+	  else echo "not root: as root, install these Debian packages ($(2)): $$missing"; fi; \
 	fi
 endef
 # The tests' tools (Debian packages, root; without root the tests that need them skip, saying so):
