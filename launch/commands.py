@@ -27,6 +27,9 @@ COMMANDS: dict[str, Command] = {
         "--json eval.json")),
     "export": Command("launch.export", "a checkpoint's backbone as a SavedModel (images -> embeddings)", (
         "pfc export runs/smoke/checkpoints/ckpt-000000300 models/smoke",)),
+    "embed": Command("launch.embed", "unit embeddings of a folder of images or a dataset with an exported model", (
+        "pfc embed models/smoke ~/photos embeddings.npy",
+        "pfc embed models/fonts data/fonts64/closed closed.npy --flip-sum")),
     "data": Command("launch.data_cli", "datasets: synthetic identities, typefaces, inspection", (
         "pfc data synth data/synth --identities 200 --images-per-identity 20 --shards 4",
         "pfc data fonts data/fonts64 --size 64 --per-style 1",

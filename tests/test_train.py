@@ -117,25 +117,51 @@ def test_checkpoint_of_another_problem_is_an_error_before_any_work(tmp_path):
 
 
 def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
+    """uint8 images of the training size, of another size (resized inside) and the float
+    signature all give the checkpointed backbone's unit embeddings; flip_sum adds the mirror's."""
     import tensorflow as tf
 
-    from launch import export
+    from launch import embed, export
     from launch.backbones import build_backbone
 
     cfg = _local_config(tmp_path)
     out = train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
                           num_classes=train_worker.NUM_CLASSES)
     saved = export.export(out["checkpoint"], str(tmp_path / "model"))
-    served = tf.saved_model.load(saved).signatures["serving_default"]
-    images, _ = train_worker.global_batch(0)
-    emb = served(images=tf.constant(images))["embeddings"].numpy()
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    loaded = tf.saved_model.load(saved)
     model = build_backbone("tiny", train_worker.IMAGE, 8, batch_norm=False, seed=99)
     ckpt.restore_backbone(out["checkpoint"], model.variables)
-    want = model(images, training=False).numpy()
-    np.testing.assert_allclose(emb, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, train_worker.IMAGE, train_worker.IMAGE, 3), np.uint8)
+    scaled = pixels.astype(np.float32) / 127.5 - 1
+    want = unit(model(scaled, training=False).numpy())
+    got = loaded.signatures["serving_default"](images=tf.constant(pixels))["embeddings"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    floats = loaded.signatures["float_images"](images=tf.constant(scaled))["embeddings"].numpy()
+    np.testing.assert_allclose(floats, want, rtol=1e-4, atol=1e-6)
+    flipped = unit(model(scaled, training=False).numpy() + model(scaled[:, :, ::-1], training=False).numpy())
+    np.testing.assert_allclose(loaded.signatures["flip_sum"](images=tf.constant(pixels))["embeddings"].numpy(),
+                               flipped, rtol=1e-4, atol=1e-6)
+    big = np.repeat(np.repeat(pixels, 7, axis=1), 7, axis=2)  # 112 x 112, the face convention
+    resized = tf.clip_by_value(tf.round(tf.image.resize(big.astype(np.float32), [16, 16])), 0, 255) / 127.5 - 1
+    np.testing.assert_allclose(loaded.signatures["serving_default"](images=tf.constant(big))["embeddings"].numpy(),
+                               unit(model(resized, training=False).numpy()), rtol=1e-4, atol=1e-6)
     with pytest.raises(FileExistsError, match="already exists"):
         export.export(out["checkpoint"], saved)
+
+    # pfc embed: a folder of images of two sizes, in sorted order, with their names
+    folder = tmp_path / "photos"
+    (folder / "b").mkdir(parents=True)
+    for i, img in enumerate(pixels):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    (folder / "b" / "big.png").write_bytes(tf.io.encode_png(big[0]).numpy())
+    emb, names = embed.embed(saved, str(folder))
+    assert names == ["0.png", "1.png", "2.png", "b/big.png"] and emb.shape == (4, 8)
+    np.testing.assert_allclose(emb[:3], want, rtol=1e-4, atol=1e-6)
 
 
 def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):

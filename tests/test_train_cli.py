@@ -33,6 +33,13 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
 
     proc = pfc("export", str(run_dir / "checkpoints" / "ckpt-000000020"), str(tmp_path / "model"))
     assert proc.returncode == 0 and (tmp_path / "model" / "saved_model.pb").exists(), proc.stderr[-2000:]
+    proc = pfc("embed", str(tmp_path / "model"), str(synth_dataset), str(tmp_path / "emb.npy"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import numpy as np
+    emb = np.load(tmp_path / "emb.npy")
+    names = (tmp_path / "emb.names.txt").read_text().splitlines()
+    assert emb.shape == (400, 128) and len(names) == 400 and len(set(names)) == 400
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
 
     proc = pfc("report", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
