@@ -55,8 +55,14 @@ def closed_top1(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, l
 
 
 def summary_line(results: dict[str, dict], far: float) -> str:
-    return "  ".join(f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {r['tar']:.4f}"
+    return "  ".join(f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {_tar(r, far)}"
                      for name, r in results.items())
+
+
+def _tar(r: dict, far: float) -> str:
+    if r["tar"] is not None:
+        return f"{r['tar']:.4f}"
+    return f"n/a ({r['num_pairs'] // 2} different pairs; FAR={far:g} needs {round(1 / far)})"
 
 
 def add_parser(sub) -> None:

@@ -97,6 +97,8 @@ def read_log(path: Path) -> RunLog:
                 if not isinstance(metrics, dict) or "accuracy" not in metrics:
                     raise LogError(f"{where}: eval set {name!r} must be an object with 'accuracy', got {metrics!r}")
                 for metric, value in metrics.items():
+                    if value is None and metric != "accuracy":  # not measurable on this set (TAR at an unreachable FAR)
+                        continue
                     run.evals.setdefault(name, {}).setdefault(metric, []).append(
                         (step, _number(value, where, f"eval.{name}.{metric}")))
             continue

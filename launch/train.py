@@ -298,8 +298,9 @@ class _Loop:
         self.sets = evaluate.load_sets(cfg.eval_sets(), cfg.data.image_size) if comm.rank == 0 else {}
         self.metrics = _metrics(cfg, comm)
         self.result, self.eval_results, self.epoch, self.corrupt_seen = None, {}, 0, 0
-        self.t_start = self.window_t = time.perf_counter()
+        self.window_t = time.perf_counter()
         self.window_samples = 0
+        self.first = None  # (time, step) after the first step: the ETA leaves its compilation out
         self.steps = plan.start_step  # applied steps, as a plain int for the SIGTERM watcher
         self.duties = [_Duty(cfg.train.log_every, self.progress, True),
                        _Duty(cfg.checkpoint.every, self.checkpoint, False),
@@ -325,6 +326,7 @@ class _Loop:
             self.result = t.train_step(images, labels)
             self.observe(t0, t1, time.perf_counter())
             self.steps = t.step
+            self.first = self.first or (time.perf_counter(), t.step)
             if not self.result.applied:
                 self.skipped()
                 continue
@@ -363,7 +365,7 @@ class _Loop:
         self.metrics.observe_step(step=step, samples=self.cfg.train.batch_size, loss=r.loss,
                                   accuracy=r.accuracy, lr=float(self.trainer.learning_rate(step)),
                                   lam=current_lambda(self.trainer.fc.margin, step),
-                                  epoch=float(self.epoch), step_seconds=t2 - t0,
+                                  epoch=self.epochs_done(), step_seconds=t2 - t0,
                                   data_wait_seconds=t1 - t0, comm_seconds=r.comm_seconds)
 
     def _count_corrupt(self) -> None:
@@ -401,18 +403,30 @@ class _Loop:
         now = time.perf_counter()
         rate = self.window_samples / max(now - self.window_t, 1e-9)
         self.window_t, self.window_samples = now, 0
-        left = self.plan.total_steps - step
-        eta = left * (now - self.t_start) / max(step - self.plan.start_step, 1)
         lr = float(t.learning_rate(step))
         corrupt = self._corrupt_records_all() if self.cfg.data.skip_corrupt else 0
         self.log.say(f"step {step}/{self.plan.total_steps} epoch {int(self.epoch)} | loss {r.loss:.4f} "
-                     f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {_eta(eta)}"
+                     f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {self._eta(step, now)}"
                      + (f" | {corrupt:,} corrupt records skipped" if corrupt else ""))
         self.log.record({"step": step, "epoch": int(self.epoch), "loss": r.loss,
                          "accuracy": r.accuracy, "lr": lr, "samples_per_sec": round(rate, 2),
                          "grad_norm": r.grad_norm, "nonfinite_steps": t.position.skipped,
                          "samples": t.position.samples,
                          **({"corrupt_records": corrupt} if self.cfg.data.skip_corrupt else {})})
+
+    def _eta(self, step: int, now: float) -> str:
+        """Time left at the pace of the steps after the first (which includes compiling)."""
+        t0, step0 = self.first
+        if step <= step0:
+            return "?"
+        return _eta((self.plan.total_steps - step) * (now - t0) / (step - step0))
+
+    def epochs_done(self) -> float:
+        """Epochs of data taken so far (fractional); the reader's epoch number without a plan."""
+        p = self.plan
+        if not p.steps_per_epoch:
+            return float(self.epoch)
+        return self.trainer.position.samples / (p.steps_per_epoch * p.global_batch)
 
     def _corrupt_records_all(self) -> int:
         """Records skipped as corrupt so far by every worker's reader (every worker calls this)."""
@@ -449,7 +463,8 @@ class _Loop:
                                                     for name, r in results.items()}})
             if self.metrics is not None:
                 for name, r in results.items():
-                    self.metrics.observe_eval(name, r["accuracy"], {cfg.eval.far: r["tar"]})
+                    tar = {cfg.eval.far: r["tar"]} if r["tar"] is not None else {}
+                    self.metrics.observe_eval(name, r["accuracy"], tar)
         self.comm.barrier()
         self.eval_results = results
 

@@ -30,7 +30,8 @@ class VerificationResult:
     accuracy: float          # mean test accuracy over the folds
     accuracy_std: float      # their standard deviation (population, as numpy's default)
     threshold: float         # mean best threshold (squared L2 distance) over the folds
-    tar: float               # true accept rate at the FAR threshold
+    tar: float | None        # true accept rate at the FAR threshold; None when the set has fewer
+                             # than 1 / far_target different pairs (that FAR cannot be measured)
     far: float               # the false accept rate actually reached there (<= far_target)
     far_target: float
     far_threshold: float     # the threshold of tar_at_far
@@ -164,5 +165,13 @@ def evaluate_pairs(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, folds
     issame = np.asarray(issame)
     acc, acc_std, th = kfold_accuracy(d, issame, folds, thresholds)
     tar, far_reached, far_th = tar_at_far(d, issame, far)
+    if not far_measurable(int(np.sum(~issame.astype(bool))), far):
+        tar = None
     return VerificationResult(accuracy=acc, accuracy_std=acc_std, threshold=th, tar=tar, far=far_reached,
                               far_target=far, far_threshold=far_th, num_pairs=len(d))
+
+
+def far_measurable(different_pairs: int, far: float) -> bool:
+    """A FAR of `far` needs at least 1 / far different pairs: with fewer, one false accept is
+    already more than `far`, and the 'TAR' is the TAR at FAR 0."""
+    return far * different_pairs >= 1 - 1e-9

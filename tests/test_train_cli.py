@@ -19,6 +19,7 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training C=40 D=128 on 1 worker(s)" in proc.stdout
     assert "step 20/20" in proc.stdout and "eval step 20: verification: acc" in proc.stdout
+    assert "TAR@FAR=0.001 n/a (40 different pairs; FAR=0.001 needs 1000)" in proc.stdout
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     progress = [x for x in lines if "loss" in x]
     assert [x["step"] for x in progress] == [5, 10, 15, 20]
@@ -48,7 +49,9 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     # the real log's evaluation holds thresholds and pair counts too: only accuracy and TAR are drawn
     from launch.report import read_log, verification_series
     series = verification_series(read_log(run_dir / "log.jsonl"))
-    assert list(series["accuracy"]) == ["verification"] and list(series["tar"]) == ["verification TAR@FAR=0.001"]
+    # 40 different pairs cannot measure FAR 1e-3: no TAR is drawn, and the line says why
+    assert list(series["accuracy"]) == ["verification"] and list(series["tar"]) == []
+    assert evals[0]["eval"]["verification"]["tar"] is None
     (step, acc, std), = series["accuracy"]["verification"]
     assert step == 20 and acc == evals[0]["eval"]["verification"]["accuracy"] and std is not None
 

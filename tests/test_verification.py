@@ -68,9 +68,12 @@ def test_perfectly_separable_pairs():
     base = rng.normal(size=(600, 16))
     same = np.arange(600) % 2 == 0
     other = np.where(same[:, None], base + 0.01 * rng.normal(size=base.shape), -base)
-    result = v.evaluate_pairs(base, other, same)
+    result = v.evaluate_pairs(base, other, same, far=1e-2)
     assert result.accuracy == 1.0 and result.accuracy_std == 0.0 and result.tar == 1.0
-    assert 0.0 < result.threshold < 4.0 and result.far <= 1e-3 and result.num_pairs == 600
+    assert 0.0 < result.threshold < 4.0 and result.far <= 1e-2 and result.num_pairs == 600
+    # 300 different pairs cannot measure a FAR of 1e-3: no number rather than the TAR at FAR 0
+    assert v.evaluate_pairs(base, other, same, far=1e-3).tar is None
+    assert v.far_measurable(1000, 1e-3) and not v.far_measurable(999, 1e-3)
 
 
 def test_random_embeddings_are_at_chance():
