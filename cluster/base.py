@@ -8,7 +8,7 @@ of all workers. Under it the adjoints are exact:
     allreduce_sum    <->  allreduce_sum
 
 Horovod's own registered allgather gradient averages instead of summing (1/N of the true
-gradient, see STACK.md), so it is never used: every collective below carries its own gradient.
+gradient, measured), so it is never used: every collective below carries its own gradient.
 """
 from __future__ import annotations
 

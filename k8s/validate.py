@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any, Iterator
@@ -30,6 +31,9 @@ _INT_RANGE = {"int32": (-2**31, 2**31 - 1), "int64": (-2**63, 2**63 - 1)}
 
 def render(kustomization_dir: str) -> list[dict]:
     """`kubectl kustomize DIR` -> the rendered objects. Raises RuntimeError with kubectl's message."""
+    if shutil.which("kubectl") is None:
+        raise RuntimeError("kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/) to "
+                           "render the kustomizations")
     proc = subprocess.run(["kubectl", "kustomize", kustomization_dir], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {kustomization_dir} failed: {proc.stderr.strip()}")
@@ -125,7 +129,11 @@ def main(argv: list[str]) -> int:
     validators = load_crd_validators()
     failed = False
     for directory in argv:
-        objs = render(directory)
+        try:
+            objs = render(directory)
+        except RuntimeError as e:
+            print(f"k8s/validate.py: error: {e}", file=sys.stderr)
+            return 1
         errors = list(validate_objects(objs, validators))
         for line in errors:
             print(f"{directory}: {line}")

@@ -372,10 +372,10 @@ class EvalConfig(_Section):
 @dataclasses.dataclass
 class MonitoringConfig(_Section):
     _key: typing.ClassVar[str] = "monitoring"
-    port: int = _field(9100, "Base port of the Prometheus exporter; worker r serves port + r. 0 disables.",
+    port: int = _field(9100, "Base port of the Prometheus exporter; the worker of local rank r on a host serves port + r. 0 disables.",
                        ge=0, le=65535)
     bind: str = _field("0.0.0.0", "Address the exporter listens on.")
-    pushgateway: Optional[str] = _field(None, "Pushgateway URL to push final metrics to; null: none.")
+    pushgateway: Optional[str] = _field(None, "Pushgateway URL: metrics are pushed every 30 s and when the run ends; null: none.")
     job: str = _field("pfc", "Job name of the pushed metrics.")
 
     def _check(self) -> None:

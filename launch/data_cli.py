@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
     _add_fonts(kinds)
 
-    insp = commands.add(kinds, "inspect", "counts, classes, label histogram; decode every record", (
+    insp = commands.add(kinds, "inspect", "counts per shard and class, label range; decode every record", (
         "pfc data inspect data/synth", "pfc data inspect 'data/ms1m/train-*.tfrecord' --no-decode"))
     insp.add_argument("path", metavar="PATH", help="dataset directory, manifest.json, shard file or glob")
     insp.add_argument("--no-decode", action="store_true", help="skip JPEG decoding (framing, parsing, labels only)")

@@ -6,7 +6,7 @@ One step (compiled with `tf.function`):
      with the sparse shard optimizer and returns d(loss)/d(embeddings) (nothing of the class matrix
      is ever reduced over workers);
   3. the backbone's gradients are SUMMED over workers in one allreduce: each worker's loss is the
-     mean over the GLOBAL batch, so the sum is the exact gradient (MARGINS.md);
+     mean over the GLOBAL batch, so the sum is the exact gradient (docs/margins.md);
   4. optional clipping of that global gradient, then the backbone update.
 A skipped step (a non-finite loss: the verdict is the same on every worker) applies nothing: the
 state a forward pass changes outside the optimizers (batch-norm statistics, RNG and sampler states)

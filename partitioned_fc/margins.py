@@ -1,4 +1,4 @@
-"""The margin family of MARGINS.md: what each loss does to the target ("label") logit.
+"""The margin family of docs/margins.md: what each loss does to the target ("label") logit.
 
 A margin is a small, immutable description: whether class weights and embeddings are
 L2-normalized, the scale `s`, and a pure function that maps the target's `cos θ_y` (and the
@@ -269,7 +269,7 @@ class CombinedMargin(Margin):
     """InsightFace's combined margin: f'_y = s (cos(m1 θ_y + m2) − m3).
 
     Beyond the point where m1·θ + m2 reaches π the cosine would turn back up; there the logit
-    continues monotonically. For m1 = 1 the rule is ArcFace's (MARGINS.md): cos θ − m2·sin(π − m2).
+    continues monotonically. For m1 = 1 the rule is ArcFace's (docs/margins.md): cos θ − m2·sin(π − m2).
     For m1 ≠ 1 it is the continuous extension −1 − (cos θ_t − cos θ) from the turning point θ_t.
     """
 

@@ -1,4 +1,4 @@
-"""The exact softmax cross-entropy over class-sharded logits (MARGINS.md, "Model-parallel form").
+"""The exact softmax cross-entropy over class-sharded logits (docs/margins.md, "Model-parallel form").
 
 Each worker does the heavy `[B, C_r]` part against the rows it holds: the local logits with the
 margin target written into its entry before any reduction, partial logsumexp statistics exchanged

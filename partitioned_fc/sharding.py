@@ -1,6 +1,6 @@
 """How the C class rows are split over N workers, and how a shard is initialised.
 
-Split (MARGINS.md, the same as InsightFace and PLSC): worker r owns the contiguous rows
+Split (docs/margins.md, the same as InsightFace and PLSC): worker r owns the contiguous rows
 [start_r, start_r + C_r) with C_r = C // N + (r < C % N) and start_r = r·(C // N) + min(r, C % N).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ LOCAL_BATCH = 5
 DIM = 16
 IN_DIM = 6  # width of the inputs of the linear "backbone" used for the gradient convention
 
-# Every margin of MARGINS.md with non-default parameters where that exercises more code.
+# Every margin of docs/margins.md with non-default parameters where that exercises more code.
 MARGINS = {
     "softmax": M.Softmax(),
     "normface": M.NormFace(),

@@ -500,3 +500,11 @@ def test_readme_names_what_the_manifests_use(rendered):
     for objs in rendered.values():
         dropped = [o["kind"] for o in objs if (o["metadata"].get("labels") or {}).get(selector.group(1)) == selector.group(2)]
         assert dropped == ["PodMonitor"]
+
+
+def test_validate_without_kubectl_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}   # nothing on it: no kubectl
+    proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(K8S / "overlays" / "gpu")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "k8s/validate.py: error: kubectl not found" in proc.stderr
