@@ -62,3 +62,18 @@ def test_errors_start_with_the_command():
     assert proc.returncode == 2 and "pfc train: error: the following arguments are required: --config" in proc.stderr
     proc = subprocess.run([str(BIN / "pfc"), "trian"], capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 2 and "pfc: error: argument COMMAND: invalid choice: 'trian'" in proc.stderr
+
+
+def test_bench_fc_train_mode_reports_a_meaningful_loss_and_no_negative_memory(tmp_path):
+    """A smoke test of the command's report (speed itself is measured by bench/, never by tests):
+    each timed step takes a new batch, so the loss of random labels stays high."""
+    import json
+
+    out = tmp_path / "fc.jsonl"
+    proc = subprocess.run([str(BIN / "pfc"), "bench", "fc", "--classes", "2000", "--dim", "16", "--batch", "16",
+                           "--steps", "3", "--json", str(out)], cwd=ROOT, env=worker_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert len(row["losses"]) == 3 and min(row["losses"]) > 1.0, row["losses"]
+    assert row["build_overhead_gib_per_worker"] >= 0 and "left by building it -" not in proc.stdout
