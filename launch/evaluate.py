@@ -2,7 +2,8 @@
 
 Each image and its horizontal flip are embedded and summed; pairs are compared by squared L2
 distance of the normalized sums; 10-fold accuracy with a threshold chosen on the other folds, and
-TAR at a fixed FAR (launch/verification.py has the metrics).
+TAR at a fixed FAR (launch/verification.py has the metrics). `--ijb ROOT` adds the IJB-B / IJB-C
+template protocol (launch/ijb.py).
 """
 from __future__ import annotations
 
@@ -73,7 +74,24 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here as JSON")
+    p.add_argument("--ijb", default=None, metavar="ROOT",
+                   help="also run IJB 1:1 template verification on ROOT (loose_crop/, meta/: launch/ijb.py)")
+    p.add_argument("--ijb-name", default="IJBC", type=str.upper, choices=("IJBB", "IJBC"),
+                   help="which IJB set ROOT holds (its meta file names; default IJBC)")
     p.set_defaults(func=run_eval)
+
+
+def uint8_embed(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The backbone on uint8 [B, H, W, 3] faces -> [B, D]: resized to image_size as the reader
+    resizes (bilinear, rounded to uint8 levels) when H, W differ, scaled x / 127.5 - 1."""
+    import tensorflow as tf
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        x = tf.cast(images, tf.float32)
+        if tuple(x.shape[1:3]) != (image_size, image_size):
+            x = tf.clip_by_value(tf.round(tf.image.resize(x, [image_size, image_size])), 0.0, 255.0)
+        return model(x / 127.5 - 1.0, training=False).numpy()
+    return embed
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -90,8 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ckpt.CheckpointError(f"{path}: embedding_dim {manifest['embedding_dim']} in the checkpoint, "
                                    f"{cfg.model.embedding_dim} in the config")
     sets_paths = cfg.eval_sets()
-    if not sets_paths:
-        raise SystemExit("pfc eval: the config lists no verification sets (data.val)")
+    if not sets_paths and not args.ijb:
+        raise SystemExit("pfc eval: the config lists no verification sets (data.val) and no --ijb was given")
     model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
                            cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
     ckpt.restore_backbone(path, model.variables)
@@ -99,7 +117,7 @@ def run_eval(args: argparse.Namespace) -> int:
     embed = lambda x: model(x, training=False).numpy()  # noqa: E731
     results = evaluate(embed, sets, batch_size=cfg.eval.batch_size,
                        folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip)
-    line = f"step {manifest['step']}  {summary_line(results, cfg.eval.far)}"
+    line = f"step {manifest['step']}" + (f"  {summary_line(results, cfg.eval.far)}" if results else "")
     out = {"checkpoint": path, "step": manifest["step"], "eval": results}
     if cfg.data.closed:
         from pipelines.verification import load_labelled
@@ -107,6 +125,11 @@ def run_eval(args: argparse.Namespace) -> int:
         out["closed_top1"] = closed_top1(embed, images, labels, ckpt.class_blocks(path),
                                          batch_size=cfg.eval.batch_size)
         line += f"  closed-set top-1 {out['closed_top1']:.4f} ({len(labels)} images)"
+    if args.ijb:
+        from launch import ijb
+        out["ijb"] = ijb.evaluate_ijb(uint8_embed(model, cfg.data.image_size), args.ijb, args.ijb_name,
+                                      batch_size=cfg.eval.batch_size)
+        line += f"  {ijb.summary_line(out['ijb'])}"
     print(line, flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -31,6 +31,13 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
 
     proc = pfc("eval", "--config", "configs/smoke.yaml", *sets)
     assert proc.returncode == 0 and proc.stdout.startswith("step 20  verification: acc"), proc.stderr[-2000:]
+    from test_ijb import write_set  # a small IJB-C layout: 6 identities x 3 templates
+    write_set(tmp_path / "ijbc", {100 * i + k: i for i in range(6) for k in range(3)})
+    proc = pfc("eval", "--config", "configs/smoke.yaml", *sets, "--ijb", str(tmp_path / "ijbc"),
+               "--json", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0 and "ijbc: TAR@FAR=1e-06 n/a" in proc.stdout, proc.stderr[-2000:]
+    ijb_out = json.loads((tmp_path / "eval.json").read_text())["ijb"]
+    assert ijb_out["tar_at_far"]["1e-01"] is not None and 0 <= ijb_out["tar_at_far"]["1e-01"] <= 1
 
     proc = pfc("export", str(run_dir / "checkpoints" / "ckpt-000000020"), str(tmp_path / "model"))
     assert proc.returncode == 0 and (tmp_path / "model" / "saved_model.pb").exists(), proc.stderr[-2000:]
