@@ -211,6 +211,6 @@ def test_bad_input_exits_1_naming_it(tmp_path, capsys, case, message):
     if case == "one_family":
         files = [f["cn"], f["bold"]]
     code, _, err = _run(capsys, "data", "fonts", str(out), "--fonts", *files, *extra, "--pairs", "40")
-    assert code == 1 and err.startswith("pfc: error: ") and message in err, err
+    assert code == 1 and err.startswith("pfc data: error: ") and message in err, err
     if case in ("not_a_font", "no_cjk"):
         assert files[-1] in err

@@ -81,4 +81,4 @@ def test_s3_synth_inspect_read(s3_env):
 def test_s3_unreadable_url_is_a_clear_error(s3_env):
     p = _pfc(s3_env, "data", "inspect", "s3://pfc-data/no-such-dataset")
     assert p.returncode == 1, p.stdout + p.stderr                 # 1, not 134 (abort at exit)
-    assert "pfc: error: s3://pfc-data/no-such-dataset" in p.stderr
+    assert "pfc data: error: s3://pfc-data/no-such-dataset" in p.stderr
