@@ -35,7 +35,7 @@ HEADS = {
 
 def run_config(base: dict, head: str, steps: int, run_dir: str, extra: dict) -> str:
     cfg = json.loads(json.dumps(base))
-    cfg["loss"] = HEADS[head]
+    cfg["loss"] = dict(HEADS[head])  # a copy: --set loss.KEY must not change the table of heads
     cfg["train"].update(steps=steps, run_dir=run_dir)
     for dotted, value in extra.items():
         section, key = dotted.split(".")
