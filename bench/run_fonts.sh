@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 make fonts
 test -d data/fonts64 || .venv/bin/pfc data fonts data/fonts64 --size 64 --per-style 1
-$PY bench/fonts_table.py "$@"
+$PY bench/fonts_table.py --steps 1000 "$@"   # the tables in docs/benchmarks.md: 1000 steps
