@@ -86,10 +86,12 @@ def uint8_embed(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
     resizes (bilinear, rounded to uint8 levels) when H, W differ, scaled x / 127.5 - 1."""
     import tensorflow as tf
 
+    from pipelines.images import resize_levels
+
     def embed(images: np.ndarray) -> np.ndarray:
         x = tf.cast(images, tf.float32)
         if tuple(x.shape[1:3]) != (image_size, image_size):
-            x = tf.clip_by_value(tf.round(tf.image.resize(x, [image_size, image_size])), 0.0, 255.0)
+            x = resize_levels(x, [image_size, image_size])
         return model(x / 127.5 - 1.0, training=False).numpy()
     return embed
 

@@ -19,6 +19,7 @@ import shutil
 import tensorflow as tf
 
 from launch import commands
+from pipelines import images as images_lib
 
 
 def add_parser(sub) -> None:
@@ -50,7 +51,7 @@ class Embedder(tf.Module):
         size = [self.image_size, self.image_size]
         x = tf.cast(images, tf.float32)
         x = tf.cond(tf.reduce_all(tf.equal(tf.shape(images)[1:3], size)), lambda: x,
-                    lambda: tf.clip_by_value(tf.round(tf.image.resize(x, size)), 0.0, 255.0))
+                    lambda: images_lib.resize_levels(x, size))
         return x / 127.5 - 1.0
 
     def _raw(self, x):

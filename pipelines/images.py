@@ -19,6 +19,13 @@ def decode(data: bytes, where: str) -> tf.Tensor:
         raise schema.DataError(f"{where}: not a decodable image ({schema.first_line(e)})") from None
 
 
+def resize_levels(images: tf.Tensor, size) -> tf.Tensor:
+    """[..., H, W, 3] -> float32 [..., h, w, 3]: bilinear, rounded and clipped to uint8's 0..255
+    levels. The one resize of the project: converters, the reader and the exported model use it,
+    so a served image is resized exactly as a training one was."""
+    return tf.clip_by_value(tf.round(tf.image.resize(tf.cast(images, tf.float32), size)), 0.0, 255.0)
+
+
 def fit_square(img: tf.Tensor, fit: str) -> tf.Tensor:
     """[H, W, 3] -> [S, S, 3]: "crop" keeps the centred square of side min(H, W) (a face photo's
     centre, no distortion); "pad" puts the whole image in the centre of a black square of side
@@ -43,6 +50,6 @@ def as_jpeg(data: bytes, where: str, size: tuple[int, int] | None = None,
     if size is not None and hw != tuple(size):
         if size[0] == size[1] and hw[0] != hw[1]:
             img = fit_square(img, fit)
-        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, size)), 0, 255), tf.uint8)
+        img = tf.cast(resize_levels(img, size), tf.uint8)
         hw = tuple(size)
     return tf.io.encode_jpeg(img, quality=quality).numpy(), hw

@@ -56,6 +56,7 @@ import warnings
 
 import tensorflow as tf
 
+from pipelines import images as images_lib
 from pipelines import record_blocks, schema, storage
 
 _GLOB_CHARS = "*?["
@@ -589,7 +590,7 @@ def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size
     def image(encoded):
         img = tf.io.decode_jpeg(encoded, channels=3)
         if not same:
-            img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [h, w])), 0, 255), tf.uint8)
+            img = tf.cast(images_lib.resize_levels(img, [h, w]), tf.uint8)
         return tf.ensure_shape(img, [h, w, 3])
 
     def decode(encoded):
