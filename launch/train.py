@@ -14,6 +14,8 @@ import os
 import time
 import typing
 
+import tensorflow as tf  # launch.config loads it anyway
+
 from launch import commands
 from launch.config import Config
 
@@ -137,8 +139,6 @@ def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
 def _locked(cfg: Config, comm):
     """Worker 0 locks the run and checkpoint directories; every worker learns the verdict, so
     none waits forever for a worker 0 that stopped."""
-    import tensorflow as tf
-
     from launch import run_lock
     from launch.trainer import TrainingError
 
@@ -189,7 +189,7 @@ def _train(cfg: Config, comm, data, steps_per_epoch, num_classes) -> dict:
         with _on_sigterm(loop.stopped):
             loop.run(batches)
             return loop.finish()
-    except _peer_errors() as e:
+    except tf.errors.OpError as e:
         raise loop.peer_lost(e) from None
     finally:
         loop.close()
@@ -220,13 +220,12 @@ def _on_sigterm(message: typing.Callable[[], str]):
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     old_fd = signal.set_wakeup_fd(writer.fileno())
     threading.Thread(target=watch, daemon=True, name="pfc-sigterm").start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGTERM, previous)
-        writer.close()
-        reader.shutdown(socket.SHUT_RDWR)
+    yield  # on an exception the watcher stays armed: the launcher's SIGTERM often lands while the
+    # error is being reported, and would otherwise end the worker before its line is out
+    signal.set_wakeup_fd(old_fd)
+    signal.signal(signal.SIGTERM, previous)
+    writer.close()
+    reader.shutdown(socket.SHUT_RDWR)
 
 
 def _remove_partial(directory: str, log) -> None:
@@ -257,18 +256,12 @@ def _resume(trainer, log) -> str | None:
     return resume
 
 
-def _peer_errors():
-    import tensorflow as tf
-
-    return (tf.errors.OpError,)
-
-
 def _next(batches):
     """The next batch; a check of the reader that failed becomes a DataError naming the file,
     the record and the config key, without TensorFlow's wrapping."""
     try:
         return next(batches)
-    except _peer_errors() as e:
+    except tf.errors.OpError as e:
         from pipelines.reader import reader_error
         from pipelines.schema import DataError
 
@@ -430,8 +423,6 @@ class _Loop:
 
     def _corrupt_records_all(self) -> int:
         """Records skipped as corrupt so far by every worker's reader (every worker calls this)."""
-        import tensorflow as tf
-
         mine = tf.constant(float(self._corrupt_records()))
         return int(self.comm.allreduce_sum(mine)) if self.comm.size > 1 else int(mine)
 
