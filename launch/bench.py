@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
                          "runs); tape: loss and gradients through an autodiff tape, no update")
     fc.add_argument("--threads", type=int, default=0,
                     help="intra-op threads per worker (default: cores // workers)")
+    fc.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile this many steps and print where each millisecond "
+                         "goes, per op (docs/benchmarks.md, 'Per-kernel profile')")
     fc.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     fc.set_defaults(func=run_fc)
     from launch import bench_data
@@ -196,7 +199,10 @@ def _measure(args, threads: int) -> int:
 
     timed(matmuls, x_all, fc.weight)
     mm_times = [timed(matmuls, x_all, fc.weight)[0] for _ in range(max(3, min(args.steps, 5)))]
+    # Steps and matmuls alternated: a ratio that a noisy neighbour on the cores shifts less
+    pairs = [timed(fc_step, xb, yb)[0] / timed(matmuls, x_all, fc.weight)[0] for xb, yb in batches[1:]]
     fc_t, mm_t = _median(fc_times), _median(mm_times)
+    profile = _profile(args, fc_step, batches, fc_t) if args.profile and comm.rank == 0 else None
     # Each the largest worker's. beyond: the memory bound's measure, peak minus the warmed-up runtime
     # minus weights + state, per worker (its two parts, build and step, may peak on different ones).
     peak_max, over_max, build_max, beyond_max = (float(v) for v in comm.allreduce_max(tf.constant(
@@ -214,6 +220,7 @@ def _measure(args, threads: int) -> int:
                                in ("1", "true") else "onednn-pool",
                   "malloc_arena_max": host_memory.arena_limit, "step_s": round(fc_t, 4),
                   "matmul_s": round(mm_t, 4), "ratio": round(fc_t / mm_t, 3),
+                  "ratio_interleaved": round(_median(pairs), 3),
                   "samples_per_s": round(args.batch / fc_t, 1),
                   "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),
                   "runtime_gib_per_worker": round(rss_before / 2**30, 2),
@@ -223,12 +230,24 @@ def _measure(args, threads: int) -> int:
                   "build_overhead_gib_per_worker": round(build_max / 2**30, 3),
                   "beyond_state_gib_per_worker": round(beyond_max / 2**30, 3),
                   "losses": [round(v, 4) for v in losses]}
+        if profile:
+            result["profile_ms_per_step"] = {op: round(ms, 2) for op, ms, _ in profile[:25]}
         print(f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size} r={args.sample_rate} "
               f"chunk={args.chunk_size} {args.dtype} {args.mode}: step {fc_t:.3f}s  bare matmuls "
-              f"{mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x  {args.batch / fc_t:,.1f} samples/s  peak RSS "
+              f"{mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x (interleaved {_median(pairs):.2f}x)  {args.batch / fc_t:,.1f} samples/s  peak RSS "
               f"{peak_max / 2**30:.2f} GiB/worker (runtime {rss_before / 2**30:.2f}, weights+state "
               f"{state_bytes / 2**30:.2f}, left by building it {build_max / 2**30:.3f}, step {over_max / 2**30:.3f})  loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(result) + "\n")
     return 0
+
+
+def _profile(args, fc_step, batches, step_s: float):
+    """Per-op milliseconds of `args.profile` steps (launch/bench_profile.py), printed as a table."""
+    from launch import bench_profile
+
+    cycle = iter(batches * (args.profile // len(batches) + 1))
+    rows = bench_profile.profile(lambda: fc_step(*next(cycle))[0].numpy(), args.profile)
+    print(bench_profile.format_table(rows, 1e3 * step_s), flush=True)
+    return rows

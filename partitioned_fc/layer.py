@@ -152,16 +152,12 @@ class PartitionedFC(tf.Module):
             chunk_size=self.chunk_size, compute_dtype=tf.as_dtype(self.compute_dtype))
         loss = tf.reduce_mean(fwd.loss)
         finite = tf.math.is_finite(loss)
-        lr = tf.cast(lr, tf.float32)
-
-        def update(state, pos, grad):
-            with tf.control_dependencies([optimizer.apply_rows(source.rows(pos), grad, lr)]):
-                return state + 1  # threads the updates into the loop (and the cond) as outputs
+        sink = sharded_softmax.RowUpdates(self.weight, optimizer.slots(), optimizer.rule,
+                                          tf.cast(lr, tf.float32))
 
         def run_backward():
             d_loss = tf.fill(tf.shape(fwd.loss), 1.0 / tf.cast(tf.size(fwd.loss), tf.float32))
-            dx, done = sharded_softmax.backward(fwd, source, d_loss, update, tf.constant(0),
-                                                self.margin, chunk_size=self.chunk_size)
+            dx, done = sharded_softmax.backward(fwd, source, d_loss, sink, tf.constant(0), self.margin)
             with tf.control_dependencies([done]):
                 return tf.identity(dx)
 

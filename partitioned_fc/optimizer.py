@@ -56,9 +56,21 @@ class ShardOptimizer(tf.Module):
         with self.name_scope:
             return tf.Variable(tf.zeros(self.weight.shape, self.weight.dtype), trainable=False, name=name)
 
+    def slots(self) -> tuple[tf.Variable, ...]:
+        """The row-aligned state variables ([C_r, ...]), in the order `rule` takes them."""
+        raise NotImplementedError
+
+    def rule(self, w, g, slots, lr):
+        """The pure update of some rows: w, g [k, D], slots (their rows, float32), lr [] float32
+        -> (new w, new slots). The fused training step runs it inside its row kernel."""
+        raise NotImplementedError
+
     def apply_rows(self, rows: tf.Tensor | None, grad: tf.Tensor, lr):
         """rows [k] int32 unique shard rows (None: all, in order), grad [k, D], lr [] -> an op."""
-        raise NotImplementedError
+        slots = self.slots()
+        w, new = self.rule(_read(self.weight, rows), tf.cast(grad, tf.float32),
+                           tuple(_read(v, rows) for v in slots), tf.cast(lr, tf.float32))
+        return tf.group([_write(v, rows, x) for v, x in zip((self.weight, *slots), (w, *new))])
 
     def apply_gradient(self, grad, lr):
         """A gradient of the shard from an autodiff tape: dense [C_r, D] or IndexedSlices."""
@@ -102,14 +114,13 @@ class SGD(ShardOptimizer):
         self.nesterov = bool(nesterov)
         self.velocity = self._slot("momentum") if self.momentum else None
 
-    def apply_rows(self, rows, grad, lr):
-        m = _read(self.velocity, rows) if self.velocity is not None else None
-        w, m = sgd_update(_read(self.weight, rows), grad, m, tf.cast(lr, tf.float32),
-                          self.momentum, self.nesterov, self.weight_decay)
-        ops = [_write(self.weight, rows, w)]
-        if m is not None:
-            ops.append(_write(self.velocity, rows, m))
-        return tf.group(ops)
+    def slots(self):
+        return () if self.velocity is None else (self.velocity,)
+
+    def rule(self, w, g, slots, lr):
+        w, m = sgd_update(w, g, slots[0] if slots else None, lr, self.momentum, self.nesterov,
+                          self.weight_decay)
+        return w, () if m is None else (m,)
 
     def state(self):
         return {"momentum": self.velocity} if self.velocity is not None else {}
@@ -137,14 +148,15 @@ class AdamW(ShardOptimizer):
             self.count = tf.Variable(tf.zeros([self.weight.shape[0]], tf.int32), trainable=False,
                                      name="count")
 
-    def apply_rows(self, rows, grad, lr):
-        t = (self.count if rows is None else tf.gather(self.count, rows)) + 1
-        w, m, v = adamw_update(_read(self.weight, rows), grad, _read(self.m, rows), _read(self.v, rows),
-                               tf.cast(t, tf.float32), tf.cast(lr, tf.float32), self.beta_1,
-                               self.beta_2, self.epsilon, self.weight_decay)
-        return tf.group(_write(self.weight, rows, w), _write(self.m, rows, m), _write(self.v, rows, v),
-                        self.count.assign(t) if rows is None
-                        else self.count.scatter_update(tf.IndexedSlices(t, rows)))
+    def slots(self):
+        return self.m, self.v, self.count
+
+    def rule(self, w, g, slots, lr):
+        m, v, count = slots
+        t = count + 1.0
+        w, m, v = adamw_update(w, g, m, v, t, lr, self.beta_1, self.beta_2, self.epsilon,
+                               self.weight_decay)
+        return w, (m, v, t)
 
     def state(self):
         return {"m": self.m, "v": self.v, "count": self.count}

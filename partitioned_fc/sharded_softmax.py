@@ -4,19 +4,23 @@ Each worker does the heavy `[B, C_r]` part against the rows it holds: the local 
 margin target written into its entry before any reduction, partial logsumexp statistics exchanged
 with two small allreduces of `[B]` vectors, and a backward that needs no collective.
 
-Two ways to walk the rows, same numbers:
-- one block (`chunk_size=None`): the exponentials `[B, C_r]` are kept between forward and
-  backward and reused (no recompute); memory O(B·C_r). The backward still walks them in blocks of
-  BACKWARD_BLOCK rows, so no weight-sized gradient or optimizer temporary ever exists.
-- blocks of K rows (`chunk_size=K`): the forward keeps a streaming max / sum-exp per sample, the
-  backward recomputes each block's logits from the global logsumexp. Nothing `[B, C_r]` exists;
-  each block's weight gradient is handed to a sink as soon as it is known (an optimizer applies it
-  to those rows and drops it), so memory is O(B·K) on top of the weights.
+Two ways to keep the logits between forward and backward, same numbers (`KeptLogits`,
+`StreamedLogits`):
+- kept (`chunk_size=None`): the exponentials `[B, C_r]` are kept and reused (no recompute);
+  memory O(B·C_r).
+- streamed (`chunk_size=K`): the forward keeps a streaming max / sum-exp per sample over blocks of
+  K rows; the backward recomputes each block's logits from the global logsumexp. Nothing
+  `[B, C_r]` exists.
+Either way the backward walks the rows in blocks and hands each block's logit-side gradient to a
+sink (`RowGradients` for autodiff tapes, `RowUpdates` to apply an optimizer to those rows at
+once), so no weight-sized gradient or optimizer temporary exists.
 
-The local work is XLA-compiled kernels around the collectives, so the elementwise work over
-`[B, K]` and `[K, D]` is fused next to the matmuls; unfused, those passes cost about as much as
-the matmuls on a CPU. Normalized weights are never materialized: z = (s·x) Wᵀ scaled per column
-by 1/|W_j|. Matmuls run in `compute_dtype`; logits, softmax statistics and gradients are float32.
+Passes over the shard are what costs beyond the matmuls, so every read of it happens inside an
+XLA kernel that takes the variable itself (a dense read of a variable once updated sparsely
+copies all of it; a gather outside a kernel copies the block), and each block's radial
+correction, label-row gradient and optimizer update are one kernel over the block's rows.
+Normalized weights are never materialized: z = (s·x) Wᵀ scaled per column by 1/|W_j|. Matmuls
+run in `compute_dtype`; logits, softmax statistics and gradients are float32.
 
 The target logit f'_y goes through the margin on the autodiff tape (any margin, its exact
 derivative); everything `[B, C_r]` is differentiated by hand.
@@ -24,18 +28,16 @@ derivative); everything `[B, C_r]` is differentiated by hand.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
 from cluster import Cluster
 from partitioned_fc import margins as margins_lib
 
-# sink(state, positions [K] int32, grad [K, D] float32) -> state: consumes one block's gradient.
-# Rows per block of the backward when the forward was one block: the weight gradient and the
+# Rows per block of the backward when the logits were kept: the weight gradient and the
 # optimizer's temporaries are O(BACKWARD_BLOCK · D), never the size of the shard.
 BACKWARD_BLOCK = 16384
-Sink = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 class RowSource:
@@ -59,29 +61,52 @@ class RowSource:
         """[k] positions -> [k, D] rows (a gather: never a reference to the whole shard)."""
         return tf.gather(self.weight, self.rows(pos))
 
-    def block(self) -> tf.Tensor:
-        """All rows taking part, [n, D]."""
-        if self.index is None:
-            return tf.convert_to_tensor(self.weight)
-        return tf.gather(self.weight, self.index)
+
+@dataclasses.dataclass(frozen=True)
+class TargetPath:
+    """The margin's part of the graph, differentiated by `tape`. All [B] unless noted."""
+    value: tf.Tensor           # f'_y where this worker owns the label, else 0
+    local_label: tf.Tensor     # the label's position among the rows taking part, -1 elsewhere
+    x: tf.Tensor               # [B, D] the raw global batch
+    x_feat: tf.Tensor          # [B, D] normalized or raw, as the margin wants
+    w_rows: tf.Tensor          # [B, D] the label rows (float32)
+    tape: tf.GradientTape      # persistent: the backward asks it twice
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class KeptLogits:
+    """The forward's exponentials, kept: e [B, n] = exp(f' − m), m [B] the row max they used."""
+    e: tf.Tensor
+    m: tf.Tensor
+    block: int = BACKWARD_BLOCK
+
+    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+        """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
+        coeff = d_loss * tf.exp(self.m - fwd.lse)  # e · coeff = softmax · d_loss
+        return _kept_grads(self.e, pos, coeff, fwd.x_s, weight, rows, block_label, normalize)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedLogits:
+    """Nothing kept: each block of `block` rows recomputes its logits from the global lse."""
+    block: int
+
+    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+        """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
+        del pos
+        return _streamed_grads(fwd.x_s, weight, rows, fwd.target.value, block_label, fwd.lse,
+                               d_loss, normalize)
+
+
+@dataclasses.dataclass(frozen=True)
 class Forward:
     """What the backward needs from the forward. All [B] unless noted."""
     loss: tf.Tensor
     correct: tf.Tensor
     lse: tf.Tensor
-    target: tf.Tensor          # f'_y where owned here, else 0
-    local_label: tf.Tensor     # position of the label among the rows taking part, -1 elsewhere
-    x: tf.Tensor               # [B, D] the raw global batch
-    x_feat: tf.Tensor          # [B, D] normalized or raw, as the margin wants
-    x_s: tf.Tensor             # [B, D] scale · x_feat in compute dtype
-    w_rows: tf.Tensor          # [B, D] the label rows (float32), watched by `tape`
-    tape: tf.GradientTape
-    m_loc: tf.Tensor | None    # one block only: the row max the exponentials were taken against
-    e: tf.Tensor | None        # one block only: [B, n] exp(f' - m_loc)
-    inv: tf.Tensor | None      # one block only: [n] 1/|w_j| (normalized margins)
+    target: TargetPath
+    x_s: tf.Tensor                         # [B, D] scale · x_feat in compute dtype
+    logits: KeptLogits | StreamedLogits
 
 
 def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tensor,
@@ -94,6 +119,30 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
                  owns it. Returns `Forward` with loss [B] = logsumexp_j f'_ij − f'_{i,y_i} (the same
                  on every worker) and correct [B] float 0/1 (the label has the largest plain logit).
     """
+    target = _target_path(x, source, local_label, margin, step)
+    x_s = tf.cast(target.x_feat * float(margin.logit_scale), compute_dtype)
+    normalize = margin.normalize_weights
+    with tf.name_scope("fc_forward"):  # names the kernels in a profile (launch/bench_profile.py)
+        if chunk_size is None:
+            s_loc, m_loc, plain_max, plain_t, e = _kept_forward(
+                x_s, source.weight, source.index, target.value, local_label, normalize)
+            logits = KeptLogits(e, m_loc)
+        else:
+            s_loc, m_loc, plain_max, plain_t = _streamed_forward(
+                x_s, source, target.value, local_label, normalize, chunk_size)
+            logits = StreamedLogits(chunk_size)
+    maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
+    m = maxes[0]
+    # Each worker exponentiated against its own max; rescale its partial sum to the global one.
+    # target and plain_t are 0 where another worker owns the label: their sums are the owner's.
+    sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target.value, plain_t]))
+    lse = m + tf.math.log(sums[0])
+    return Forward(loss=lse - sums[1], correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
+                   target=target, x_s=x_s, logits=logits)
+
+
+def _target_path(x, source, local_label, margin, step) -> TargetPath:
+    """f'_y of the labels this worker owns, on a tape that can differentiate it twice."""
     owned = local_label >= 0
     w_rows = tf.cast(source.gather(tf.maximum(local_label, 0)), tf.float32)  # [B, D]
     # persistent: the backward asks it twice, and an outer persistent tape may run it again
@@ -101,47 +150,97 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     with tape:
         tape.watch([x, w_rows])
         x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
-        target = margins_lib.target_logit_from_rows(margin, x, w_rows, step)
-        target = tf.where(owned, target, tf.zeros_like(target))
-    x_s = tf.cast(x_feat * float(margin.logit_scale), compute_dtype)
-    normalize = margin.normalize_weights
-    e = inv = None
-    if chunk_size is None:
-        s_loc, m_loc, plain_max, plain_t, e, inv = _forward_block(
-            x_s, source.block(), target, local_label, normalize, True)
-    else:
-        s_loc, m_loc, plain_max, plain_t = _forward_chunks(
-            x_s, source, target, local_label, normalize, chunk_size)
-    maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
-    m = maxes[0]
-    # Each worker exponentiated against its own max; rescale its partial sum to the global one.
-    # target and plain_t are 0 where another worker owns the label: their sums are the owner's.
-    sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target, plain_t]))
-    lse = m + tf.math.log(sums[0])
-    return Forward(loss=lse - sums[1], correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
-                   target=target, local_label=local_label, x=x, x_feat=x_feat, x_s=x_s,
-                   w_rows=w_rows, tape=tape, m_loc=m_loc if e is not None else None, e=e, inv=inv)
+        value = margins_lib.target_logit_from_rows(margin, x, w_rows, step)
+        value = tf.where(owned, value, tf.zeros_like(value))
+    return TargetPath(value, local_label, x, x_feat, w_rows, tape)
 
 
-def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: Sink, state,
-             margin: margins_lib.Margin, *, chunk_size: int | None = None):
+def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink", state,
+             margin: margins_lib.Margin):
     """d_loss [B] -> (dL/dx [B, D] this shard's share, final sink state).
 
-    Every row taking part gets its gradient [k, D] float32 through `sink`, once, in blocks.
+    Every row taking part gets its gradient through `sink`, once, in blocks.
     """
-    owned = fwd.local_label >= 0
+    target = fwd.target
+    owned = target.local_label >= 0
     # Softmax share of the target entry, exp(f'_y − lse), and the −f'_y term of the loss, both
     # held by the owner, go back through the margin to x and the label row.
-    d_t = tf.where(owned, (tf.exp(fwd.target - fwd.lse) - 1.0) * d_loss, tf.zeros_like(d_loss))
-    dw_rows = fwd.tape.gradient(fwd.target, fwd.w_rows, output_gradients=d_t)  # [B, D]
+    d_t = tf.where(owned, (tf.exp(target.value - fwd.lse) - 1.0) * d_loss, tf.zeros_like(d_loss))
+    dw_rows = target.tape.gradient(target.value, target.w_rows, output_gradients=d_t)  # [B, D]
     normalize = margin.normalize_weights
-    dx_s, state = _backward_blocks(fwd, source, d_loss, dw_rows, sink, state, normalize,
-                                   chunk_size or BACKWARD_BLOCK)
-    dx = fwd.tape.gradient([fwd.target, fwd.x_feat], fwd.x,
-                           output_gradients=[d_t, dx_s * float(margin.logit_scale)])
+    block = fwd.logits.block if sink.block is None else sink.block
+    weight = source.weight
+
+    def body(c, dx_s, state):
+        start, pos = _chunk_bounds(source, c, block)
+        rows = source.rows(pos)
+        ll = _chunk_label(target.local_label, start, tf.shape(pos)[0])
+        with tf.name_scope("fc_grads"):
+            dx_c, pw = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, normalize)
+        return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize)
+
+    _, dx_s, state = tf.while_loop(
+        lambda c, *_: c < _num_chunks(source, block), body,
+        (tf.constant(0), tf.zeros_like(target.x, tf.float32), state), parallel_iterations=1)
+    dx = target.tape.gradient([target.value, target.x_feat], target.x,
+                              output_gradients=[d_t, dx_s * float(margin.logit_scale)])
     return dx, state
 
 
+# --------------------------------------------------------------------------------------------
+# Sinks: where each block's row gradient goes
+# --------------------------------------------------------------------------------------------
+class RowSink:
+    """Consumes one block: `sink(state, rows [k], pw [k, D], block_label [B], dw_rows [B, D],
+    normalize) -> state`; pw is the gradient through the logits before the radial correction.
+    `block`: rows per block it wants (None: the logits' own block size)."""
+    block: int | None = None
+
+
+class RowGradients(RowSink):
+    """The exact row gradient of each block, in order (state: a TensorArray of [k, D] float32)."""
+
+    def __init__(self, weight, block: int | None = None):
+        self.weight = weight
+        self.block = block
+
+    def __call__(self, blocks, rows, pw, block_label, dw_rows, normalize):
+        with tf.name_scope("fc_row_grad"):
+            g = _row_grad_kernel(pw, self.weight, rows, block_label, dw_rows, normalize)
+        return blocks.write(blocks.size(), g)
+
+
+# update(w [k, D], g [k, D], slots [k, ...] float32, lr) -> (new w, new slots): a pure optimizer rule.
+RowRule = Callable[[tf.Tensor, tf.Tensor, Sequence[tf.Tensor], tf.Tensor], tuple]
+
+
+class RowUpdates(RowSink):
+    """Applies an optimizer rule to each block's rows as soon as their gradient is known.
+
+    weight: the shard variable; slots: its row-aligned state variables ([C_r, ...]); rule: the
+    optimizer's pure update; state: a counter threading the writes into the loop.
+    """
+
+    def __init__(self, weight: tf.Variable, slots: Sequence[tf.Variable], rule: RowRule, lr):
+        self.weight, self.slots, self.rule, self.lr = weight, tuple(slots), rule, lr
+
+    def __call__(self, count, rows, pw, block_label, dw_rows, normalize):
+        with tf.name_scope("fc_update"):
+            w, slots = _update_kernel(pw, self.weight, self.slots, rows, block_label, dw_rows,
+                                      self.lr, self.rule, normalize)
+            writes = [_scatter(var, rows, v) for var, v in zip((self.weight, *self.slots), (w, *slots))]
+        with tf.control_dependencies(writes):
+            return count + 1
+
+
+def _scatter(var: tf.Variable, rows, values):
+    # ResourceScatterUpdate writes in place: no copy of the (possibly multi-GB) shard.
+    return var.scatter_update(tf.IndexedSlices(tf.cast(values, var.dtype), rows))
+
+
+# --------------------------------------------------------------------------------------------
+# The tape form
+# --------------------------------------------------------------------------------------------
 def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_label: tf.Tensor,
                           margin: margins_lib.Margin, step=0, *, chunk_size: int | None = None,
                           compute_dtype: tf.DType = tf.float32):
@@ -158,8 +257,10 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
 
         def grad(d_loss, d_correct):
             del d_correct  # correctness is a step function: no gradient
+            # The whole gradient is returned anyway: with kept logits, one block is all of it.
+            sink = RowGradients(w, block=chunk_size or tf.shape(w)[0])
             blocks = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False)
-            dx, blocks = backward(fwd, source, d_loss, _collect, blocks, margin, chunk_size=chunk_size)
+            dx, blocks = backward(fwd, source, d_loss, sink, blocks, margin)
             return dx, tf.cast(blocks.concat(), w.dtype)
 
         return (fwd.loss, fwd.correct), grad
@@ -167,21 +268,10 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
     return _ce(x, weight)
 
 
-def _collect(blocks: tf.TensorArray, pos: tf.Tensor, dw: tf.Tensor) -> tf.TensorArray:
-    """Sink for the tape form: blocks arrive in order, so concatenating them is the gradient."""
-    del pos
-    return blocks.write(blocks.size(), dw)
-
-
-def _add_label_rows(dw, dw_rows, block_label):
-    """Add the target path's [B, D] row gradients to the block's rows [k, D]; block_label [B] is
-    each label's row in the block, -1 elsewhere (`_chunk_label`)."""
-    hit = block_label >= 0
-    return tf.tensor_scatter_nd_add(dw, tf.boolean_mask(block_label, hit)[:, None],
-                                    tf.boolean_mask(dw_rows, hit))
-
-
-def _chunk_bounds(source: RowSource, c, chunk_size: int):
+# --------------------------------------------------------------------------------------------
+# Blocks of rows
+# --------------------------------------------------------------------------------------------
+def _chunk_bounds(source: RowSource, c, chunk_size):
     start = c * chunk_size
     pos = tf.range(start, tf.minimum(start + chunk_size, source.n))
     return start, pos
@@ -192,11 +282,11 @@ def _chunk_label(local_label, start, k):
     return tf.where((local_label >= 0) & (pos >= 0) & (pos < k), pos, -1)
 
 
-def _num_chunks(source: RowSource, chunk_size: int):
+def _num_chunks(source: RowSource, chunk_size):
     return (source.n + chunk_size - 1) // chunk_size
 
 
-def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
+def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size):
     """Streaming max / sum-exp over blocks of rows: the [B, n] logits never exist."""
     b = tf.shape(target)[0]
     neg_inf = tf.fill([b], float("-inf"))
@@ -204,7 +294,8 @@ def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
     def body(c, s, m, pmax, pt):
         start, pos = _chunk_bounds(source, c, chunk_size)
         ll = _chunk_label(local_label, start, tf.shape(pos)[0])
-        s_c, m_c, pmax_c, pt_c = _forward_block(x_s, source.gather(pos), target, ll, normalize, False)
+        s_c, m_c, pmax_c, pt_c = _streamed_stats(x_s, source.weight, source.rows(pos), target, ll,
+                                                 normalize)
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
         return c + 1, s, m_new, tf.maximum(pmax, pmax_c), pt + pt_c
@@ -215,31 +306,18 @@ def _forward_chunks(x_s, source, target, local_label, normalize, chunk_size):
     return s, m, pmax, pt
 
 
-def _backward_blocks(fwd, source, d_loss, dw_rows, sink, state, normalize, block):
-    """The weight gradient block by block, each handed to the sink: the kept exponentials' columns
-    when the forward was one block, else each block's logits recomputed from the global lse."""
-    if fwd.e is not None:
-        coeff = d_loss * tf.exp(fwd.m_loc - fwd.lse)  # e · coeff = softmax · d_loss
+# --------------------------------------------------------------------------------------------
+# Kernels (XLA). Each reads the shard rows it needs itself: `weight` is the variable (or tensor)
+# and `rows` [k] the shard rows, or None for all of them.
+# --------------------------------------------------------------------------------------------
+def _read_rows(weight, rows):
+    """[C_r, D] any dtype, [k] or None -> [k, D] (inside a kernel: no copy outside it)."""
+    return tf.convert_to_tensor(weight) if rows is None else tf.gather(weight, rows)
 
-    def body(c, dx_s, state):
-        start, pos = _chunk_bounds(source, c, block)
-        k = tf.shape(pos)[0]
-        w = source.gather(pos)
-        ll = _chunk_label(fwd.local_label, start, k)
-        if fwd.e is None:
-            dx_c, dw, inv = _chunk_grads(fwd.x_s, w, fwd.target, ll, fwd.lse, d_loss, normalize)
-        else:
-            inv = None if fwd.inv is None else fwd.inv[start:start + k]
-            dx_c, dw = _logit_grads(fwd.e[:, start:start + k], coeff, ll, fwd.x_s, w, inv)
-        if normalize:
-            dw = _remove_radial(dw, tf.cast(w, tf.float32), inv)
-        dw = _add_label_rows(dw, dw_rows, ll)
-        return c + 1, dx_s + dx_c, sink(state, pos, dw)
 
-    _, dx_s, state = tf.while_loop(
-        lambda c, *_: c < _num_chunks(source, block), body,
-        (tf.constant(0), tf.zeros_like(fwd.x, tf.float32), state), parallel_iterations=1)
-    return dx_s, state
+def _inv_norm(w32):
+    """[k, D] float32 -> [k] 1/|w_j| (floored)."""
+    return tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(w32), axis=1), 1e-12))
 
 
 def _logits(x_s, w, normalize: bool):
@@ -247,54 +325,43 @@ def _logits(x_s, w, normalize: bool):
     z = tf.cast(tf.matmul(x_s, tf.cast(w, x_s.dtype), transpose_b=True), tf.float32)
     if not normalize:
         return z, None
-    w32 = tf.cast(w, tf.float32)
-    inv = tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(w32), axis=1), 1e-12))
+    inv = _inv_norm(tf.cast(w, tf.float32))
     return z * inv[None, :], inv
 
 
-@tf.function(jit_compile=True)
-def _forward_block(x_s, w, t, local_label, normalize: bool, keep: bool):
-    """One block's logits with the target entry replaced, and its row statistics.
-
-    -> Σ_j exp(f' − m) [B], m [B], max plain logit [B], plain target logit [B] (0 where not
-    owned); with `keep` also e [B, k] = exp(f' − m) and 1/|w_j| [k] (or None) for the backward.
-    """
-    z, inv = _logits(x_s, w, normalize)
+def _block_stats(x_s, w, t, local_label, normalize: bool):
+    """One block's logits with the target entry replaced -> e [B, k] = exp(f' − m) and its row
+    statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
+    z, _ = _logits(x_s, w, normalize)
     is_t = _target_mask(local_label, tf.shape(w)[0])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
     z = tf.where(is_t, t[:, None], z)
     m = tf.reduce_max(z, axis=1)
     e = tf.exp(z - m[:, None])
-    stats = (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
-    return stats + (e, inv) if keep else stats
+    return e, (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
 
 
 @tf.function(jit_compile=True)
-def _chunk_grads(x_s, w, t, local_label, lse, d_loss, normalize: bool):
-    """Recompute one block's softmax from the global lse -> dL/dx_s [B, D], logits part of dL/dw
-    [k, D] (before the radial correction), 1/|w_j| [k] (or None)."""
-    z, inv = _logits(x_s, w, normalize)
-    is_t = _target_mask(local_label, tf.shape(w)[0])
-    p = tf.exp(z - lse[:, None]) * d_loss[:, None]
-    dz = tf.where(is_t, tf.zeros_like(p), p)      # the target entry's gradient goes to f'_y
-    if inv is not None:
-        dz = dz * inv[None, :]
-    dz = tf.cast(dz, x_s.dtype)
-    dx = tf.matmul(dz, tf.cast(w, x_s.dtype))
-    dw = tf.matmul(dz, x_s, transpose_a=True)
-    return tf.cast(dx, tf.float32), tf.cast(dw, tf.float32), inv
+def _kept_forward(x_s, weight, rows, t, local_label, normalize: bool):
+    """All rows taking part in one block -> (Σ e, m, plain max, plain target, e [B, n])."""
+    e, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)
+    return stats + (e,)
 
 
 @tf.function(jit_compile=True)
-def _logit_grads(e, coeff, local_label, x_s, w, inv):
-    """One block kept from the forward: e [B, n], coeff [B] = d_loss·exp(m_loc − lse) ->
-    dL/dx_s [B, D], logits part of dL/dw [n, D]."""
-    p = e * coeff[:, None]
+def _streamed_stats(x_s, weight, rows, t, local_label, normalize: bool):
+    """One block of rows -> (Σ e, m, plain max, plain target); its exponentials are dropped."""
+    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)[1]
+
+
+def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
+    """Softmax·d_loss p [B, k] -> dL/dx_s [B, D], logits part of dL/dw [k, D]; the target entry's
+    gradient goes to f'_y instead (`backward`)."""
     is_t = _target_mask(local_label, tf.shape(w)[0])
     dz = tf.where(is_t, tf.zeros_like(p), p)
-    if inv is not None:
-        dz = dz * inv[None, :]                     # through z = (x_s·w_j) / |w_j|
+    if normalize:
+        dz = dz * _inv_norm(tf.cast(w, tf.float32))[None, :]   # through z = (x_s·w_j) / |w_j|
     dz = tf.cast(dz, x_s.dtype)
     dx = tf.matmul(dz, tf.cast(w, x_s.dtype))
     dw = tf.matmul(dz, x_s, transpose_a=True)
@@ -302,12 +369,49 @@ def _logit_grads(e, coeff, local_label, x_s, w, inv):
 
 
 @tf.function(jit_compile=True)
-def _remove_radial(pw, w, inv):
-    """d/dw_j of (x·w_j)/|w_j| = (I − ŵ_j ŵ_jᵀ) · pw_j, pw_j being the part through x·w_j / |w_j|.
+def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, normalize: bool):
+    """Kept exponentials e [B, n], this block's positions pos [k], coeff [B] = d_loss·exp(m − lse)."""
+    p = tf.gather(e, pos, axis=1) * coeff[:, None]
+    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
 
-    Its own kernel: XLA fuses a row reduction placed after a matmul into the matmul and loses the
-    fast one (measured 1.6x slower)."""
-    return pw - (tf.reduce_sum(pw * w, axis=1) * tf.square(inv))[:, None] * w
+
+@tf.function(jit_compile=True)
+def _streamed_grads(x_s, weight, rows, t, local_label, lse, d_loss, normalize: bool):
+    """Recompute one block's softmax from the global lse, then as `_kept_grads`."""
+    w = _read_rows(weight, rows)
+    z, _ = _logits(x_s, w, normalize)
+    z = tf.where(_target_mask(local_label, tf.shape(w)[0]), t[:, None], z)
+    p = tf.exp(z - lse[:, None]) * d_loss[:, None]
+    return _dz_matmuls(p, local_label, x_s, w, normalize)
+
+
+def _row_grad(pw, w, local_label, dw_rows, normalize: bool):
+    """The block's exact row gradient [k, D]: the radial correction of the logits part (normalized
+    rows) plus the target path's label-row gradients [B, D] (block_label [B]: -1 elsewhere)."""
+    if normalize:
+        # d/dw_j of (x·w_j)/|w_j| = (I − ŵ_j ŵ_jᵀ) · pw_j
+        pw = pw - (tf.reduce_sum(pw * w, axis=1) * tf.square(_inv_norm(w)))[:, None] * w
+    hit = local_label >= 0
+    return tf.tensor_scatter_nd_add(pw, tf.where(hit, local_label, 0)[:, None],
+                                    tf.where(hit[:, None], dw_rows, 0.0))
+
+
+# Their own kernels: XLA fuses a row reduction placed after a matmul into the matmul and loses the
+# fast one (measured 1.6x slower).
+@tf.function(jit_compile=True)
+def _row_grad_kernel(pw, weight, rows, local_label, dw_rows, normalize: bool):
+    """-> the block's row gradient [k, D] float32."""
+    w = tf.cast(_read_rows(weight, rows), tf.float32)
+    return _row_grad(pw, w, local_label, dw_rows, normalize)
+
+
+@tf.function(jit_compile=True)
+def _update_kernel(pw, weight, slots, rows, local_label, dw_rows, lr, rule, normalize: bool):
+    """-> the block's rows and slots after `rule`, float32 ([k, D], tuple of [k, ...])."""
+    w = tf.cast(_read_rows(weight, rows), tf.float32)
+    g = _row_grad(pw, w, local_label, dw_rows, normalize)
+    state = tuple(tf.cast(_read_rows(s, rows), tf.float32) for s in slots)
+    return rule(w, g, state, tf.cast(lr, tf.float32))
 
 
 def _target_mask(local_label, rows):
