@@ -24,6 +24,8 @@ compiles it against the installed TensorFlow with the C++ compiler (`CXX`, defau
 this package's directory, or, if that is not writable, into ~/.cache/partitioned-fc. A process
 that finds no library built for its TensorFlow and this source builds it on first use (one
 process at a time, under a file lock; the library appears under its final name only once whole).
+It binds to the C++ ABI of that TensorFlow: loading it and wrapping its output as a dataset go
+through `pipelines.tf_compat`, which names the TensorFlow versions it was checked with.
 """
 from __future__ import annotations
 
@@ -36,9 +38,8 @@ import sys
 import tempfile
 
 import tensorflow as tf
-from tensorflow.python.data.ops import dataset_ops
 
-from pipelines import schema
+from pipelines import schema, tf_compat
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "record_blocks.cc")
@@ -106,11 +107,11 @@ def build() -> str:
 def _load():
     global _ops
     if _ops is None:
-        _ops = tf.load_op_library(build())
+        _ops = tf_compat.load_op_library(build())
     return _ops
 
 
-class RecordBlocks(dataset_ops.DatasetSource):
+class RecordBlocks(tf_compat.DatasetSource):
     """One TFRecord file -> blocks (start int64 [], images string [n], labels int64 [n], done bool []),
     n <= block_records (see the module docstring). buffer_size: bytes read from the file at a time."""
 
