@@ -47,17 +47,28 @@ from the broken record on: its remaining records, as counted by the manifest, ar
 skipped); every batch is then guarded by a record-by-record fallback, which costs 5-8 % more
 CPU per image (measured). Labels outside [0, num_classes) in a batch and files longer than the
 manifest says always raise, naming file, record index and label or count.
+
+The code: `open_dataset` resolves the files, plans this worker's share (`plan_shards`) and builds
+a frozen `ReaderContext` (`reader_context`: plan, seeds, window, decoders, the fault records);
+each stage is a module-level function of it, testable alone: `file_blocks` (step 2),
+`epoch_windows` / `epoch_batches` (1-3), `decode_each` (record by record), the checks
+(`file_checks`, `batch_checks`, `name_missing`, `count_missing`); one builder per mode assembles
+them: `strict_batches` (default) and `tolerant_batches` (skip_corrupt). TensorFlow internals
+(`map_inline`, the op's dataset class) live in `pipelines.tf_compat`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
+from typing import Callable
 
 import tensorflow as tf
 
 from pipelines import images as images_lib
 from pipelines import record_blocks, schema, storage
+from pipelines.tf_compat import map_inline
 
 _GLOB_CHARS = "*?["
 _warned_record_level: set = set()
@@ -216,295 +227,429 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     _, manifest, files, counts = resolve(path)
     plan = plan_shards(files, counts, rank, size, batch_size)
     if plan.record_level:
-        key = (tuple(files), size)
-        if key not in _warned_record_level:
-            _warned_record_level.add(key)
-            warnings.warn(f"{path}: {len(files)} shard file(s) for {size} workers; falling back to "
-                          "record-level sharding (every worker reads every file and keeps 1 record "
-                          f"in {size}). Write at least {size} shards to read less.", stacklevel=2)
-    size_hw = tuple(image_size or manifest.image_size)
-    counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_records")
-    n_files = len(plan.files)
-    # Per file: (fault, record index, records); fault 1: unreadable from that index on, 2: more
-    # records than the manifest lists. Written where it is found, raised by the next batch's check.
-    faults = tf.Variable(tf.zeros([n_files, 3], tf.int64), trainable=False, name="file_faults")
-    # Writers store every image at the manifest's size, so the common case decodes without a
-    # resize; an image of another size fails its `ensure_shape` and counts as a corrupt record.
-    decode_jpegs, decode_one = jpeg_batch_decoder(batch_size, size_hw, manifest.image_size)
-    num_classes = manifest.num_classes
-
-    files_t = tf.constant(plan.files)
-    records_t = tf.constant(plan.records, tf.int64)
-    first_t = tf.constant(plan.first, tf.int64)
-    own_t = tf.constant(plan.own, tf.int64)
-    stride = plan.stride
-    cycle = max(1, min(cycle_length, n_files))
-    cores = threads or os.cpu_count() or 1
-    # Local files are read in the interleave's own thread (no latency to hide; background
-    # readers cost CPU per block, measured); object storage by one background reader per file.
-    remote = storage.is_url(plan.files[0])
-    # Bytes per read: object storage answers each read with a request, so larger ones there.
-    read_buffer = 1 << 20 if remote else 1 << 18
-    # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds derived
-    # from it fit in int64 for any seed.
-    base_seed = (seed * 1_000_003 + rank) % (2**31 - 1)
-    h, w = size_hw
-    no_tags, no_jpegs = tf.zeros([0], tf.int64), tf.zeros([0], tf.string)
-
-    def file_blocks(fidx, count: bool):
-        """File `fidx` -> blocks (tags [n], JPEGs [n], labels [n]) of this worker's records in
-        file order, parsed (`record_blocks`: an unparsable record has JPEG b"" and label -1), tag =
-        fidx << 32 | record index in the file. A failed read ends the file, so the records that
-        came are a prefix of the file; its last block (`done`) so knows the count read and
-        compares it with the manifest's. No state, so the bookkeeping runs inline in the reading
-        thread (see `map_inline`)."""
-        name, total, first, own = files_t[fidx], records_t[fidx], first_t[fidx], own_t[fidx]
-
-        def block(read, jpegs, labels, end):
-            n = tf.size(labels, out_type=tf.int64)
-            index = read + tf.range(n)
-            if stride > 1:
-                mine = index % stride == first
-                index, jpegs, labels = (tf.boolean_mask(t, mine) for t in (index, jpegs, labels))
-            # At the end: this worker's records of the file that never came (own ones below read + n).
-            kept = tf.maximum((read + n - first + stride - 1) // stride, 0)
-            lost = tf.where(end, tf.maximum(own - kept, 0), 0)
-            over = read + n > total
-            if skip_corrupt:
-                fault = tf.where(over, tf.stack([2, total, 0]), tf.zeros([3], tf.int64))
-            else:
-                fault = tf.where(over, tf.stack([2, total, 0]),
-                                 tf.where(lost > 0, tf.stack([1, read + n, lost]), tf.zeros([3], tf.int64)))
-            # (A file has one kind of fault at most, so an elementwise max keeps it whole.)
-            writes = [faults.scatter_nd_max(tf.reshape(fidx, [1, 1]), fault[None])]
-            if skip_corrupt and count:
-                writes.append(counter.assign_add(lost))
-            with tf.control_dependencies(writes):
-                tags = tf.bitwise.bitwise_or(tf.bitwise.left_shift(fidx, _TAG_BITS), index)
-                return tf.identity(tags), jpegs, labels
-
-        return map_inline(record_blocks.RecordBlocks(name, _READ_BLOCK, read_buffer), block)
-
-    # Records are shuffled, and travel to the decoders, in windows of whole batches: the reading
-    # thread then wakes once per window rather than once per batch (fewer thread switches on
-    # the decoders' cores), and the windows are cut into batches without a copy.
-    window_batches = max(1, -(-shuffle_buffer // batch_size))
-    window = window_batches * batch_size
-
-    def used(k, n):
-        """Records of window k (of n records) in the epoch's steps_per_epoch batches: whole
-        batches only."""
-        return tf.clip_by_value((plan.steps_per_epoch - k * window_batches) * batch_size, 0,
-                                n // batch_size * batch_size)
-
-    def raw_windows(epoch, count: bool, trim: bool):
-        """One pass's records in windows (tags [n], JPEGs [n], labels [n]) of `window` records
-        (the last one shorter), each permuted as a whole when shuffling. trim: each window cut to
-        the records the epoch's batches use (`used`); the others are read, never decoded."""
-        ds = tf.data.Dataset.from_tensor_slices(file_order(n_files, base_seed, epoch)).interleave(
-            lambda f: file_blocks(f, count), cycle_length=cycle, block_length=1,
-            num_parallel_calls=cycle if remote else None, deterministic=True if remote else None)
-        # (a window permuted by one gather: tf.data's shuffle took records one by one; its seed
-        # derived from (seed, rank, epoch) otherwise than `file_order`'s)
-        seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)])
-
-        def arrange(k, block):
-            n = tf.shape(block[0], out_type=tf.int64)[0]
-            order = tf.range(n)
-            if shuffle_buffer > 0:
-                order = tf.random.experimental.stateless_shuffle(
-                    order, seed=tf.random.experimental.stateless_fold_in(seed, k))
-            if trim:
-                order = order[:used(k, n)]
-            return tuple(tf.gather(t, order) for t in block)
-
-        ds = ds.rebatch(window)
-        # (in read order, whole: nothing to arrange, so no copy)
-        return map_inline(ds.enumerate(), arrange) if shuffle_buffer > 0 or trim else ds
-
-    def raw_batches(epoch, count: bool):
-        """One pass's records, shuffled, in batches (tags [n], JPEGs [n], labels [n]) of
-        batch_size (the last one shorter)."""
-        return raw_windows(epoch, count, trim=False).rebatch(batch_size)
-
-    def decode_each(tags, jpegs, labels):
-        """Record by record: (images [m, H, W, 3], labels [m], tags [m]) of the m <= n records
-        that decode, in order."""
-        ds = tf.data.Dataset.from_tensor_slices((tags, jpegs, labels)).map(
-            lambda t, j, y: (decode_one(j), y, t)).ignore_errors().batch(batch_size)
-        empty = (tf.zeros([0, h, w, 3], tf.uint8), tf.zeros([0], tf.int64), no_tags)
-        return ds.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
-
-    def checks(images, labels, out, tags=None):
-        """Checks of a decoded batch: the file faults found so far, the labels in range and, when
-        `tags` (the records that went in) is given, that every record came out (`out`, in order);
-        skipped ones are counted (skip_corrupt) or named."""
-        f = faults.read_value()
-        j, k = _first(tf.equal(f[:, 0], 1)), _first(tf.equal(f[:, 0], 2))
-        ops = [_assert(tf.reduce_all(f[:, 0] != 1), [
-                   "pfc-data: corrupt record in file", files_t[j], "at record index", f[j, 1], ":", f[j, 2],
-                   "record(s) unreadable from there (bad CRC, truncated or unreadable file); repair the file "
-                   "or read with skip_corrupt=True"]),
-               _assert(tf.reduce_all(f[:, 0] != 2), [
-                   "pfc-data: file", files_t[k], "has more records than its manifest lists:", f[k, 1]])]
-        bad = (labels < 0) | (labels >= num_classes)
-        j = _first(bad)
-        ops.append(_assert(tf.logical_not(tf.reduce_any(bad)), [
-            "pfc-data: label", _at(labels, j), "outside [0,", num_classes, ") in file",
-            files_t[_file_of(_at(out, j))], "at record index", _index_of(_at(out, j))]))
-        if tags is not None:
-            missing = tf.size(tags) - tf.size(out)
-            if skip_corrupt:
-                ops.append(counter.assign_add(tf.cast(missing, tf.int64)))
-            else:
-                padded = tf.concat([out, tf.fill([missing], tf.constant(-1, tf.int64))], axis=0)
-                j = _first(tf.not_equal(tags, padded))  # the first record that did not decode
-                ops.append(_assert(tf.equal(missing, 0), [
-                    "pfc-data: corrupt record in file", files_t[_file_of(_at(tags, j))], "at record index",
-                    _index_of(_at(tags, j)), ": unparsable Example or undecodable image; repair the file "
-                    "or read with skip_corrupt=True"]))
-        return ops
-
-    def fast_batches(epochs_ds):
-        """Default: (images, labels, epoch) batches of all epochs. Each batch is decoded as a
-        whole, several at once. A batch with a bad record fails as a whole and is dropped
-        (tf.data cannot do better), the gap in the batch numbers shows it, and that batch is read
-        again, record by record, to name the record. (Guarding every batch with a record-by-record
-        fallback cost 5-8 % more CPU, measured.)"""
-        steps = plan.steps_per_epoch
-        # The end of an epoch travels through the decoders as a batch numbered -1 (they run
-        # without branches, so it is a real batch: one blank image, batch_size times; one batch
-        # in steps_per_epoch, of images that decode fast). It always arrives, so a gap at the end
-        # of an epoch (or a whole epoch that failed) is named when that epoch ends.
-        with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
-            blank = tf.io.encode_jpeg(tf.zeros([*manifest.image_size, 3], tf.uint8)).numpy()
-        end_of_epoch = tf.data.Dataset.from_tensors((
-            tf.fill([batch_size], tf.constant(-1, tf.int64)), tf.fill([batch_size], tf.constant(blank)),
-            tf.zeros([batch_size], tf.int64)))
-
-        def numbered(epoch):
-            """The epoch's windows, each record with its epoch and batch number: (epochs [n],
-            numbers [n], tags [n], JPEGs [n], labels [n]), n a multiple of batch_size; the
-            epoch's end last, its tags -1 (one batch)."""
-            def number(k, w):
-                tags, jpegs, labels = w
-                n = tf.shape(tags, out_type=tf.int64)[0]
-                # (a window cut to nothing has no first tag: _at gives 0)
-                i = tf.where(_at(tags, 0) < 0, tf.constant(-1, tf.int64), k * window_batches + tf.range(n) // batch_size)
-                return tf.fill([n], tf.cast(epoch, tf.int64)), i, tags, jpegs, labels
-
-            windows = raw_windows(epoch, True, trim=True).concatenate(end_of_epoch).enumerate()
-            return map_inline(windows, number)
-
-        def decode(epochs, numbers, tags, jpegs, labels):
-            epoch, i = epochs[0], numbers[0]
-            # Records past the epoch's steps are read to the end of every file (so a truncated or
-            # over-long file is always found) but cut from their windows before decoding; were a
-            # batch past the steps ever to come, this assertion would drop it (through the
-            # ignore_errors below; a branch would keep the function from running inline).
-            past = _assert(i < steps, ["pfc-data: batch", i, "is past the epoch's", steps, "steps"])
-            with tf.control_dependencies([past]):
-                jpegs = tf.identity(jpegs)
-            return epoch, i, decode_jpegs(jpegs), tf.ensure_shape(labels, [batch_size]), tags
-
-        # One record stream through all epochs, a window ahead of the decoders: the next epoch's
-        # files open and its first window fills while this epoch's last batches decode. (Epoch
-        # by epoch, the decoders stood idle for that fill at every epoch start: 60-70 ms on 2
-        # cores, measured.) Windows are cut into batches in the thread that feeds the decoders
-        # (rebatch passes each batch on as a slice of its window, without a copy when the slice
-        # is aligned: batch sizes that are multiples of 8).
-        ds = epochs_ds.flat_map(numbered).prefetch(1).rebatch(batch_size)
-        ds = map_inline(ds, decode, parallel=cores).ignore_errors()
-
-        def name_bad_record(epoch, i):
-            # Batch i again, record by record: its window, cut as the epoch cut it. (No batch i at
-            # all: the epoch's records ran out, and a file fault says why.)
-            k = i // window_batches
-            tags, jpegs, labels = raw_windows(epoch, True, trim=True).skip(k).take(1).concatenate(
-                tf.data.Dataset.from_tensors((no_tags, no_jpegs, no_tags))).take(1).get_single_element()
-            start = i % window_batches * batch_size
-            tags, jpegs, labels = (t[start:start + batch_size] for t in (tags, jpegs, labels))
-            _, _, out = decode_each(tags, jpegs, labels).get_single_element()
-            ops = checks(no_tags, no_tags, out, tags)
-            with tf.control_dependencies(ops):  # every record decodes alone: still not silent
-                return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "
-                                       "a whole, though each of its records decodes alone"])
-
-        def step(last_i, batch):
-            """The first batch missing, if any: before batch i, or before the epoch's end (i = -1;
-            an epoch has batches 0 .. steps - 1). The state: the epoch's last batch so far."""
-            epoch, i, images, labels, tags = batch
-            end = i < 0
-            expected = last_i + 1
-            # (fail closed: were an epoch's end batch ever lost, its end would go unchecked)
-            ordered = _assert(end | (i > last_i), ["pfc-data: internal error: the end of an epoch "
-                                                   "was lost before batch", i, "of epoch", epoch])
-            gap = tf.cond(tf.where(end, last_i < steps - 1, i > expected),
-                          lambda: name_bad_record(epoch, expected), lambda: tf.no_op())
-            with tf.control_dependencies([ordered, gap, *checks(images, labels, tags)]):
-                # (the epoch's end leaves with epoch -1, for the filter)
-                return tf.where(end, tf.constant(-1, tf.int64), i), (
-                    tf.identity(images), tf.identity(labels), tf.where(end, tf.constant(-1, tf.int64), epoch))
-
-        return ds.scan(tf.constant(-1, tf.int64), step).filter(lambda x, y, e: e >= 0)
-
-    def tolerant_batches(epoch, count: bool):
-        """skip_corrupt: each batch decoded as a whole, or record by record if that fails; the
-        records that fail are skipped and counted; batches refilled to batch_size."""
-        def decode(tags, jpegs, labels):
-            whole = tf.data.Dataset.from_tensors(jpegs).map(
-                lambda j: (decode_jpegs(j), labels, tags)).ignore_errors()
-            return whole.concatenate(decode_each(tags, jpegs, labels)).take(1).map(
-                lambda x, y, out: (x, y, out, tags))
-
-        def checked(x, y, out, tags):
-            ops = checks(x, y, out, tags if count else None)
-            with tf.control_dependencies(ops):
-                return tf.identity(x), tf.identity(y)
-
-        ds = raw_batches(epoch, count).interleave(decode, cycle_length=cores, block_length=1,
-                                                  num_parallel_calls=cores, deterministic=True)
-        return ds.map(checked).rebatch(batch_size, drop_remainder=True)
-
-    def refill(epoch):
-        """Passes over the epoch again, without counting: batches to top up the epoch. A pass
-        that gives no batch at all (fewer readable records than one batch) raises."""
-        def step(n, batch):
-            x, y = batch
-            ok = _assert(tf.logical_or(tf.size(y) > 0, n > 0), [
-                "pfc-data: this worker's files hold fewer readable records than one batch of",
-                batch_size, "(", counter.read_value(), "corrupt records skipped so far)"])
-            with tf.control_dependencies([ok]):
-                return n + tf.size(y, out_type=tf.int64), (tf.identity(x), tf.identity(y))
-
-        marker = tf.data.Dataset.from_tensors((tf.zeros([0, h, w, 3], tf.uint8), no_tags))
-        one = tolerant_batches(epoch, False).concatenate(marker).scan(tf.constant(0, tf.int64), step)
-        return one.filter(lambda x, y: tf.size(y) > 0).repeat()
-
-    def tolerant_epoch(epoch):
-        # Skipped records may leave this worker short: refill, so steps agree.
-        ds = tolerant_batches(epoch, True).concatenate(refill(epoch)).take(plan.steps_per_epoch)
-        return ds.map(lambda x, y: (x, y, epoch))
-
+        _warn_record_level(path, files, size)
+    ctx = reader_context(manifest, plan, batch_size, image_size=image_size, shuffle_buffer=shuffle_buffer,
+                         seed=seed, rank=rank, skip_corrupt=skip_corrupt, cycle_length=cycle_length,
+                         threads=threads)
     last = start_epoch + epochs if epochs is not None else 2**62
-    # Decoded epochs one after the other. (Two epochs decoding at once kept up to 2.3 GB of
-    # decoded images buffered and cost 70 % more CPU per image on 2 cores, measured; only the
-    # encoded records of the next epoch are read ahead.)
     epochs_ds = tf.data.Dataset.range(start_epoch, last)
-    dataset = epochs_ds.flat_map(tolerant_epoch) if skip_corrupt else fast_batches(epochs_ds)
-    dataset = dataset.prefetch(2)
-    options = tf.data.Options()
-    # Parallelism is set explicitly above; autotuning's per-element bookkeeping cost 6 % more
-    # CPU per image (measured).
-    options.autotune.enabled = False
-    if threads:
-        options.threading.private_threadpool_size = int(threads)
-    return Pipeline(dataset.with_options(options), manifest, plan, counter, size_hw, base_seed, flip)
+    dataset = (tolerant_batches if skip_corrupt else strict_batches)(ctx, epochs_ds).prefetch(2)
+    return Pipeline(dataset.with_options(_options(threads)), manifest, plan, ctx.corrupt_records,
+                    ctx.image_size, ctx.base_seed, flip)
 
 
 def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
     """`open_dataset(...).dataset`: batches of (images, labels, epoch)."""
     return open_dataset(path, batch_size, **kwargs).dataset
+
+
+def _warn_record_level(path: str, files: list[str], size: int) -> None:
+    """Once per (files, size): fewer files than workers, so every worker reads every file."""
+    key = (tuple(files), size)
+    if key not in _warned_record_level:
+        _warned_record_level.add(key)
+        warnings.warn(f"{path}: {len(files)} shard file(s) for {size} workers; falling back to "
+                      "record-level sharding (every worker reads every file and keeps 1 record "
+                      f"in {size}). Write at least {size} shards to read less.", stacklevel=3)
+
+
+def _options(threads: int | None) -> tf.data.Options:
+    options = tf.data.Options()
+    # Parallelism is set explicitly by the stages; autotuning's per-element bookkeeping cost 6 %
+    # more CPU per image (measured).
+    options.autotune.enabled = False
+    if threads:
+        options.threading.private_threadpool_size = int(threads)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# What every stage reads: one frozen record per pipeline.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReaderContext:
+    """What the stages of one pipeline share, built once by `reader_context`. (The two variables
+    are the pipeline's only state: their values change as it runs, never which they are.)"""
+    plan: ShardPlan
+    batch_size: int
+    image_size: tuple[int, int]      # (H, W) of the decoded images
+    stored_size: tuple[int, int]     # (H, W) the writer stored (the manifest's)
+    num_classes: int
+    shuffle_buffer: int              # 0: windows stay in read order
+    window_batches: int              # batches per window (permuted and handed on together)
+    base_seed: int                   # this worker's seed, from (seed, rank)
+    cycle: int                       # files open at once
+    cores: int                       # batches decoded at once
+    remote: bool                     # object storage: one background reader per open file
+    read_buffer: int                 # bytes per read of a file
+    skip_corrupt: bool
+    decode_batch: Callable[[tf.Tensor], tf.Tensor]  # JPEGs string [batch_size] -> uint8 [batch_size, H, W, 3]
+    decode_image: Callable[[tf.Tensor], tf.Tensor]  # one JPEG string [] -> uint8 [H, W, 3]
+    # int64 [files, 3], per file: (fault, record index, records); fault 1: unreadable from that
+    # index on, 2: more records than the manifest lists. Written where it is found (reading
+    # runs ahead of decoding), raised by the next batch's check.
+    faults: tf.Variable
+    corrupt_records: tf.Variable     # int64 []: records skipped so far (skip_corrupt)
+
+    @property
+    def window(self) -> int:
+        """Records per window: whole batches."""
+        return self.window_batches * self.batch_size
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch (every worker's)."""
+        return self.plan.steps_per_epoch
+
+
+def reader_context(manifest: schema.Manifest, plan: ShardPlan, batch_size: int, *,
+                   image_size: tuple[int, int] | None = None, shuffle_buffer: int = 4096, seed: int = 0,
+                   rank: int = 0, skip_corrupt: bool = False, cycle_length: int = 16,
+                   threads: int | None = None) -> ReaderContext:
+    """The context of worker `rank`'s pipeline over `plan` (arguments as for `open_dataset`)."""
+    size_hw = tuple(image_size or manifest.image_size)
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_records")
+    faults = tf.Variable(tf.zeros([len(plan.files), 3], tf.int64), trainable=False, name="file_faults")
+    # Writers store every image at the manifest's size, so the common case decodes without a
+    # resize; an image of another size fails its `ensure_shape` and counts as a corrupt record.
+    decode_batch, decode_image = jpeg_batch_decoder(batch_size, size_hw, manifest.image_size)
+    # Local files are read in the interleave's own thread (no latency to hide; background
+    # readers cost CPU per block, measured); object storage by one background reader per file.
+    remote = storage.is_url(plan.files[0])
+    return ReaderContext(
+        plan=plan, batch_size=batch_size, image_size=size_hw, stored_size=tuple(manifest.image_size),
+        num_classes=manifest.num_classes, shuffle_buffer=shuffle_buffer,
+        # Records travel in windows of whole batches: the reading thread then wakes once per
+        # window rather than once per batch (fewer thread switches on the decoders' cores), and
+        # the windows are cut into batches without a copy.
+        window_batches=max(1, -(-shuffle_buffer // batch_size)),
+        # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds
+        # derived from it fit in int64 for any seed.
+        base_seed=(seed * 1_000_003 + rank) % (2**31 - 1),
+        cycle=max(1, min(cycle_length, len(plan.files))), cores=threads or os.cpu_count() or 1,
+        # Bytes per read: object storage answers each read with a request, so larger ones there.
+        remote=remote, read_buffer=1 << 20 if remote else 1 << 18, skip_corrupt=skip_corrupt,
+        decode_batch=decode_batch, decode_image=decode_image, faults=faults, corrupt_records=counter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: files -> tagged blocks -> an epoch's windows -> batches, decoded and checked.
+
+def file_blocks(ctx: ReaderContext, fidx: tf.Tensor, count: bool) -> tf.data.Dataset:
+    """File `fidx` (int64 []) of the plan -> blocks (tags [n], JPEGs [n], labels [n]) of this
+    worker's records in file order, parsed (`record_blocks`: an unparsable record has JPEG b""
+    and label -1), tag = fidx << 32 | record index in the file. A failed read ends the file, so
+    the records that came are a prefix of the file; its last block so knows the count read and
+    notes a fault in `ctx.faults` (skip_corrupt and `count`: adds the lost records to
+    `ctx.corrupt_records`). No state, so the bookkeeping runs inline in the reading thread."""
+    plan = ctx.plan
+    name = tf.constant(plan.files)[fidx]
+    total, first, own = (tf.constant(v, tf.int64)[fidx] for v in (plan.records, plan.first, plan.own))
+    blocks = record_blocks.RecordBlocks(name, _READ_BLOCK, ctx.read_buffer)
+    return map_inline(blocks, functools.partial(_tag_block, ctx, count, fidx, total, first, own))
+
+
+def _tag_block(ctx: ReaderContext, count: bool, fidx, total, first, own, read, jpegs, labels, end):
+    """One block of `record_blocks` (read: index of its first record, end: the file's last
+    block) -> (tags [m], JPEGs [m], labels [m]), this worker's m records of it; the file's
+    manifest count `total`, its first own record index `first` and own record count `own`."""
+    stride = ctx.plan.stride
+    n = tf.size(labels, out_type=tf.int64)
+    index = read + tf.range(n)
+    if stride > 1:
+        mine = index % stride == first
+        index, jpegs, labels = (tf.boolean_mask(t, mine) for t in (index, jpegs, labels))
+    # At the end: this worker's records of the file that never came (own ones below read + n).
+    kept = tf.maximum((read + n - first + stride - 1) // stride, 0)
+    lost = tf.where(end, tf.maximum(own - kept, 0), 0)
+    # (A file has one kind of fault at most, so an elementwise max keeps it whole.)
+    writes = [ctx.faults.scatter_nd_max(tf.reshape(fidx, [1, 1]), _block_fault(ctx, read + n, total, lost)[None])]
+    if ctx.skip_corrupt and count:
+        writes.append(ctx.corrupt_records.assign_add(lost))
+    with tf.control_dependencies(writes):
+        tags = tf.bitwise.bitwise_or(tf.bitwise.left_shift(fidx, _TAG_BITS), index)
+        return tf.identity(tags), jpegs, labels
+
+
+def _block_fault(ctx: ReaderContext, read_to, total, lost) -> tf.Tensor:
+    """int64 [3]: a file's fault as one block shows it (records read to index `read_to`, of the
+    manifest's `total`; `lost` of this worker's never came): (2, total, 0) past the manifest's
+    count; in strict mode (1, read_to, lost) for lost records (skip_corrupt counts them instead);
+    else zeros."""
+    none = tf.zeros([3], tf.int64)
+    lost_fault = none if ctx.skip_corrupt else tf.where(lost > 0, tf.stack([1, read_to, lost]), none)
+    return tf.where(read_to > total, tf.stack([2, total, 0]), lost_fault)
+
+
+def file_order(n_files: int, base_seed: int, epoch) -> tf.Tensor:
+    """The order a worker reads its n_files files in, in an epoch: int64 [n_files], a permutation
+    seeded by (base_seed, epoch) (`Pipeline.seed` is base_seed)."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+
+def epoch_windows(ctx: ReaderContext, epoch, count: bool, trim: bool) -> tf.data.Dataset:
+    """One pass's records in windows (tags [n], JPEGs [n], labels [n]) of `ctx.window` records
+    (the last one shorter), each permuted as a whole when shuffling. trim: each window cut to
+    the records the epoch's batches use (`_used`); the others are read, never decoded."""
+    ds = tf.data.Dataset.from_tensor_slices(file_order(len(ctx.plan.files), ctx.base_seed, epoch)).interleave(
+        lambda f: file_blocks(ctx, f, count), cycle_length=ctx.cycle, block_length=1,
+        num_parallel_calls=ctx.cycle if ctx.remote else None, deterministic=True if ctx.remote else None)
+    ds = ds.rebatch(ctx.window)
+    if ctx.shuffle_buffer <= 0 and not trim:
+        return ds  # in read order, whole: nothing to arrange, so no copy
+    # (a window permuted by one gather: tf.data's shuffle took records one by one; its seed
+    # derived from (seed, rank, epoch) otherwise than `file_order`'s)
+    epoch_seed = tf.stack([tf.constant(ctx.base_seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return map_inline(ds.enumerate(), functools.partial(_arrange_window, ctx, epoch_seed, trim))
+
+
+def _arrange_window(ctx: ReaderContext, epoch_seed, trim: bool, k, window):
+    """Window k (tags [n], JPEGs [n], labels [n]) permuted (seeded by epoch_seed and k) when
+    shuffling, then cut to its `_used` records when trimming."""
+    n = tf.shape(window[0], out_type=tf.int64)[0]
+    order = tf.range(n)
+    if ctx.shuffle_buffer > 0:
+        order = tf.random.experimental.stateless_shuffle(
+            order, seed=tf.random.experimental.stateless_fold_in(epoch_seed, k))
+    if trim:
+        order = order[:_used(ctx, k, n)]
+    return tuple(tf.gather(t, order) for t in window)
+
+
+def _used(ctx: ReaderContext, k, n):
+    """Records of window k (of n records) in the epoch's steps_per_epoch batches: whole batches only."""
+    return tf.clip_by_value((ctx.steps - k * ctx.window_batches) * ctx.batch_size, 0,
+                            n // ctx.batch_size * ctx.batch_size)
+
+
+def epoch_batches(ctx: ReaderContext, epoch, count: bool) -> tf.data.Dataset:
+    """One pass's records, shuffled, in batches (tags [n], JPEGs [n], labels [n]) of batch_size
+    (the last one shorter)."""
+    return epoch_windows(ctx, epoch, count, trim=False).rebatch(ctx.batch_size)
+
+
+def decode_each(ctx: ReaderContext, tags, jpegs, labels) -> tf.data.Dataset:
+    """Record by record: one element (images [m, H, W, 3], labels [m], tags [m]) of the m <= n
+    records that decode, in order."""
+    ds = tf.data.Dataset.from_tensor_slices((tags, jpegs, labels)).map(
+        lambda t, j, y: (ctx.decode_image(j), y, t)).ignore_errors().batch(ctx.batch_size)
+    empty = (tf.zeros([0, *ctx.image_size, 3], tf.uint8), tf.zeros([0], tf.int64), tf.zeros([0], tf.int64))
+    return ds.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: each returns the ops (asserts, counter updates) a batch depends on.
+
+def file_checks(ctx: ReaderContext) -> list[tf.Operation]:
+    """No file fault found so far (`ctx.faults`), else one naming the first such file."""
+    f = ctx.faults.read_value()
+    files = tf.constant(ctx.plan.files)
+    j, k = _first(tf.equal(f[:, 0], 1)), _first(tf.equal(f[:, 0], 2))
+    return [_assert(tf.reduce_all(f[:, 0] != 1), [
+                "pfc-data: corrupt record in file", files[j], "at record index", f[j, 1], ":", f[j, 2],
+                "record(s) unreadable from there (bad CRC, truncated or unreadable file); repair the file "
+                "or read with skip_corrupt=True"]),
+            _assert(tf.reduce_all(f[:, 0] != 2), [
+                "pfc-data: file", files[k], "has more records than its manifest lists:", f[k, 1]])]
+
+
+def batch_checks(ctx: ReaderContext, labels, tags) -> list[tf.Operation]:
+    """`file_checks` and the labels (int64 [m], of the records tagged `tags` [m]) in
+    [0, num_classes), else naming the first label outside, its file and record index."""
+    ops = file_checks(ctx)
+    bad = (labels < 0) | (labels >= ctx.num_classes)
+    j = _first(bad)
+    ops.append(_assert(tf.logical_not(tf.reduce_any(bad)), [
+        "pfc-data: label", _at(labels, j), "outside [0,", ctx.num_classes, ") in file",
+        tf.constant(ctx.plan.files)[_file_of(_at(tags, j))], "at record index", _index_of(_at(tags, j))]))
+    return ops
+
+
+def name_missing(ctx: ReaderContext, tags, out) -> tf.Operation:
+    """Strict mode: every record that went in (`tags` [n]) came out (`out` [m], in order), else
+    naming the first that did not."""
+    missing = tf.size(tags) - tf.size(out)
+    padded = tf.concat([out, tf.fill([missing], tf.constant(-1, tf.int64))], axis=0)
+    j = _first(tf.not_equal(tags, padded))  # the first record that did not decode
+    return _assert(tf.equal(missing, 0), [
+        "pfc-data: corrupt record in file", tf.constant(ctx.plan.files)[_file_of(_at(tags, j))],
+        "at record index", _index_of(_at(tags, j)), ": unparsable Example or undecodable image; repair "
+        "the file or read with skip_corrupt=True"])
+
+
+def count_missing(ctx: ReaderContext, tags, out) -> tf.Operation:
+    """skip_corrupt: adds the records that went in (`tags` [n]) but not out (`out` [m]) to
+    `ctx.corrupt_records`."""
+    return ctx.corrupt_records.assign_add(tf.cast(tf.size(tags) - tf.size(out), tf.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict mode (the default): a bad record raises, naming it.
+
+def strict_batches(ctx: ReaderContext, epochs_ds: tf.data.Dataset) -> tf.data.Dataset:
+    """(images [B, H, W, 3] uint8, labels [B] int64, epoch [] int64) batches of the epochs in
+    `epochs_ds`. Each batch is decoded as a whole, several at once. A batch with a bad record
+    fails as a whole and is dropped (tf.data cannot do better), the gap in the batch numbers
+    shows it, and that batch is read again, record by record, to name the record. (Guarding
+    every batch with a record-by-record fallback cost 5-8 % more CPU, measured.)
+
+    One record stream through all epochs, a window ahead of the decoders: the next epoch's files
+    open and its first window fills while this epoch's last batches decode. (Epoch by epoch, the
+    decoders stood idle for that fill at every epoch start: 60-70 ms on 2 cores, measured.)
+    Windows are cut into batches in the thread that feeds the decoders (rebatch passes each
+    batch on as a slice of its window, without a copy when the slice is aligned: batch sizes
+    that are multiples of 8)."""
+    epoch_end = _end_of_epoch(ctx)
+    ds = epochs_ds.flat_map(lambda epoch: _numbered_windows(ctx, epoch_end, epoch)).prefetch(1).rebatch(ctx.batch_size)
+    ds = map_inline(ds, functools.partial(_decode_numbered, ctx), parallel=ctx.cores).ignore_errors()
+    return ds.scan(tf.constant(-1, tf.int64), functools.partial(_check_batch, ctx)).filter(lambda x, y, e: e >= 0)
+
+
+def _end_of_epoch(ctx: ReaderContext) -> tf.data.Dataset:
+    """The end of an epoch, one batch (tags [B] all -1, JPEGs [B], labels [B]).
+
+    It travels through the decoders as a batch numbered -1 (they run without branches, so it is
+    a real batch: one blank image, batch_size times; one batch in steps_per_epoch, of images
+    that decode fast). It always arrives, so a gap at the end of an epoch (or a whole epoch that
+    failed) is named when that epoch ends."""
+    with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
+        blank = tf.io.encode_jpeg(tf.zeros([*ctx.stored_size, 3], tf.uint8)).numpy()
+    b = ctx.batch_size
+    return tf.data.Dataset.from_tensors((
+        tf.fill([b], tf.constant(-1, tf.int64)), tf.fill([b], tf.constant(blank)), tf.zeros([b], tf.int64)))
+
+
+def _numbered_windows(ctx: ReaderContext, epoch_end: tf.data.Dataset, epoch) -> tf.data.Dataset:
+    """The epoch's trimmed windows, each record with its epoch and batch number: (epochs [n],
+    numbers [n], tags [n], JPEGs [n], labels [n]), n a multiple of batch_size; `epoch_end`
+    (`_end_of_epoch`) last, numbered -1."""
+    windows = epoch_windows(ctx, epoch, True, trim=True).concatenate(epoch_end).enumerate()
+    return map_inline(windows, functools.partial(_number_window, ctx, epoch))
+
+
+def _number_window(ctx: ReaderContext, epoch, k, window):
+    """Window k (tags [n], JPEGs [n], labels [n]) -> (epochs [n], numbers [n], tags, JPEGs, labels)."""
+    tags, jpegs, labels = window
+    n = tf.shape(tags, out_type=tf.int64)[0]
+    # (a window cut to nothing has no first tag: _at gives 0)
+    numbers = tf.where(_at(tags, 0) < 0, tf.constant(-1, tf.int64),
+                       k * ctx.window_batches + tf.range(n) // ctx.batch_size)
+    return tf.fill([n], tf.cast(epoch, tf.int64)), numbers, tags, jpegs, labels
+
+
+def _decode_numbered(ctx: ReaderContext, epochs, numbers, tags, jpegs, labels):
+    """One numbered batch ([B] each) -> (epoch [], number [], images [B, H, W, 3], labels [B], tags [B])."""
+    epoch, i = epochs[0], numbers[0]
+    # Records past the epoch's steps are read to the end of every file (so a truncated or
+    # over-long file is always found) but cut from their windows before decoding; were a batch
+    # past the steps ever to come, this assertion would drop it (through the ignore_errors of
+    # `strict_batches`; a branch would keep the function from running inline).
+    past = _assert(i < ctx.steps, ["pfc-data: batch", i, "is past the epoch's", ctx.steps, "steps"])
+    with tf.control_dependencies([past]):
+        jpegs = tf.identity(jpegs)
+    return epoch, i, ctx.decode_batch(jpegs), tf.ensure_shape(labels, [ctx.batch_size]), tags
+
+
+def _check_batch(ctx: ReaderContext, last_i, batch):
+    """The scan over decoded batches: the first batch missing, if any, named (before batch i, or
+    before the epoch's end, i = -1; an epoch has batches 0 .. steps - 1), and `batch_checks`.
+    The state: the epoch's last batch so far. Out: (images, labels, epoch), epoch -1 for the
+    epoch's end (dropped by the filter)."""
+    epoch, i, images, labels, tags = batch
+    end = i < 0
+    expected = last_i + 1
+    # (fail closed: were an epoch's end batch ever lost, its end would go unchecked)
+    ordered = _assert(end | (i > last_i), ["pfc-data: internal error: the end of an epoch "
+                                           "was lost before batch", i, "of epoch", epoch])
+    gap = tf.cond(tf.where(end, last_i < ctx.steps - 1, i > expected),
+                  lambda: _name_bad_record(ctx, epoch, expected), lambda: tf.no_op())
+    with tf.control_dependencies([ordered, gap, *batch_checks(ctx, labels, tags)]):
+        no = tf.constant(-1, tf.int64)
+        return tf.where(end, no, i), (tf.identity(images), tf.identity(labels), tf.where(end, no, epoch))
+
+
+def _name_bad_record(ctx: ReaderContext, epoch, i) -> tf.Operation:
+    """Batch i of the epoch again, record by record: its window, cut as the epoch cut it;
+    raises naming the first record that does not decode. (No batch i at all: the epoch's
+    records ran out, and a file fault says why.)"""
+    k = i // ctx.window_batches
+    none = (tf.zeros([0], tf.int64), tf.zeros([0], tf.string), tf.zeros([0], tf.int64))
+    tags, jpegs, labels = epoch_windows(ctx, epoch, True, trim=True).skip(k).take(1).concatenate(
+        tf.data.Dataset.from_tensors(none)).take(1).get_single_element()
+    start = i % ctx.window_batches * ctx.batch_size
+    tags, jpegs, labels = (t[start:start + ctx.batch_size] for t in (tags, jpegs, labels))
+    _, _, out = decode_each(ctx, tags, jpegs, labels).get_single_element()
+    with tf.control_dependencies([*file_checks(ctx), name_missing(ctx, tags, out)]):
+        # every record decodes alone: still not silent
+        return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "
+                               "a whole, though each of its records decodes alone"])
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_corrupt mode: bad records are skipped and counted, epochs refilled to their steps.
+
+def tolerant_batches(ctx: ReaderContext, epochs_ds: tf.data.Dataset) -> tf.data.Dataset:
+    """(images [B, H, W, 3] uint8, labels [B] int64, epoch [] int64) batches of the epochs in
+    `epochs_ds`, steps_per_epoch each, decoded one epoch after the other. (Two epochs decoding
+    at once kept up to 2.3 GB of decoded images buffered and cost 70 % more CPU per image on 2
+    cores, measured.)"""
+    return epochs_ds.flat_map(functools.partial(_tolerant_epoch, ctx))
+
+
+def _tolerant_epoch(ctx: ReaderContext, epoch) -> tf.data.Dataset:
+    # Skipped records may leave this worker short: refill, so steps agree.
+    ds = _tolerant_pass(ctx, epoch, True).concatenate(_refill(ctx, epoch)).take(ctx.steps)
+    return ds.map(lambda x, y: (x, y, epoch))
+
+
+def _tolerant_pass(ctx: ReaderContext, epoch, count: bool) -> tf.data.Dataset:
+    """One pass's (images [B, H, W, 3], labels [B]): each batch decoded as a whole, or record by
+    record if that fails; the records that fail are skipped (`count`: and counted); batches
+    refilled to batch_size."""
+    ds = epoch_batches(ctx, epoch, count).interleave(
+        functools.partial(_decode_or_each, ctx), cycle_length=ctx.cores, block_length=1,
+        num_parallel_calls=ctx.cores, deterministic=True)
+    return ds.map(functools.partial(_checked, ctx, count)).rebatch(ctx.batch_size, drop_remainder=True)
+
+
+def _decode_or_each(ctx: ReaderContext, tags, jpegs, labels) -> tf.data.Dataset:
+    """One element (images [m, H, W, 3], labels [m], out [m], tags [n]): the batch decoded
+    whole (m = n), or else its records that decode alone (`decode_each`)."""
+    whole = tf.data.Dataset.from_tensors(jpegs).map(
+        lambda j: (ctx.decode_batch(j), labels, tags)).ignore_errors()
+    return whole.concatenate(decode_each(ctx, tags, jpegs, labels)).take(1).map(
+        lambda x, y, out: (x, y, out, tags))
+
+
+def _checked(ctx: ReaderContext, count: bool, images, labels, out, tags):
+    """(images [m, H, W, 3], labels [m]) of `_decode_or_each`, after `batch_checks` (`count`:
+    and `count_missing`)."""
+    ops = batch_checks(ctx, labels, out)
+    if count:
+        ops.append(count_missing(ctx, tags, out))
+    with tf.control_dependencies(ops):
+        return tf.identity(images), tf.identity(labels)
+
+
+def _refill(ctx: ReaderContext, epoch) -> tf.data.Dataset:
+    """Passes over the epoch again, without counting: batches to top up the epoch. A pass that
+    gives no batch at all (fewer readable records than one batch) raises."""
+    marker = tf.data.Dataset.from_tensors((tf.zeros([0, *ctx.image_size, 3], tf.uint8), tf.zeros([0], tf.int64)))
+    one = _tolerant_pass(ctx, epoch, False).concatenate(marker).scan(
+        tf.constant(0, tf.int64), functools.partial(_count_refill, ctx))
+    return one.filter(lambda x, y: tf.size(y) > 0).repeat()
+
+
+def _count_refill(ctx: ReaderContext, n, batch):
+    """The scan over one refill pass: n, the records it gave so far; raises at its end marker
+    (an empty batch) when it gave none."""
+    images, labels = batch
+    ok = _assert(tf.logical_or(tf.size(labels) > 0, n > 0), [
+        "pfc-data: this worker's files hold fewer readable records than one batch of",
+        ctx.batch_size, "(", ctx.corrupt_records.read_value(), "corrupt records skipped so far)"])
+    with tf.control_dependencies([ok]):
+        return n + tf.size(labels, out_type=tf.int64), (tf.identity(images), tf.identity(labels))
 
 
 def _first(mask):
@@ -545,33 +690,6 @@ def _file_of(tag):
 
 def _index_of(tag):
     return tf.bitwise.bitwise_and(tag, _TAG_MASK)
-
-
-def map_inline(ds: tf.data.Dataset, fn, parallel: int | None = None) -> tf.data.Dataset:
-    """`ds.map(fn)` (`parallel` calls at once, in order) with each call run whole in the thread
-    that makes it.
-
-    tf.data otherwise hands a function's ops to its thread pool, a thread wake-up per call and
-    more; while the pool's threads decode, a small function there waits for one to finish. On
-    the 2-core VM of docs/benchmarks.md the reader had ~50 context switches per batch against
-    10-15 for decoding alone, and ~5 µs more kernel time per image. `fn` must have no
-    control flow (tf.cond, loops): TensorFlow's single-threaded executor runs these calls.
-    (tf.data has no public switch for this; the private constructors are pinned with
-    TensorFlow's version, and tests/test_pipelines_reader.py checks the attribute is set.)
-    """
-    from tensorflow.python.data.ops import map_op
-
-    if parallel is None:
-        return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False, preserve_cardinality=True)
-    return map_op._ParallelMapDataset(ds, fn, num_parallel_calls=parallel, deterministic=True,
-                                      use_inter_op_parallelism=False, preserve_cardinality=True)
-
-
-def file_order(n_files: int, base_seed: int, epoch) -> tf.Tensor:
-    """The order a worker reads its n_files files in, in an epoch: int64 [n_files], a permutation
-    seeded by (base_seed, epoch) (`Pipeline.seed` is base_seed)."""
-    return tf.random.experimental.stateless_shuffle(
-        tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)]))
 
 
 def jpeg_batch_decoder(batch_size: int, image_size: tuple[int, int], stored_size: tuple[int, int]):
