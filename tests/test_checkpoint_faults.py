@@ -374,6 +374,6 @@ def test_remove_partial_removes_only_crashed_saves(tmp_path):
 
 
 def test_horovod_workers_agree_on_a_full_disk_and_on_the_fallback(tmp_path):
-    from conftest import horovodrun
+    from helpers import horovodrun
     proc = horovodrun(2, "tests/workers/checkpoint_faults_worker.py", str(tmp_path / "ckpt"), timeout=240)
     assert proc.stdout.count("OK rank") == 2, proc.stdout[-2000:]

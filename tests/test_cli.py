@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from conftest import BIN, ROOT, worker_env
+from helpers import BIN, ROOT, worker_env
 from launch import cli, commands
 
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import cluster
-from conftest import ROOT, horovodrun, worker_env
+from helpers import ROOT, horovodrun, worker_env
 
 
 def test_local_cluster_is_default_and_cached():

@@ -6,7 +6,7 @@ import tensorflow as tf
 import partitioned_fc
 from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
                    class_counts, global_batch)
-from conftest import horovodrun
+from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 
 LOSS_RTOL = 1e-5

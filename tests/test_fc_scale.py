@@ -7,7 +7,7 @@ import tensorflow as tf
 import partitioned_fc
 from cases import (LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts,
                    global_batch)
-from conftest import horovodrun
+from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
 

@@ -8,7 +8,7 @@ import yaml
 
 from monitoring import TrainingMetrics
 from monitoring.local_prometheus import ASSETS, free_port
-from conftest import need_tool
+from helpers import need_tool
 from monitoring_helpers import feed, metric_names, scrape
 
 RULES = ASSETS / "rules.yml"

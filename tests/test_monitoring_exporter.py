@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from monitoring import PortInUseError, TrainingMetrics
-from conftest import need_tool
+from helpers import need_tool
 from monitoring.local_prometheus import free_port
 from monitoring_helpers import feed, port_pair, scrape
 

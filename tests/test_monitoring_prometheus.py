@@ -12,9 +12,9 @@ import time
 import pytest
 
 from monitoring import TrainingMetrics
-from conftest import need_tool
+from helpers import need_tool
 from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
-from conftest import BIN, ROOT, smoke_overrides, worker_env
+from helpers import BIN, ROOT, smoke_overrides, worker_env
 from monitoring_helpers import port_pair
 
 JOB = "e2e"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, worker_env
+from helpers import ROOT, worker_env
 
 MOTO = Path(sys.executable).parent / "moto_server"
 pytestmark = pytest.mark.skipif(not MOTO.exists() and not shutil.which("moto_server"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cluster
-from conftest import horovodrun
+from helpers import horovodrun
 from launch import checkpoint as ckpt
 from launch import train as train_lib
 from launch.config import from_dict

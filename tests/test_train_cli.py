@@ -4,7 +4,7 @@ import json
 import re
 import subprocess
 
-from conftest import BIN, ROOT, smoke_overrides, worker_env
+from helpers import BIN, ROOT, smoke_overrides, worker_env
 
 
 def pfc(*argv, timeout=300):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import cluster
-from conftest import BIN, ROOT, horovodrun, smoke_overrides, worker_env
+from helpers import BIN, ROOT, horovodrun, smoke_overrides, worker_env
 from launch import checkpoint as ckpt
 from launch import run_lock
 from launch import train as train_lib
