@@ -22,6 +22,8 @@ import keras
 from keras import layers
 
 BACKBONES = ("tiny", "mobilefacenet", "iresnet50", "iresnet100")
+# Keras dtype policies of the backbone: variables stay float32, "mixed_*" compute in 16 bits.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Smallest input side that leaves a >= 1 pixel map after the backbone's downsampling (4 halvings).
 MIN_IMAGE_SIZE = {"tiny": 8, "mobilefacenet": 16, "iresnet50": 16, "iresnet100": 16}
 IRESNET_UNITS = {"iresnet50": (3, 4, 14, 3), "iresnet100": (3, 13, 30, 3)}
@@ -50,11 +52,25 @@ class _Seeds:
 
 
 def build_backbone(name: str, image_size: int = 112, embedding_dim: int = 512, dropout: float = 0.0,
-                   seed: int = 0, batch_norm: bool = True) -> keras.Model:
+                   seed: int = 0, batch_norm: bool = True, precision: str = "float32") -> keras.Model:
     """A Keras model [B, image_size, image_size, 3] float32 -> [B, embedding_dim] float32.
 
-    batch_norm=False (tiny only) leaves out every batch normalization layer.
+    batch_norm=False (tiny only) leaves out every batch normalization layer. precision: a Keras
+    dtype policy of PRECISIONS; with "mixed_*" the layers compute in 16 bits on float32 variables
+    and the embedding is cast back to float32 (the class matrix's loss is float32 anyway).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # the policy every layer built here takes
+    try:
+        model = _build(name, image_size, embedding_dim, dropout, seed, batch_norm)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return model
+
+
+def _build(name, image_size, embedding_dim, dropout, seed, batch_norm) -> keras.Model:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {list(BACKBONES)}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE[name]:
@@ -75,6 +91,8 @@ def build_backbone(name: str, image_size: int = 112, embedding_dim: int = 512, d
     else:
         x = _iresnet_body(inputs, IRESNET_UNITS[name], seeds)
         out = _embedding_head(x, embedding_dim, dropout, seeds, batch_norm=True)
+    if out.dtype != "float32":
+        out = layers.Activation("linear", dtype="float32", name="embedding_float32")(out)
     return keras.Model(inputs, out, name=name)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from launch.backbones import BACKBONES, MIN_IMAGE_SIZE
+from launch.backbones import BACKBONES, MIN_IMAGE_SIZE, PRECISIONS
 from partitioned_fc import margins as margins_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -219,6 +219,10 @@ class ModelConfig(_Section):
     dropout: float = _field(0.0, "Dropout rate in the embedding head, before the dense layer.", ge=0.0, lt=1.0)
     batch_norm: bool = _field(True, "false: no batch normalization anywhere (tiny backbone only). A model "
                               "without batch statistics gives the same gradients for any split of a batch.")
+    precision: Literal[PRECISIONS] = _field(
+        "float32", "Backbone compute precision (a Keras dtype policy; variables stay float32): "
+        "mixed_bfloat16, or mixed_float16 with dynamic loss scaling (docs/config.md). The class "
+        "matrix has its own dtypes (fc.compute_dtype, fc.param_dtype).")
 
     def _check(self) -> None:
         if not self.batch_norm and self.backbone != "tiny":

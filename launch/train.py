@@ -321,7 +321,8 @@ class _Loop:
             self.steps = t.step
             self.first = self.first or (time.perf_counter(), t.step)
             if not self.result.applied:
-                self.skipped()
+                if not self.result.overflow:  # an overflow only lowered the loss scale
+                    self.skipped()
                 continue
             for duty in self.duties:
                 if duty.every and t.step % duty.every == 0 and not self._last_step():

@@ -45,6 +45,7 @@ class StepResult:
     applied: bool
     grad_norm: float
     comm_seconds: float   # in the backbone-gradient allreduce, waiting for the slowest worker included
+    overflow: bool = False  # mixed_float16: the scaled backward overflowed; backbone step skipped
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class Position:
     samples: int = 0
     skipped: int = 0
     skipped_in_a_row: int = 0
+    overflows: int = 0  # mixed_float16 loss-scale overflows (not skips: the class rows moved)
 
     def meta(self) -> dict:
         return {"samples": self.samples, "skipped_steps": self.skipped}
@@ -84,7 +86,9 @@ class Trainer:
             raise TrainingError("the number of classes is unknown: set data.num_classes or open a dataset")
         # No global seed: every initializer and RNG is seeded explicitly from cfg.seed.
         self.model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
-                                    cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
+                                    cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm,
+                                    precision=cfg.model.precision)
+        self.loss_scale = LossScale() if cfg.model.precision == "mixed_float16" else None
         self.fc = partitioned_fc.PartitionedFC(
             self.num_classes, cfg.model.embedding_dim, cfg.loss.margin(), self.comm, seed=cfg.seed,
             sample_rate=cfg.fc.sample_rate, chunk_size=cfg.fc.chunk_size,
@@ -135,19 +139,22 @@ class Trainer:
             # (pfc's allocator keeps freed memory for reuse; measured 0.04-0.1 GiB at 5M classes).
             release_free_memory()
             self._compiled = True
-        if bool(fc_applied) and not bool(applied):
+        overflow = bool(fc_applied) and not bool(applied)
+        if overflow and self.loss_scale is None:
             raise TrainingError(
                 f"step {self.step}: the loss ({float(loss)}) is finite but the backbone's gradient is "
                 f"not (norm {float(norm)}): the class rows were updated and the backbone was not, so "
                 "the step cannot be skipped; stopping. Lower optim.lr or check the data")
-        self._advance(bool(applied))
-        return StepResult(float(loss), float(acc), bool(applied), float(norm), float(comm_s))
+        self._advance(bool(applied), overflow)
+        return StepResult(float(loss), float(acc), bool(applied), float(norm), float(comm_s), overflow)
 
-    def _advance(self, applied: bool) -> None:
+    def _advance(self, applied: bool, overflow: bool) -> None:
         p = self.position
         p.samples += self.global_batch
-        p.skipped += not applied
-        p.skipped_in_a_row = 0 if applied else p.skipped_in_a_row + 1
+        p.overflows += overflow
+        if not overflow:
+            p.skipped += not applied
+            p.skipped_in_a_row = 0 if applied else p.skipped_in_a_row + 1
 
     def _volatile_variables(self) -> list[tf.Variable]:
         """Variables a step changes outside the optimizers: batch-norm statistics, RNG states
@@ -169,7 +176,7 @@ class Trainer:
         with tf.GradientTape() as tape:
             emb = self.model(images, training=True)
         out = self.fc.train_step(emb, labels, self.fc_opt, lr * cfg.optim.fc_lr_scale, step=step)
-        grads = tape.gradient(emb, variables, output_gradients=out.d_embeddings)
+        grads = self._backbone_grads(tape, emb, variables, out.d_embeddings)
         grads, comm_s = self._sum_over_workers(grads)
         if cfg.optim.name == "sgd" and cfg.optim.weight_decay:
             # coupled L2, as the class rows get it (and as InsightFace trains)
@@ -177,7 +184,13 @@ class Trainer:
         norm = tf.linalg.global_norm(grads)
         if cfg.optim.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, cfg.optim.clip_norm, use_norm=norm)
-        ok = out.applied & tf.math.is_finite(norm)
+        finite = tf.math.is_finite(norm)
+        ok = out.applied & finite
+        if self.loss_scale is not None:
+            # An overflow of the scaled float16 backward is the scale's fault, not the data's: the
+            # backbone step is skipped and the scale halves; the class rows were updated from
+            # float32 embeddings outside the scaled backward, so their update stands.
+            self.loss_scale.update(finite)
 
         def apply():
             self.opt.learning_rate.assign(lr)
@@ -192,6 +205,14 @@ class Trainer:
         tf.cond(ok, apply, put_back)
         step.assign_add(tf.cast(ok, step.dtype))
         return out.loss, out.accuracy, ok, out.applied, norm, comm_s
+
+    def _backbone_grads(self, tape, emb, variables, d_emb):
+        """d(loss)/d(backbone variables); through a loss scale with mixed_float16."""
+        if self.loss_scale is None:
+            return tape.gradient(emb, variables, output_gradients=d_emb)
+        scale = self.loss_scale.value
+        grads = tape.gradient(emb, variables, output_gradients=d_emb * scale)
+        return [tf.cast(g, tf.float32) / scale for g in grads]
 
     def _sum_over_workers(self, grads):
         """One allreduce of all backbone gradients, flattened: the exact global gradient, and the
@@ -219,9 +240,14 @@ class Trainer:
                 "config": cfg.to_dict(), **self.position.meta(), **(meta or {})}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint_dir, self.step, self.comm, self.fc_state(),
-                         self.model.variables, self.opt.variables, info, keep=cfg.checkpoint.keep)
+                         self.model.variables, self._optimizer_variables(), info, keep=cfg.checkpoint.keep)
         self.last_checkpoint_seconds = time.perf_counter() - t0
         return path
+
+    def _optimizer_variables(self) -> list[tf.Variable]:
+        """The backbone optimizer's variables, and the loss scale's with mixed_float16."""
+        scale = [] if self.loss_scale is None else [self.loss_scale.value, self.loss_scale.good_steps]
+        return [*self.opt.variables, *scale]
 
     def resume_path(self) -> tuple[str | None, list[str]]:
         """The checkpoint to start from per `checkpoint.resume`, verified and checked against C and
@@ -245,8 +271,8 @@ class Trainer:
 
     def restore(self, path: str, *, verified: bool = False) -> dict:
         """Load `path` (verified first unless `resume_path` just did) into every variable."""
-        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables, self.opt.variables,
-                                verified=verified)
+        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables,
+                                self._optimizer_variables(), verified=verified)
         self.fc.step.assign(int(manifest["step"]))
         self.position = restored_position(manifest)
         return manifest
@@ -256,6 +282,24 @@ class Trainer:
         out = [self.model(images[i:i + batch_size], training=False).numpy()
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros([0, self.config.model.embedding_dim], np.float32)
+
+
+class LossScale(tf.Module):
+    """Dynamic loss scaling for a float16 backbone (as Keras' LossScaleOptimizer): the scale
+    halves after a step whose scaled gradient was not finite and doubles after `period` finite
+    steps in a row."""
+
+    def __init__(self, initial: float = 2.0 ** 15, period: int = 2000):
+        super().__init__(name="loss_scale")
+        self.value = tf.Variable(initial, dtype=tf.float32, trainable=False, name="value")
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+        self.period = int(period)
+
+    def update(self, finite: tf.Tensor) -> None:
+        """finite [] bool: was this step's unscaled gradient finite."""
+        grow = finite & (self.good_steps + 1 >= self.period)
+        self.value.assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * self.value)
+        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, 0))
 
 
 def restored_position(manifest: dict) -> Position:
