@@ -13,7 +13,7 @@ TF_SPEC     := tensorflow-cpu==2.17.1
 HOROVOD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: setup test demo bench clean-venv test-tools
+.PHONY: setup test test-fast demo bench clean-venv test-tools
 
 # What the demo and training need: the virtual environment and the reader's op. No root, no apt.
 setup: $(VENV)/.stamp
@@ -43,6 +43,10 @@ record-reader: $(VENV)/.stamp
 
 test: setup test-tools fonts-test
 	$(VENV)/bin/pytest -q
+
+# The tests that start no process (pytest marker `slow`, pyproject.toml): a couple of minutes.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # README command 1: synthetic identities, the smoke config trained by 2 workers, then verification.
 DEMO_DATA := data/synth

@@ -373,6 +373,7 @@ def test_remove_partial_removes_only_crashed_saves(tmp_path):
     assert ckpt.remove_partial(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_horovod_workers_agree_on_a_full_disk_and_on_the_fallback(tmp_path):
     from helpers import horovodrun
     proc = horovodrun(2, "tests/workers/checkpoint_faults_worker.py", str(tmp_path / "ckpt"), timeout=240)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import BIN, ROOT, worker_env
 from launch import cli, commands
 
@@ -16,6 +18,7 @@ def _run(code: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_top_level_help_loads_no_tensorflow_and_is_fast():
     out = _run("import sys\nfrom launch import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
                "print('TF LOADED' if 'tensorflow' in sys.modules else 'no tensorflow')")
@@ -28,6 +31,7 @@ def test_top_level_help_loads_no_tensorflow_and_is_fast():
     assert time.perf_counter() - t0 < 3.0   # loose: ~0.3 s here; TensorFlow alone takes 4-8 s
 
 
+@pytest.mark.slow
 def test_no_import_cycle_between_the_cli_and_the_commands():
     out = _run("import sys\nimport launch.train, launch.evaluate, launch.export, launch.report\n"
                "print('launch.cli' in sys.modules)")
@@ -57,6 +61,7 @@ def test_every_command_and_argument_has_help_and_every_command_an_example():
     assert leaves >= 10
 
 
+@pytest.mark.slow
 def test_errors_start_with_the_command():
     proc = subprocess.run([str(BIN / "pfc"), "train"], capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 2 and "pfc train: error: the following arguments are required: --config" in proc.stderr
@@ -64,6 +69,7 @@ def test_errors_start_with_the_command():
     assert proc.returncode == 2 and "pfc: error: argument COMMAND: invalid choice: 'trian'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_fc_train_mode_reports_a_meaningful_loss_and_no_negative_memory(tmp_path):
     """A smoke test of the command's report (speed itself is measured by bench/, never by tests):
     each timed step takes a new batch, so the loss of random labels stays high."""

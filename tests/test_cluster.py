@@ -34,6 +34,7 @@ def test_unknown_backend_is_rejected():
         cluster.init("mpi")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_horovod_collectives_and_gradients(n):
     proc = horovodrun(n, "tests/workers/collectives_worker.py", str(n))
@@ -41,6 +42,7 @@ def test_horovod_collectives_and_gradients(n):
         assert f"OK rank {r} of {n}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_launcher_without_horovod_is_a_clear_error():
     # Pretend horovodrun started us, but make `import horovod` fail.
     code = ("import sys; sys.modules['horovod'] = None\n"
@@ -53,6 +55,7 @@ def test_launcher_without_horovod_is_a_clear_error():
     assert "HOROVOD_RANK" in proc.stdout and "Horovod cannot be imported" in proc.stdout
 
 
+@pytest.mark.slow
 def test_workers_with_different_batch_sizes_fail_loudly():
     proc = horovodrun(2, "tests/workers/uneven_batch_worker.py", check=False, timeout=180)
     assert proc.returncode != 0

@@ -9,6 +9,8 @@ from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MAR
 from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 
+pytestmark = pytest.mark.slow  # every test reads the results of horovodrun workers
+
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 

@@ -11,6 +11,8 @@ from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
 
+pytestmark = pytest.mark.slow  # every test reads the results of horovodrun workers
+
 LR = 0.5  # as in workers/scale_worker.py
 
 

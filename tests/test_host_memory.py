@@ -17,6 +17,7 @@ def _probe(**env):
     return out.stdout.split()
 
 
+@pytest.mark.slow
 def test_pfc_uses_the_c_allocator_unless_told_otherwise():
     assert _probe() == ["1", "None"]
     allocator, cap = _probe(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0")  # the pool, asked for
@@ -54,6 +55,7 @@ with tempfile.NamedTemporaryFile(suffix='.xml') as f:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 def test_pfc_limits_the_arenas_that_threads_spread_over():
     clean = {k: v for k, v in os.environ.items()
@@ -77,6 +79,7 @@ def test_pfc_limits_the_arenas_that_threads_spread_over():
     assert limit is None and default > 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_release_free_memory_returns_freed_pages():
     code = """

@@ -127,6 +127,7 @@ def test_broken_kustomization_fails_to_render(tmp_path):
         validate.render(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_validate_cli_fails_on_invalid_overlay(tmp_path):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not on PATH: cannot render the kustomizations")
@@ -411,6 +412,7 @@ def _wait_listening(host: str, port: int, proc, timeout: float = 15.0) -> None:
     raise AssertionError(f"sshd not listening on {host}:{port} after {timeout} s")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh-keygen") is None,
                     reason="sshd not installed: `make test-tools` (as root) installs Debian's openssh-server")
 def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
@@ -502,6 +504,7 @@ def test_readme_names_what_the_manifests_use(rendered):
         assert dropped == ["PodMonitor"]
 
 
+@pytest.mark.slow
 def test_validate_without_kubectl_says_so_in_one_line(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}   # nothing on it: no kubectl
     proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(K8S / "overlays" / "gpu")],

@@ -148,6 +148,7 @@ def gateway_value(port, name, **labels):
     return hits[0] if hits else None
 
 
+@pytest.mark.slow
 def test_pushes_at_intervals_and_at_close(pushgateway):
     url, port = pushgateway
     periodic = TrainingMetrics(job="batchjob", rank=0, host="h", pushgateway=url, push_interval_s=0.2)

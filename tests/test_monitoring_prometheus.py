@@ -17,6 +17,8 @@ from monitoring.local_prometheus import ASSETS, LocalPrometheus, PrometheusError
 from helpers import BIN, ROOT, smoke_overrides, worker_env
 from monitoring_helpers import port_pair
 
+pytestmark = pytest.mark.slow  # a Prometheus server and pfc train processes
+
 JOB = "e2e"
 
 

@@ -58,6 +58,7 @@ def test_bad_input_exits_1_with_a_message_naming_it(tmp_path, capsys, argv, mess
     assert err.startswith(f"pfc {argv[0]}: error: ") and message.format(tmp=tmp_path) in err
 
 
+@pytest.mark.slow
 def test_bench_data_times_each_pipeline_in_its_own_process_in_turn(tmp_path, capsys):
     # a smoke test of the command (speed itself is measured by the benchmark, never by tests)
     write_indexed(str(tmp_path), [6, 6])
@@ -79,6 +80,7 @@ def test_bench_data_times_each_pipeline_in_its_own_process_in_turn(tmp_path, cap
         assert a == b or end <= start
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_data_stops_every_process_when_one_fails(tmp_path, capsys):
     # A record that is not a JPEG: the first pipeline's process fails in its first turn while

@@ -15,8 +15,9 @@ import pytest
 from helpers import ROOT, worker_env
 
 MOTO = Path(sys.executable).parent / "moto_server"
-pytestmark = pytest.mark.skipif(not MOTO.exists() and not shutil.which("moto_server"),
-                                reason="moto_server not installed (pip install -e '.[dev]')")
+pytestmark = [pytest.mark.slow,  # an S3 server and pfc processes
+              pytest.mark.skipif(not MOTO.exists() and not shutil.which("moto_server"),
+                                 reason="moto_server not installed (pip install -e '.[dev]')")]
 
 
 def _free_port() -> int:

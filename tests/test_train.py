@@ -13,6 +13,8 @@ from launch.trainer import TrainingError
 from test_fc_distributed import rel
 from workers import train_worker
 
+pytestmark = pytest.mark.slow  # every test trains (in this process or horovodrun)
+
 TOL = 2e-5
 
 

@@ -4,7 +4,11 @@ import json
 import re
 import subprocess
 
+import pytest
+
 from helpers import BIN, ROOT, smoke_overrides, worker_env
+
+pytestmark = pytest.mark.slow  # every test runs the pfc command
 
 
 def pfc(*argv, timeout=300):

@@ -22,6 +22,8 @@ from launch.report import read_log
 from launch.trainer import Trainer, TrainingError
 from workers import train_worker
 
+pytestmark = pytest.mark.slow  # every test trains (in this process, pfc or horovodrun)
+
 
 def _config(tmp_path, *, sample_rate=1.0, **train):
     raw = train_worker.config(str(tmp_path / "run"), 6, None)
