@@ -7,10 +7,12 @@ Each version's default pipeline (1 worker, the host's cores) and the batched dec
 of `pfc bench data` run alternately, `--rounds` times, each from a fresh iterator after a warm-up
 of two shuffle buffers; per round each version's time is divided by the same round's baseline
 time. Prints per version: median img/s, CPU µs per image, cores busy, and the median (and all)
-of the per-round overheads. It runs under `pfc`'s allocator settings (`launch.host_memory`);
-MALLOC_ARENA_MAX etc. in the environment override them, as for `pfc`. The versions share one
-process and its heap, which moves a reader's CPU per image by several µs (bench/reader_heap.py):
-for small differences, run each version alone (one file per run) against the baseline.
+of the per-round overheads, in wall time and in CPU time. A version named twice is timed twice
+per round: `OLD NEW NEW OLD` balances the order within a round. It runs under `pfc`'s allocator
+settings (`launch.host_memory`); MALLOC_ARENA_MAX etc. in the environment override them, as for
+`pfc`. The versions share one process and its heap, which moves a reader's CPU per image by
+several µs (bench/reader_heap.py): for small differences, run each version alone (one file per
+run) against the baseline.
 """
 from __future__ import annotations
 
@@ -59,9 +61,13 @@ def main() -> int:
     med = statistics.median
     for name, ts in times.items():
         over = sorted(100 * (t[0] / b[0] - 1) for t, b in zip(ts, base))
+        # CPU per image paired the same way: on a host shared with other jobs the wall time of a
+        # round swings with their load, its CPU time far less.
+        cpu_over = sorted(100 * (t[1] / b[1] - 1) for t, b in zip(ts, base))
         print(f"{name}: {med([n / t[0] for t in ts]):,.0f} img/s, CPU {med([1e6 * t[1] / n for t in ts]):.1f} us/img, "
               f"cores {med([t[1] / t[0] for t in ts]):.2f}, overhead vs batched decode-only "
-              f"{med(over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in over)})", flush=True)
+              f"{med(over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in over)}), in CPU "
+              f"{med(cpu_over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in cpu_over)})", flush=True)
     return 0
 
 

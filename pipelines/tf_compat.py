@@ -3,6 +3,7 @@
     map_inline(ds, fn, parallel=None)    # ds.map(fn), each call run whole in its calling thread
     DatasetSource                        # base class of a dataset made from a variant tensor
     load_op_library(path)                # our compiled op (pipelines/record_blocks.cc)
+    dataset_graph(ds)                    # a dataset's graph (GraphDef), to inspect its ops
 
 None of these is public API: tf.data has no public switch for inline functions, no public way
 to wrap a dataset op of our own, and a compiled op binds to the C++ ABI of the TensorFlow it was
@@ -62,3 +63,8 @@ def map_inline(ds: tf.data.Dataset, fn: Callable, parallel: int | None = None) -
 def load_op_library(path: str):
     """The Python module of the compiled op library at `path` (its ops as functions)."""
     return tf.load_op_library(path)
+
+
+def dataset_graph(ds: tf.data.Dataset) -> tf.compat.v1.GraphDef:
+    """The graph that `ds` runs (its nodes and its functions' library), as a GraphDef."""
+    return tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
