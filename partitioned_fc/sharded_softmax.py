@@ -28,7 +28,7 @@ derivative); everything `[B, C_r]` is differentiated by hand.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -75,14 +75,15 @@ class TargetPath:
 
 @dataclasses.dataclass(frozen=True)
 class KeptLogits:
-    """The forward's logits, kept: f [B, n], the target entries replaced by f'_y."""
-    f: tf.Tensor
+    """The forward's exponentials, kept: e [B, n] = exp(f' − m), m [B] the row max they used."""
+    e: tf.Tensor
+    m: tf.Tensor
     block: int = BACKWARD_BLOCK
 
-    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, dw_rows, normalize: bool):
-        """-> `BlockGrads` of the rows at `pos`."""
-        return _kept_grads(self.f, pos, fwd.lse, d_loss, fwd.x_s, weight, rows, block_label, dw_rows,
-                           normalize)
+    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+        """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
+        coeff = d_loss * tf.exp(self.m - fwd.lse)  # e · coeff = softmax · d_loss
+        return _kept_grads(self.e, pos, coeff, fwd.x_s, weight, rows, block_label, normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +91,11 @@ class StreamedLogits:
     """Nothing kept: each block of `block` rows recomputes its logits from the global lse."""
     block: int
 
-    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, dw_rows, normalize: bool):
-        """-> `BlockGrads` of the rows at `pos`."""
+    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+        """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         del pos
-        return _streamed_grads(fwd.x_s, weight, rows, fwd.target.value, block_label, fwd.lse, d_loss,
-                               dw_rows, normalize)
-
-
-class BlockGrads(NamedTuple):
-    """One block's gradients, float32. The row gradient is `pw − radial[:, None] · w`."""
-    dx_s: tf.Tensor    # [B, D] dL/dx_s from these rows
-    pw: tf.Tensor      # [k, D] through the logits' numerators, plus the label rows' target path
-    radial: tf.Tensor  # [k] the normalization's share: (pw_logits · w_j) / |w_j|², 0 unnormalized
+        return _streamed_grads(fwd.x_s, weight, rows, fwd.target.value, block_label, fwd.lse,
+                               d_loss, normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +124,9 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     normalize = margin.normalize_weights
     with tf.name_scope("fc_forward"):  # names the kernels in a profile (launch/bench_profile.py)
         if chunk_size is None:
-            s_loc, m_loc, plain_max, plain_t, f = _kept_forward(
+            s_loc, m_loc, plain_max, plain_t, e = _kept_forward(
                 x_s, source.weight, source.index, target.value, local_label, normalize)
-            logits = KeptLogits(f)
+            logits = KeptLogits(e, m_loc)
         else:
             s_loc, m_loc, plain_max, plain_t = _streamed_forward(
                 x_s, source, target.value, local_label, normalize, chunk_size)
@@ -182,8 +176,8 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
         rows = source.rows(pos)
         ll = _chunk_label(target.local_label, start, tf.shape(pos)[0])
         with tf.name_scope("fc_grads"):
-            grads = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, dw_rows, normalize)
-        return c + 1, dx_s + grads.dx_s, sink(state, rows, grads)
+            dx_c, pw = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, normalize)
+        return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize)
 
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, block), body,
@@ -197,7 +191,8 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
 # Sinks: where each block's row gradient goes
 # --------------------------------------------------------------------------------------------
 class RowSink:
-    """Consumes one block: `sink(state, rows [k], grads: BlockGrads) -> state`.
+    """Consumes one block: `sink(state, rows [k], pw [k, D], block_label [B], dw_rows [B, D],
+    normalize) -> state`; pw is the gradient through the logits before the radial correction.
     `block`: rows per block it wants (None: the logits' own block size)."""
     block: int | None = None
 
@@ -209,9 +204,9 @@ class RowGradients(RowSink):
         self.weight = weight
         self.block = block
 
-    def __call__(self, blocks, rows, grads):
+    def __call__(self, blocks, rows, pw, block_label, dw_rows, normalize):
         with tf.name_scope("fc_row_grad"):
-            g = _row_grad_kernel(grads.pw, grads.radial, self.weight, rows)
+            g = _row_grad_kernel(pw, self.weight, rows, block_label, dw_rows, normalize)
         return blocks.write(blocks.size(), g)
 
 
@@ -229,10 +224,10 @@ class RowUpdates(RowSink):
     def __init__(self, weight: tf.Variable, slots: Sequence[tf.Variable], rule: RowRule, lr):
         self.weight, self.slots, self.rule, self.lr = weight, tuple(slots), rule, lr
 
-    def __call__(self, count, rows, grads):
+    def __call__(self, count, rows, pw, block_label, dw_rows, normalize):
         with tf.name_scope("fc_update"):
-            w, slots = _update_kernel(grads.pw, grads.radial, self.weight, self.slots, rows, self.lr,
-                                      self.rule)
+            w, slots = _update_kernel(pw, self.weight, self.slots, rows, block_label, dw_rows,
+                                      self.lr, self.rule, normalize)
             writes = [_scatter(var, rows, v) for var, v in zip((self.weight, *self.slots), (w, *slots))]
         with tf.control_dependencies(writes):
             return count + 1
@@ -335,89 +330,88 @@ def _logits(x_s, w, normalize: bool):
 
 
 def _block_stats(x_s, w, t, local_label, normalize: bool):
-    """One block's logits with the target entry replaced, f [B, k], and its row statistics
-    Σ_j exp(f − m) [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
+    """One block's logits with the target entry replaced -> e [B, k] = exp(f' − m) and its row
+    statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
     z, _ = _logits(x_s, w, normalize)
     is_t = _target_mask(local_label, tf.shape(w)[0])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
-    f = tf.where(is_t, t[:, None], z)
-    m = tf.reduce_max(f, axis=1)
-    return f, (tf.reduce_sum(tf.exp(f - m[:, None]), axis=1), m, plain_max, plain_t)
+    z = tf.where(is_t, t[:, None], z)
+    m = tf.reduce_max(z, axis=1)
+    e = tf.exp(z - m[:, None])
+    return e, (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
 
 
 @tf.function(jit_compile=True)
 def _kept_forward(x_s, weight, rows, t, local_label, normalize: bool):
-    """All rows taking part in one block -> (Σ exp, m, plain max, plain target, f [B, n])."""
-    f, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)
-    return stats + (f,)
+    """All rows taking part in one block -> (Σ e, m, plain max, plain target, e [B, n])."""
+    e, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)
+    return stats + (e,)
 
 
 @tf.function(jit_compile=True)
 def _streamed_stats(x_s, weight, rows, t, local_label, normalize: bool):
-    """One block of rows -> (Σ exp, m, plain max, plain target); its logits are dropped."""
+    """One block of rows -> (Σ e, m, plain max, plain target); its exponentials are dropped."""
     return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)[1]
 
 
-def _block_grads(f, lse, d_loss, local_label, x_s, w, dw_rows, normalize: bool) -> BlockGrads:
-    """A block's logits f [B, k] (target entries replaced) -> its `BlockGrads`.
-
-    The target entry's gradient goes to f'_y instead (`backward`); its label row's target-path
-    gradient dw_rows [B, D] is added to pw. The normalization's radial share needs pw_j · w_j,
-    which is Σ_b p_bj z_bj over the block's own logits: a column sum here instead of a row
-    reduction of pw after its matmul (which XLA would fuse into the matmul, losing the fast one).
-    """
+def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
+    """Softmax·d_loss p [B, k] -> dL/dx_s [B, D], logits part of dL/dw [k, D]; the target entry's
+    gradient goes to f'_y instead (`backward`)."""
     is_t = _target_mask(local_label, tf.shape(w)[0])
-    p = tf.where(is_t, 0.0, tf.exp(f - lse[:, None]) * d_loss[:, None])  # softmax · d_loss
+    dz = tf.where(is_t, tf.zeros_like(p), p)
     if normalize:
-        inv = _inv_norm(tf.cast(w, tf.float32))
-        radial = tf.reduce_sum(p * f, axis=0) * tf.square(inv)
-        p = p * inv[None, :]                     # through z = (x_s·w_j) / |w_j|
-    else:
-        radial = tf.zeros([tf.shape(w)[0]])
-    dz = tf.cast(p, x_s.dtype)
-    dx = tf.cast(tf.matmul(dz, tf.cast(w, x_s.dtype)), tf.float32)
-    pw = tf.cast(tf.matmul(dz, x_s, transpose_a=True), tf.float32)
-    hit = local_label >= 0
-    pw = tf.tensor_scatter_nd_add(pw, tf.where(hit, local_label, 0)[:, None],
-                                  tf.where(hit[:, None], dw_rows, 0.0))
-    return BlockGrads(dx, pw, radial)
+        dz = dz * _inv_norm(tf.cast(w, tf.float32))[None, :]   # through z = (x_s·w_j) / |w_j|
+    dz = tf.cast(dz, x_s.dtype)
+    dx = tf.matmul(dz, tf.cast(w, x_s.dtype))
+    dw = tf.matmul(dz, x_s, transpose_a=True)
+    return tf.cast(dx, tf.float32), tf.cast(dw, tf.float32)
 
 
 @tf.function(jit_compile=True)
-def _kept_grads(f, pos, lse, d_loss, x_s, weight, rows, local_label, dw_rows, normalize: bool):
-    """Kept logits f [B, n] and this block's positions pos [k] -> `BlockGrads`."""
-    return _block_grads(tf.gather(f, pos, axis=1), lse, d_loss, local_label, x_s,
-                        _read_rows(weight, rows), dw_rows, normalize)
+def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, normalize: bool):
+    """Kept exponentials e [B, n], this block's positions pos [k], coeff [B] = d_loss·exp(m − lse)."""
+    p = tf.gather(e, pos, axis=1) * coeff[:, None]
+    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
 
 
 @tf.function(jit_compile=True)
-def _streamed_grads(x_s, weight, rows, t, local_label, lse, d_loss, dw_rows, normalize: bool):
-    """Recompute one block's logits, then as `_kept_grads`."""
+def _streamed_grads(x_s, weight, rows, t, local_label, lse, d_loss, normalize: bool):
+    """Recompute one block's softmax from the global lse, then as `_kept_grads`."""
     w = _read_rows(weight, rows)
     z, _ = _logits(x_s, w, normalize)
-    f = tf.where(_target_mask(local_label, tf.shape(w)[0]), t[:, None], z)
-    return _block_grads(f, lse, d_loss, local_label, x_s, w, dw_rows, normalize)
+    z = tf.where(_target_mask(local_label, tf.shape(w)[0]), t[:, None], z)
+    p = tf.exp(z - lse[:, None]) * d_loss[:, None]
+    return _dz_matmuls(p, local_label, x_s, w, normalize)
 
 
-def _row_grad(pw, radial, w):
-    """[k, D], [k], [k, D] float32 -> the block's exact row gradient (docs/margins.md)."""
-    return pw - radial[:, None] * w
+def _row_grad(pw, w, local_label, dw_rows, normalize: bool):
+    """The block's exact row gradient [k, D]: the radial correction of the logits part (normalized
+    rows) plus the target path's label-row gradients [B, D] (block_label [B]: -1 elsewhere)."""
+    if normalize:
+        # d/dw_j of (x·w_j)/|w_j| = (I − ŵ_j ŵ_jᵀ) · pw_j
+        pw = pw - (tf.reduce_sum(pw * w, axis=1) * tf.square(_inv_norm(w)))[:, None] * w
+    hit = local_label >= 0
+    return tf.tensor_scatter_nd_add(pw, tf.where(hit, local_label, 0)[:, None],
+                                    tf.where(hit[:, None], dw_rows, 0.0))
 
 
+# Their own kernels: XLA fuses a row reduction placed after a matmul into the matmul and loses the
+# fast one (measured 1.6x slower).
 @tf.function(jit_compile=True)
-def _row_grad_kernel(pw, radial, weight, rows):
+def _row_grad_kernel(pw, weight, rows, local_label, dw_rows, normalize: bool):
     """-> the block's row gradient [k, D] float32."""
-    return _row_grad(pw, radial, tf.cast(_read_rows(weight, rows), tf.float32))
+    w = tf.cast(_read_rows(weight, rows), tf.float32)
+    return _row_grad(pw, w, local_label, dw_rows, normalize)
 
 
 @tf.function(jit_compile=True)
-def _update_kernel(pw, radial, weight, slots, rows, lr, rule):
-    """-> the block's rows and slots after `rule`, float32 ([k, D], tuple of [k, ...]): one pass
-    over the block's rows, their state and their gradient."""
+def _update_kernel(pw, weight, slots, rows, local_label, dw_rows, lr, rule, normalize: bool):
+    """-> the block's rows and slots after `rule`, float32 ([k, D], tuple of [k, ...])."""
     w = tf.cast(_read_rows(weight, rows), tf.float32)
+    g = _row_grad(pw, w, local_label, dw_rows, normalize)
     state = tuple(tf.cast(_read_rows(s, rows), tf.float32) for s in slots)
-    return rule(w, _row_grad(pw, radial, w), state, tf.cast(lr, tf.float32))
+    return rule(w, g, state, tf.cast(lr, tf.float32))
 
 
 def _target_mask(local_label, rows):
