@@ -41,8 +41,16 @@ setup: record-reader
 record-reader: $(VENV)/.stamp
 	$(PY) -m pipelines.record_blocks
 
-test: setup test-tools fonts-test
+test: setup test-tools fonts-test onnx
 	$(VENV)/bin/pytest -q
+
+# ONNX export (pfc export --onnx): tf2onnx and onnxruntime in the same environment. No root.
+.PHONY: onnx
+onnx: $(VENV)/.onnx-stamp
+$(VENV)/.onnx-stamp: $(VENV)/.stamp
+	$(PIP) install -q -e ".[onnx]"
+	$(PY) -c "import tf2onnx, onnxruntime, tensorflow as tf; print('onnx ok: tf2onnx', tf2onnx.__version__)"
+	@touch $@
 
 # The tests that start no process (pytest marker `slow`, pyproject.toml): a couple of minutes.
 test-fast: setup

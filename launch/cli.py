@@ -65,13 +65,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from launch.checkpoint import CheckpointError
     from launch.config import ConfigError
+    from launch.export import ExportError
     from launch.run_lock import RunLockError
     from launch.trainer import TrainingError
     from monitoring.exporter import PortInUseError
     from pipelines.schema import DataError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, RunLockError, PortInUseError,
-            FileExistsError, tf.errors.OpError)
+            ExportError, FileExistsError, tf.errors.OpError)
 
 
 if __name__ == "__main__":

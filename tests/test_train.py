@@ -166,6 +166,34 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     np.testing.assert_allclose(emb[:3], want, rtol=1e-4, atol=1e-6)
 
 
+def test_onnx_export_matches_the_savedmodel_on_uint8_images(tmp_path):
+    """The ONNX file (onnxruntime) gives the SavedModel's embeddings for uint8 images of the
+    training size, with and without the flip-sum; an existing file is refused."""
+    pytest.importorskip("tf2onnx", reason="make onnx installs tf2onnx and onnxruntime")
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from launch import export
+
+    cfg = _local_config(tmp_path)
+    out = train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
+                          num_classes=train_worker.NUM_CLASSES)
+    loaded = tf.saved_model.load(export.export(out["checkpoint"], str(tmp_path / "model")))
+    module = export.Embedder(*export.load_backbone(out["checkpoint"]))
+    pixels = np.random.default_rng(5).integers(0, 256, (5, train_worker.IMAGE, train_worker.IMAGE, 3), np.uint8)
+    for flip, signature in ((False, "serving_default"), (True, "flip_sum")):
+        path = str(tmp_path / f"model_{signature}.onnx")
+        assert export.export_onnx(module, path, flip_sum=flip) <= export.ONNX_TOLERANCE
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        (got,) = session.run(["embeddings"], {"images": pixels})
+        want = loaded.signatures[signature](images=tf.constant(pixels))["embeddings"].numpy()
+        assert np.max(np.abs(got - want)) <= 1e-4, signature
+    # the two models differ (the flip-sum is really in one of them)
+    assert not np.allclose(got, loaded.signatures["serving_default"](images=tf.constant(pixels))["embeddings"].numpy(), atol=1e-3)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export.export_onnx(module, path)
+
+
 def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):
     """The reader's uint8 batches, augmented inside the step, train exactly as the same batches
     augmented beforehand with the global step's coins (other coins flip other images: the loss

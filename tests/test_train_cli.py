@@ -1,5 +1,6 @@
 """`pfc train` as users run it: single-node mode with no launcher, its log, checkpoints, `pfc eval`,
 `pfc export` and `pfc report` on the real run, and clear errors before any work."""
+import importlib.util
 import json
 import re
 import subprocess
@@ -43,8 +44,10 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     ijb_out = json.loads((tmp_path / "eval.json").read_text())["ijb"]
     assert ijb_out["tar_at_far"]["1e-01"] is not None and 0 <= ijb_out["tar_at_far"]["1e-01"] <= 1
 
-    proc = pfc("export", str(run_dir / "checkpoints" / "ckpt-000000020"), str(tmp_path / "model"))
+    onnx = ["--onnx", str(tmp_path / "model.onnx")] if importlib.util.find_spec("tf2onnx") else []
+    proc = pfc("export", str(run_dir / "checkpoints" / "ckpt-000000020"), str(tmp_path / "model"), *onnx)
     assert proc.returncode == 0 and (tmp_path / "model" / "saved_model.pb").exists(), proc.stderr[-2000:]
+    assert not onnx or ((tmp_path / "model.onnx").stat().st_size > 0 and "ONNX: uint8" in proc.stdout)
     proc = pfc("embed", str(tmp_path / "model"), str(synth_dataset), str(tmp_path / "emb.npy"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     import numpy as np
