@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from launch import commands
+from launch import commands, quiet_logs
 from launch import host_memory  # imports no TensorFlow: it must act before TensorFlow loads
 from launch.version import version
 
@@ -19,6 +19,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=commands.epilog([c.examples[0] for c in commands.COMMANDS.values()]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep TensorFlow's and XLA's INFO lines (anywhere on the line; or PFC_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if command == "*":
         for name in dict.fromkeys(c.module for c in commands.COMMANDS.values()):
@@ -36,9 +38,15 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, unless asked
+    """The `pfc` program (argv None: the command line, whose stderr is filtered unless verbose)
+    or a call with its arguments (tests: the caller's stderr is left alone)."""
+    words = sys.argv[1:] if argv is None else argv
+    verbose = quiet_logs.verbose_requested(words)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")  # TensorFlow's chatter
+    if argv is None and not verbose:
+        quiet_logs.quiet()
     host_memory.configure()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in words if a != "--verbose"]
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -13,4 +13,6 @@ awk '{ sub(/#.*/, "") } NF { n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/
 np="$(awk '{ split($2, a, "="); s += a[2] } END { print s + 0 }' "$clean")"
 if [ "$np" -lt 1 ]; then echo "run_hostfile.sh: no hosts in $hostfile" >&2; exit 2; fi
 bin="$(dirname "$(command -v pfc || echo .venv/bin/pfc)")"
+# horovodrun itself loads TensorFlow: keep its start-up banners quiet too (PFC_VERBOSE=1 shows them)
+[ "${PFC_VERBOSE:-0}" = 0 ] && export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 "$bin/horovodrun" -np "$np" --hostfile "$clean" --gloo "$bin/pfc" train --config "$config" "$@"

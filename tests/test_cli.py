@@ -83,3 +83,45 @@ def test_bench_fc_train_mode_reports_a_meaningful_loss_and_no_negative_memory(tm
     row = json.loads(out.read_text().splitlines()[-1])
     assert len(row["losses"]) == 3 and min(row["losses"]) > 1.0, row["losses"]
     assert row["build_overhead_gib_per_worker"] >= 0 and "left by building it -" not in proc.stdout
+
+
+def test_quiet_mode_drops_abseil_info_lines_only():
+    from launch import quiet_logs
+
+    noise = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+             b"I0000 00:00:1796295452.188950    8707 service.cc:146] XLA service 0x5593 initialized\n",
+             b"I1203 10:54:12.250948    8707 device_compiler.h:188] Compiled cluster using XLA!\n"]
+    kept = [b"W1203 10:54:12.250948    8707 op_kernel.cc:1] a warning\n",
+            b"E0000 00:00:1796295452.188950    8707 gloo.cc:12] connection refused\n",
+            b"pfc train: error: configs/x.yaml: loss.name: unknown margin\n",
+            b"Traceback (most recent call last):\n", b"I0000 is how a user line may start\n"]
+    assert all(quiet_logs.is_noise(line) for line in noise)
+    assert not any(quiet_logs.is_noise(line) for line in kept)
+    assert quiet_logs.verbose_requested(["train", "--verbose"], {})
+    assert quiet_logs.verbose_requested(["train"], {"PFC_VERBOSE": "1"})
+    assert not quiet_logs.verbose_requested(["train"], {"PFC_VERBOSE": "0"})
+
+
+@pytest.mark.slow
+def test_the_stderr_filter_loses_nothing_when_its_process_is_killed():
+    """Lines written just before a SIGKILL still reach stderr; only the noise is gone."""
+    code = ("import os, signal\nfrom launch import quiet_logs\nquiet_logs.quiet()\n"
+            "os.write(2, b'I0000 00:00:1796295452.188950    8707 service.cc:146] XLA service\\n'"
+            " + b'W1203 10:54:12.250948    8707 a.cc:1] kept warning\\n' + b'last words')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=worker_env(), capture_output=True,
+                          timeout=60)
+    assert proc.returncode == -9
+    assert proc.stderr == b"W1203 10:54:12.250948    8707 a.cc:1] kept warning\nlast words"
+
+
+@pytest.mark.slow
+def test_verbose_keeps_what_the_quiet_default_drops():
+    """A command that compiles XLA kernels: its INFO lines only with --verbose (or PFC_VERBOSE=1)."""
+    argv = [str(BIN / "pfc"), "bench", "fc", "--classes", "1000", "--dim", "16", "--batch", "8",
+            "--steps", "1", "--threads", "1"]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=worker_env(), timeout=120)
+    loud = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, env=worker_env(), timeout=120)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    assert "fc  C=1,000" in quiet.stdout and "XLA" not in quiet.stderr
+    assert "Compiled cluster using XLA" in loud.stderr

@@ -23,6 +23,8 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     proc = pfc("train", "--config", "configs/smoke.yaml", *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training C=40 D=128 on 1 worker(s)" in proc.stdout
+    # quiet by default: XLA compiled the step, but none of its Abseil INFO lines reach the user
+    assert "XLA" not in proc.stderr and "absl::InitializeLog" not in proc.stderr, proc.stderr[-2000:]
     assert "step 20/20" in proc.stdout and "eval step 20: verification: acc" in proc.stdout
     assert "TAR@FAR=0.001 n/a (40 different pairs; FAR=0.001 needs 1000)" in proc.stdout
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
