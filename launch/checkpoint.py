@@ -35,7 +35,7 @@ import shutil
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -61,11 +61,13 @@ class CheckpointError(RuntimeError):
 @dataclass
 class FCState:
     """What a worker checkpoints of the model-parallel layer: its class range, the shard, the
-    optimizer's row-aligned state variables and its small local state (the sampler)."""
+    optimizer's row-aligned state variables, its small local state (the sampler) and the
+    margin's running statistics (the same on every worker: kept once, in the manifest)."""
     class_range: tuple[int, int]
     weight: tf.Variable
     slots: dict[str, tf.Variable]
     sampler: tf.random.Generator | None = None
+    margin_state: dict[str, tf.Variable] = field(default_factory=dict)
 
 
 def checkpoint_name(step: int) -> str:
@@ -177,7 +179,8 @@ def _manifest(tmp: str, step: int, size: int, fc: FCState, backbone_vars: Sequen
         "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
         "world_size": size, "created": time.time(),
         "fc": {"weight_dtype": fc.weight.dtype.name,
-               "slots": {k: v.dtype.name for k, v in fc.slots.items()}, "shards": shards},
+               "slots": {k: v.dtype.name for k, v in fc.slots.items()}, "shards": shards,
+               "margin_state": {k: v.numpy().tolist() for k, v in fc.margin_state.items()}},
         "backbone": {"variables": [getattr(v, "path", v.name) for v in backbone_vars],
                      "optimizer_variables": len(backbone_opt_vars)},
         **meta,
@@ -438,6 +441,11 @@ def _restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
         for rel in _files_read(manifest, fc.class_range, names=wanted, rank=rank):
             _verify_file(path, rel, manifest)
     _restore_rows(path, manifest["fc"], fc.class_range, wanted)
+    # A statistic the checkpoint lacks (another margin's run) keeps its initial value.
+    saved = manifest["fc"].get("margin_state", {})
+    for name, var in fc.margin_state.items():
+        if name in saved:
+            var.assign(tf.constant(saved[name], var.dtype))
     if rank is not None:
         local = _load_json(os.path.join(path, _rank_file(rank)))
         if local.get("sampler_state") is not None:

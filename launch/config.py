@@ -604,7 +604,8 @@ def reference_markdown() -> str:
         for g in dataclasses.fields(cls):
             if cls is LossConfig and g.name == "params":
                 lines.append("| `loss.<param>` | per margin | the margin's | Any parameter of the "
-                             "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_` (docs/margins.md). |")
+                             "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
+                             "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |")
                 continue
             lines.append(_row(f"{f.name}.{g.name}", g, sub_hints[g.name]))
     return "\n".join(lines) + "\n"

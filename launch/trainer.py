@@ -232,7 +232,7 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------
     def fc_state(self) -> ckpt.FCState:
         return ckpt.FCState(self.fc.class_range, self.fc.weight, self.fc_opt.state(),
-                            getattr(self.fc, "sampler", None))
+                            getattr(self.fc, "sampler", None), self.fc.margin.state())
 
     def save(self, meta: dict | None = None) -> str:
         cfg = self.config

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import tensorflow as tf
 
@@ -152,12 +152,82 @@ class Margin:
     def logit_scale(self) -> float:
         return 1.0
 
+    # A field on every normalized margin (docs/margins.md, "Inter-class filtering"); 0 = off.
+    interclass_filtering_threshold: ClassVar[float] = 0.0
+    # True where the negatives' rule needs every sample's cos θ_y (one [B] exchange).
+    needs_target_cos: ClassVar[bool] = False
+
     def target_logit(self, cos: tf.Tensor, k: tf.Tensor, step=0) -> tf.Tensor:
         """[B] cos θ_y, [B] factor k (plain f_y = k·cos θ_y) -> [B] margin logit f'_y."""
         raise NotImplementedError
 
+    def negative_rule(self) -> "NegativeRule | None":
+        """What this margin does to non-target logits (None: nothing)."""
+        if self.interclass_filtering_threshold > 0:
+            return NegativeRule(filter_above=float(self.interclass_filtering_threshold))
+        return None
+
+    def negative_context(self, target_cos: tf.Tensor, k: tf.Tensor) -> "NegativeContext":
+        """[B] every sample's cos θ_y (zeros unless `needs_target_cos`), [B] k -> the rule's inputs.
+        A margin with running statistics advances them here: once per training call."""
+        return NegativeContext(k, tf.zeros_like(k), tf.zeros([], k.dtype))
+
+    def state(self) -> dict[str, tf.Variable]:
+        """Running statistics by name (the same on every worker; checkpointed). None here."""
+        return {}
+
     def get_config(self) -> dict:
-        return {"name": self.name, **dataclasses.asdict(self)}  # a LambdaSchedule becomes a dict
+        return {"name": self.name, **{f.name: _plain(getattr(self, f.name))
+                                      for f in dataclasses.fields(self) if f.init}}
+
+
+def _plain(value):
+    """A LambdaSchedule becomes a dict; everything else is kept."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _threshold_field() -> Any:
+    """`interclass_filtering_threshold` of a normalized margin: keyword-only, 0 = off."""
+    return dataclasses.field(default=0.0, kw_only=True)
+
+
+def _check_threshold(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"interclass_filtering_threshold must be a cosine in [0, 1) (0: off), got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Negatives: rules applied to the non-target logits inside the FC kernels
+# --------------------------------------------------------------------------------------------
+class NegativeContext(NamedTuple):
+    """Per-sample inputs of a `NegativeRule`, the same on every worker."""
+    k: tf.Tensor           # [B] the logit factor: f_j = k·cos θ_j
+    hard_above: tf.Tensor  # [B] CurricularFace: negatives with cos θ_j above this are hard
+    t: tf.Tensor           # [] CurricularFace's running t
+
+
+@dataclasses.dataclass(frozen=True)
+class NegativeRule:
+    """Elementwise rule on the non-target logits z = k·cos θ_j: [B, n] -> (f [B, n], df/dz [B, n]).
+
+    curricular: hard negatives (cos θ_j > hard_above) become k·cos θ_j (t + cos θ_j) (CurricularFace).
+    filter_above: negatives with cos θ_j > filter_above get logit 0 and no gradient (inter-class
+    filtering; applied last, so it wins over the curricular rule). A pure function of its inputs.
+    """
+    curricular: bool = False
+    filter_above: float | None = None
+
+    def __call__(self, z: tf.Tensor, ctx: NegativeContext) -> tuple[tf.Tensor, tf.Tensor]:
+        c = z / ctx.k[:, None]
+        f, d = z, tf.ones_like(z)
+        if self.curricular:
+            hard = c > ctx.hard_above[:, None]
+            f = tf.where(hard, z * (ctx.t + c), f)
+            d = tf.where(hard, ctx.t + 2.0 * c, d)  # d/dz of k·c(t + c), t held fixed
+        if self.filter_above is not None:
+            dirty = c > self.filter_above
+            f, d = tf.where(dirty, 0.0, f), tf.where(dirty, 0.0, d)
+        return f, d
 
 
 def _check_scale(scale: float, name: str = "scale") -> None:
@@ -189,10 +259,12 @@ class NormFace(Margin):
 
     name: ClassVar[str] = "normface"
     scale: float | None = None
+    interclass_filtering_threshold: float = _threshold_field()
 
     def __post_init__(self):
         if self.scale is not None:
             _check_scale(self.scale)
+        _check_threshold(self.interclass_filtering_threshold)
 
     @property
     def normalize_embeddings(self) -> bool:  # type: ignore[override]
@@ -232,6 +304,11 @@ class ASoftmax(LSoftmax):
     name: ClassVar[str] = "asoftmax"
     normalize_weights: ClassVar[bool] = True
     normalize_embeddings: ClassVar[bool] = False
+    interclass_filtering_threshold: float = _threshold_field()
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_threshold(self.interclass_filtering_threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +318,11 @@ class AMSoftmax(Margin):
     name: ClassVar[str] = "amsoftmax"
     scale: float = 30.0
     margin: float = 0.35
+    interclass_filtering_threshold: float = _threshold_field()
 
     def __post_init__(self):
         _check_scale(self.scale)
+        _check_threshold(self.interclass_filtering_threshold)
         if not math.isfinite(self.margin) or self.margin < 0:
             raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
 
@@ -278,9 +357,11 @@ class CombinedMargin(Margin):
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
+    interclass_filtering_threshold: float = _threshold_field()
 
     def __post_init__(self):
         _check_scale(self.scale)
+        _check_threshold(self.interclass_filtering_threshold)
         for key in ("m1", "m2", "m3"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -330,13 +411,43 @@ class ArcFace(CombinedMargin):
         object.__setattr__(self, "m2", self.margin)
         super().__post_init__()
 
-    def get_config(self) -> dict:
-        return {"name": self.name, "scale": self.scale, "margin": self.margin}
+
+@dataclasses.dataclass(frozen=True)
+class CurricularFace(ArcFace):
+    """CurricularFace (Huang et al. 2020): ArcFace's target f'_y = s cos(θ_y + m); a negative
+    harder than it, cos θ_j > cos(θ_y + m), becomes s cos θ_j (t + cos θ_j), where t, a running
+    mean of the batch's cos θ_y (momentum 0.01, from 0), grows as training goes: easy negatives
+    first, hard ones later. t is advanced once per training call, before it is used."""
+
+    name: ClassVar[str] = "curricularface"
+    needs_target_cos: ClassVar[bool] = True
+    t_momentum: ClassVar[float] = 0.01
+    _t: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        with tf.init_scope():  # a variable even when the margin is built inside a tf.function
+            object.__setattr__(self, "_t", tf.Variable(0.0, trainable=False, name="curricular_t"))
+
+    def negative_rule(self) -> NegativeRule:
+        base = super().negative_rule()
+        return NegativeRule(curricular=True, filter_above=base.filter_above if base else None)
+
+    def negative_context(self, target_cos, k) -> NegativeContext:
+        c = tf.stop_gradient(target_cos)
+        t = self.t_momentum * tf.reduce_mean(c) + (1.0 - self.t_momentum) * self._t
+        self._t.assign(t)
+        m = float(self.margin)
+        hard_above = c * math.cos(m) - tf.sqrt(tf.maximum(1.0 - c * c, 0.0)) * math.sin(m)  # cos(θ+m)
+        return NegativeContext(k, hard_above, tf.identity(t))
+
+    def state(self) -> dict[str, tf.Variable]:
+        return {"t": self._t}
 
 
 _REGISTRY: dict[str, type[Margin]] = {
     cls.name: cls for cls in (Softmax, NormFace, LSoftmax, ASoftmax, AMSoftmax, CosFace, ArcFace,
-                              CombinedMargin)
+                              CombinedMargin, CurricularFace)
 }
 _ALIASES = {"sphereface": "asoftmax", "l-softmax": "lsoftmax", "a-softmax": "asoftmax",
             "am-softmax": "amsoftmax", "modified_softmax": "normface"}
@@ -373,15 +484,23 @@ def clip_cos(c: tf.Tensor) -> tf.Tensor:
     return c + tf.stop_gradient(tf.clip_by_value(c, -1.0, 1.0) - c)
 
 
+def logit_factor(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor | None = None) -> tf.Tensor:
+    """k [B] with f_j = k·cos θ_j: the scale, times |x| and |W_j| where they are not normalized
+    (w_rows [B, D]: the label rows, needed only when weights are not normalized)."""
+    k = tf.fill(tf.shape(x)[:1], tf.cast(margin.logit_scale, x.dtype))
+    if not margin.normalize_embeddings:
+        k = k * tf.norm(x, axis=1)
+    if not margin.normalize_weights:
+        k = k * tf.norm(w_rows, axis=1)
+    return k
+
+
+def target_cos(x: tf.Tensor, w_rows: tf.Tensor) -> tf.Tensor:
+    """[B, D] embeddings, [B, D] their label rows -> [B] cos θ_y, clipped to [-1, 1]."""
+    return clip_cos(tf.reduce_sum(tf.math.l2_normalize(x, axis=1) *
+                                  tf.math.l2_normalize(w_rows, axis=1), axis=1))
+
+
 def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0) -> tf.Tensor:
     """[B, D] embeddings, [B, D] their label rows W_y (raw, unnormalized) -> [B] f'_y."""
-    x_norm = tf.norm(x, axis=1)
-    w_norm = tf.norm(w_rows, axis=1)
-    cos = clip_cos(tf.reduce_sum(tf.math.l2_normalize(x, axis=1) *
-                                 tf.math.l2_normalize(w_rows, axis=1), axis=1))
-    k = tf.fill(tf.shape(cos), tf.cast(margin.logit_scale, cos.dtype))
-    if not margin.normalize_embeddings:
-        k = k * x_norm
-    if not margin.normalize_weights:
-        k = k * w_norm
-    return margin.target_logit(cos, k, step)
+    return margin.target_logit(target_cos(x, w_rows), logit_factor(margin, x, w_rows), step)

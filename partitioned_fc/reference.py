@@ -14,9 +14,23 @@ def _dense(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
     x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
     w_feat = tf.math.l2_normalize(w, axis=1) if margin.normalize_weights else w
     z = margin.logit_scale * tf.matmul(x_feat, w_feat, transpose_b=True)
-    target = margins_lib.target_logit_from_rows(margin, x, tf.gather(w, y), step)
+    w_y = tf.gather(w, y)
+    target = margins_lib.target_logit_from_rows(margin, x, w_y, step)
+    logits = _negatives(margin, z, x, w_y)
     idx = tf.stack([tf.range(tf.shape(y, out_type=tf.int64)[0]), y], axis=1)
-    return z, tf.tensor_scatter_nd_update(z, idx, target), target
+    return z, tf.tensor_scatter_nd_update(logits, idx, target), target
+
+
+def _negatives(margin: margins_lib.Margin, z, x, w_y):
+    """[B, C] plain logits -> the margin's non-target logits (its running statistics advanced)."""
+    rule = margin.negative_rule()
+    if rule is None:
+        return z
+    cos = tf.cast(tf.stop_gradient(margins_lib.target_cos(x, w_y)), tf.float32)
+    k = tf.cast(tf.stop_gradient(margins_lib.logit_factor(margin, x)), tf.float32)
+    ctx = margin.negative_context(cos, k)
+    ctx = margins_lib.NegativeContext(*(tf.cast(v, z.dtype) for v in ctx))
+    return rule(z, ctx)[0]
 
 
 def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):

@@ -70,7 +70,15 @@ class TargetPath:
     x: tf.Tensor               # [B, D] the raw global batch
     x_feat: tf.Tensor          # [B, D] normalized or raw, as the margin wants
     w_rows: tf.Tensor          # [B, D] the label rows (float32)
+    cos: tf.Tensor             # cos θ_y where this worker owns the label, else 0
     tape: tf.GradientTape      # persistent: the backward asks it twice
+
+
+@dataclasses.dataclass(frozen=True)
+class Negatives:
+    """The margin's rule for the non-target logits and its per-sample inputs (margins.NegativeRule)."""
+    rule: margins_lib.NegativeRule
+    ctx: margins_lib.NegativeContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +95,20 @@ class KeptLogits:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeptPlainLogits:
+    """The forward's plain logits z [B, n], kept where the margin rewrites negatives: the backward
+    needs df/dz of its rule at z (`Negatives`), which the exponentials no longer tell."""
+    z: tf.Tensor
+    block: int = BACKWARD_BLOCK
+
+    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+        """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
+        neg = fwd.negatives
+        return _kept_plain_grads(self.z, pos, fwd.lse, d_loss, fwd.x_s, weight, rows, block_label,
+                                 normalize, neg.rule, neg.ctx)
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamedLogits:
     """Nothing kept: each block of `block` rows recomputes its logits from the global lse."""
     block: int
@@ -94,8 +116,9 @@ class StreamedLogits:
     def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         del pos
-        return _streamed_grads(fwd.x_s, weight, rows, fwd.target.value, block_label, fwd.lse,
-                               d_loss, normalize)
+        rule, ctx = _rule_and_ctx(fwd.negatives)
+        return _streamed_grads(fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize,
+                               rule, ctx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +129,8 @@ class Forward:
     lse: tf.Tensor
     target: TargetPath
     x_s: tf.Tensor                         # [B, D] scale · x_feat in compute dtype
-    logits: KeptLogits | StreamedLogits
+    logits: KeptLogits | KeptPlainLogits | StreamedLogits
+    negatives: Negatives | None            # the margin's rule for non-target logits, if any
 
 
 def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tensor,
@@ -122,14 +146,16 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     target = _target_path(x, source, local_label, margin, step)
     x_s = tf.cast(target.x_feat * float(margin.logit_scale), compute_dtype)
     normalize = margin.normalize_weights
+    negatives = _negatives(comm, margin, target)
+    rule, ctx = _rule_and_ctx(negatives)
     with tf.name_scope("fc_forward"):  # names the kernels in a profile (launch/bench_profile.py)
         if chunk_size is None:
-            s_loc, m_loc, plain_max, plain_t, e = _kept_forward(
-                x_s, source.weight, source.index, target.value, local_label, normalize)
-            logits = KeptLogits(e, m_loc)
+            s_loc, m_loc, plain_max, plain_t, kept = _kept_forward(
+                x_s, source.weight, source.index, target.value, local_label, normalize, rule, ctx)
+            logits = KeptLogits(kept, m_loc) if rule is None else KeptPlainLogits(kept)
         else:
             s_loc, m_loc, plain_max, plain_t = _streamed_forward(
-                x_s, source, target.value, local_label, normalize, chunk_size)
+                x_s, source, target.value, local_label, normalize, chunk_size, rule, ctx)
             logits = StreamedLogits(chunk_size)
     maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
     m = maxes[0]
@@ -138,7 +164,24 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target.value, plain_t]))
     lse = m + tf.math.log(sums[0])
     return Forward(loss=lse - sums[1], correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
-                   target=target, x_s=x_s, logits=logits)
+                   target=target, x_s=x_s, logits=logits, negatives=negatives)
+
+
+def _negatives(comm: Cluster, margin: margins_lib.Margin, target: TargetPath) -> Negatives | None:
+    """The margin's negative rule with its inputs; where it needs every sample's cos θ_y, the
+    owners' values are summed over workers first (one [B] allreduce, no gradient)."""
+    rule = margin.negative_rule()
+    if rule is None:
+        return None
+    cos = target.cos
+    if margin.needs_target_cos:
+        cos = comm.allreduce_sum(tf.stop_gradient(cos))
+    k = tf.stop_gradient(margins_lib.logit_factor(margin, target.x))  # weights are normalized
+    return Negatives(rule, margin.negative_context(cos, k))
+
+
+def _rule_and_ctx(negatives: Negatives | None):
+    return (None, None) if negatives is None else (negatives.rule, negatives.ctx)
 
 
 def _target_path(x, source, local_label, margin, step) -> TargetPath:
@@ -150,9 +193,10 @@ def _target_path(x, source, local_label, margin, step) -> TargetPath:
     with tape:
         tape.watch([x, w_rows])
         x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
-        value = margins_lib.target_logit_from_rows(margin, x, w_rows, step)
+        cos = margins_lib.target_cos(x, w_rows)
+        value = margin.target_logit(cos, margins_lib.logit_factor(margin, x, w_rows), step)
         value = tf.where(owned, value, tf.zeros_like(value))
-    return TargetPath(value, local_label, x, x_feat, w_rows, tape)
+    return TargetPath(value, local_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), tape)
 
 
 def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink", state,
@@ -162,11 +206,7 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
     Every row taking part gets its gradient through `sink`, once, in blocks.
     """
     target = fwd.target
-    owned = target.local_label >= 0
-    # Softmax share of the target entry, exp(f'_y − lse), and the −f'_y term of the loss, both
-    # held by the owner, go back through the margin to x and the label row.
-    d_t = tf.where(owned, (tf.exp(target.value - fwd.lse) - 1.0) * d_loss, tf.zeros_like(d_loss))
-    dw_rows = target.tape.gradient(target.value, target.w_rows, output_gradients=d_t)  # [B, D]
+    d_t, dw_rows = _target_grads(fwd, d_loss)
     normalize = margin.normalize_weights
     block = fwd.logits.block if sink.block is None else sink.block
     weight = source.weight
@@ -182,9 +222,39 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, block), body,
         (tf.constant(0), tf.zeros_like(target.x, tf.float32), state), parallel_iterations=1)
-    dx = target.tape.gradient([target.value, target.x_feat], target.x,
-                              output_gradients=[d_t, dx_s * float(margin.logit_scale)])
-    return dx, state
+    return _dx(fwd, margin, d_t, dx_s), state
+
+
+def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: margins_lib.Margin):
+    """d_loss [B] -> (dL/dx [B, D] this shard's share, dL/dw [n, D] float32 of every row taking
+    part): the kept logits in one block, without the loop and its TensorArray (the tape form)."""
+    target = fwd.target
+    d_t, dw_rows = _target_grads(fwd, d_loss)
+    normalize = margin.normalize_weights
+    with tf.name_scope("fc_grads"):
+        dx_s, pw = fwd.logits.grads(fwd, source.weight, source.index, None, target.local_label,
+                                    d_loss, normalize)
+    with tf.name_scope("fc_row_grad"):
+        g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize)
+    return _dx(fwd, margin, d_t, dx_s), g
+
+
+def _target_grads(fwd: Forward, d_loss):
+    """-> d_t [B], the gradient reaching f'_y, and dw_rows [B, D], its share of the label rows.
+
+    Softmax share of the target entry, exp(f'_y − lse), and the −f'_y term of the loss, both held
+    by the owner, go back through the margin to x and the label row."""
+    target = fwd.target
+    owned = target.local_label >= 0
+    d_t = tf.where(owned, (tf.exp(target.value - fwd.lse) - 1.0) * d_loss, tf.zeros_like(d_loss))
+    return d_t, target.tape.gradient(target.value, target.w_rows, output_gradients=d_t)
+
+
+def _dx(fwd: Forward, margin, d_t, dx_s):
+    """The target path's and the logits' gradients [B, D] -> dL/dx [B, D] through the margin."""
+    target = fwd.target
+    return target.tape.gradient([target.value, target.x_feat], target.x,
+                                output_gradients=[d_t, dx_s * float(margin.logit_scale)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +327,10 @@ def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_
 
         def grad(d_loss, d_correct):
             del d_correct  # correctness is a step function: no gradient
-            # The whole gradient is returned anyway: with kept logits, one block is all of it.
-            sink = RowGradients(w, block=chunk_size or tf.shape(w)[0])
+            if chunk_size is None:  # the whole gradient is returned anyway: one block
+                dx, g = backward_whole(fwd, source, d_loss, margin)
+                return dx, tf.cast(g, w.dtype)
+            sink = RowGradients(w, block=chunk_size)
             blocks = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False)
             dx, blocks = backward(fwd, source, d_loss, sink, blocks, margin)
             return dx, tf.cast(blocks.concat(), w.dtype)
@@ -286,7 +358,7 @@ def _num_chunks(source: RowSource, chunk_size):
     return (source.n + chunk_size - 1) // chunk_size
 
 
-def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size):
+def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size, rule, ctx):
     """Streaming max / sum-exp over blocks of rows: the [B, n] logits never exist."""
     b = tf.shape(target)[0]
     neg_inf = tf.fill([b], float("-inf"))
@@ -295,7 +367,7 @@ def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size):
         start, pos = _chunk_bounds(source, c, chunk_size)
         ll = _chunk_label(local_label, start, tf.shape(pos)[0])
         s_c, m_c, pmax_c, pt_c = _streamed_stats(x_s, source.weight, source.rows(pos), target, ll,
-                                                 normalize)
+                                                 normalize, rule, ctx)
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
         return c + 1, s, m_new, tf.maximum(pmax, pmax_c), pt + pt_c
@@ -329,30 +401,40 @@ def _logits(x_s, w, normalize: bool):
     return z * inv[None, :], inv
 
 
-def _block_stats(x_s, w, t, local_label, normalize: bool):
-    """One block's logits with the target entry replaced -> e [B, k] = exp(f' − m) and its row
+def _block_stats(x_s, w, t, local_label, normalize: bool, rule=None, ctx=None):
+    """One block's logits, the negatives through `rule` (if any) and the target entry replaced
+    -> (e [B, k] = exp(f' − m), or the plain logits z [B, k] where there is a rule) and the row
     statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
     z, _ = _logits(x_s, w, normalize)
     is_t = _target_mask(local_label, tf.shape(w)[0])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
-    z = tf.where(is_t, t[:, None], z)
-    m = tf.reduce_max(z, axis=1)
-    e = tf.exp(z - m[:, None])
-    return e, (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
+    f = tf.where(is_t, t[:, None], z if rule is None else rule(z, ctx)[0])
+    m = tf.reduce_max(f, axis=1)
+    e = tf.exp(f - m[:, None])
+    return (e if rule is None else z), (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
 
 
 @tf.function(jit_compile=True)
-def _kept_forward(x_s, weight, rows, t, local_label, normalize: bool):
-    """All rows taking part in one block -> (Σ e, m, plain max, plain target, e [B, n])."""
-    e, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)
-    return stats + (e,)
+def _kept_forward(x_s, weight, rows, t, local_label, normalize: bool, rule, ctx):
+    """All rows taking part in one block -> (Σ e, m, plain max, plain target, kept [B, n])."""
+    kept, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize, rule, ctx)
+    return stats + (kept,)
 
 
 @tf.function(jit_compile=True)
-def _streamed_stats(x_s, weight, rows, t, local_label, normalize: bool):
-    """One block of rows -> (Σ e, m, plain max, plain target); its exponentials are dropped."""
-    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize)[1]
+def _streamed_stats(x_s, weight, rows, t, local_label, normalize: bool, rule, ctx):
+    """One block of rows -> (Σ e, m, plain max, plain target); its logits are dropped."""
+    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize, rule, ctx)[1]
+
+
+def _softmax_of_negatives(z, lse, d_loss, rule, ctx):
+    """Plain logits z [B, k] -> softmax · d_loss of the negatives' rewritten logits, times their
+    rule's df/dz: the gradient w.r.t. z (the target entries are dropped after)."""
+    if rule is None:
+        return tf.exp(z - lse[:, None]) * d_loss[:, None]
+    f, dfdz = rule(z, ctx)
+    return tf.exp(f - lse[:, None]) * d_loss[:, None] * dfdz
 
 
 def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
@@ -370,19 +452,33 @@ def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
 
 @tf.function(jit_compile=True)
 def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, normalize: bool):
-    """Kept exponentials e [B, n], this block's positions pos [k], coeff [B] = d_loss·exp(m − lse)."""
-    p = tf.gather(e, pos, axis=1) * coeff[:, None]
+    """Kept exponentials e [B, n], this block's positions pos [k] (None: all), coeff [B] =
+    d_loss·exp(m − lse)."""
+    p = _block_columns(e, pos) * coeff[:, None]
     return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
 
 
 @tf.function(jit_compile=True)
-def _streamed_grads(x_s, weight, rows, t, local_label, lse, d_loss, normalize: bool):
-    """Recompute one block's softmax from the global lse, then as `_kept_grads`."""
+def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, normalize: bool, rule,
+                      ctx):
+    """Kept plain logits z [B, n], this block's positions pos [k] -> as `_kept_grads`."""
+    p = _softmax_of_negatives(_block_columns(z, pos), lse, d_loss, rule, ctx)
+    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
+
+
+@tf.function(jit_compile=True)
+def _streamed_grads(x_s, weight, rows, local_label, lse, d_loss, normalize: bool, rule, ctx):
+    """Recompute one block's softmax from the global lse, then as `_kept_grads` (the target
+    entries' values do not matter: `_dz_matmuls` drops them)."""
     w = _read_rows(weight, rows)
     z, _ = _logits(x_s, w, normalize)
-    z = tf.where(_target_mask(local_label, tf.shape(w)[0]), t[:, None], z)
-    p = tf.exp(z - lse[:, None]) * d_loss[:, None]
+    p = _softmax_of_negatives(z, lse, d_loss, rule, ctx)
     return _dz_matmuls(p, local_label, x_s, w, normalize)
+
+
+def _block_columns(kept, pos):
+    """[B, n] kept logits, [k] positions or None (all) -> [B, k]."""
+    return kept if pos is None else tf.gather(kept, pos, axis=1)
 
 
 def _row_grad(pw, w, local_label, dw_rows, normalize: bool):

@@ -23,9 +23,21 @@ MARGINS = {
     "cosface": M.CosFace(scale=64.0, margin=0.4),
     "arcface": M.ArcFace(scale=64.0, margin=0.5),
     "combined": M.CombinedMargin(scale=32.0, m1=1.2, m2=0.3, m3=0.1),
+    # Inter-class filtering: thresholds low enough that some negatives of these batches are filtered
+    "arcface_filtered": M.ArcFace(scale=64.0, margin=0.5, interclass_filtering_threshold=0.2),
+    "normface_s_filtered": M.NormFace(scale=16.0, interclass_filtering_threshold=0.15),
+    "curricularface": M.CurricularFace(scale=64.0, margin=0.5),
+    "curricular_filtered": M.CurricularFace(scale=16.0, margin=0.3, interclass_filtering_threshold=0.3),
 }
-GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax")  # also checked inside tf.function
-SAMPLED_MARGINS = ("arcface", "cosface", "softmax")  # also run with Partial FC sampling
+STATE_START = 0.25  # every running statistic starts here in the tests (0 would hide the update)
+
+
+def reset_state(margin) -> None:
+    """Put a margin's running statistics at STATE_START: each comparison starts from one state."""
+    for var in margin.state().values():
+        var.assign(STATE_START)
+GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface")  # also inside tf.function
+SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered")  # also with Partial FC sampling
 SAMPLE_RATE = 0.3
 STEP = 7  # the training step fed to λ schedules
 
@@ -52,7 +64,8 @@ def global_batch(num_classes: int, world_size: int, seed: int = 0):
     return inputs, labels.astype(np.int64), backbone
 
 # Chunked logits under an autodiff tape (the fused train step covers the rest).
-TAPE_CHUNK_MARGINS = ("arcface", "asoftmax_sched", "softmax", "normface")
+TAPE_CHUNK_MARGINS = ("arcface", "asoftmax_sched", "softmax", "normface", "curricularface",
+                      "arcface_filtered")
 
 # The fused train step: margin, sampling, chunking, optimizer, inside tf.function or eager.
 TRAIN_CASES = [
@@ -70,4 +83,12 @@ TRAIN_CASES = [
      "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},
     {"id": "cos_fp16", "margin": "cosface", "rate": 1.0, "chunk": None, "graph": True,
      "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "float16"},
+    {"id": "curricular_full_sgd", "margin": "curricularface", "rate": 1.0, "chunk": None, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
+    {"id": "curricular_pfc_chunk", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 2,
+     "graph": True, "opt": "sgd", "opt_params": {"momentum": 0.9}},
+    {"id": "arcfilt_chunk_adamw", "margin": "arcface_filtered", "rate": 1.0, "chunk": 3, "graph": False,
+     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
+    {"id": "curricular_pfc_bf16", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},
 ]

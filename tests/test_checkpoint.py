@@ -74,3 +74,15 @@ def test_truncated_or_foreign_files_are_named(tmp_path):
     manifest = ckpt.read_manifest(path)
     with pytest.raises(ckpt.CheckpointError, match="embedding_dim=4 but the config says 8"):
         ckpt.check_compatible(path, manifest, 6, 8)
+
+
+def test_margin_statistics_are_kept_once_and_restored_at_any_range(tmp_path):
+    state = fc_state(0, 10)
+    state.margin_state["t"] = tf.Variable(0.375)
+    path = save(tmp_path, 1, state)
+    assert ckpt.read_manifest(path)["fc"]["margin_state"] == {"t": 0.375}
+    for start, end in [(0, 4), (4, 10)]:  # two workers of another world size read the same value
+        part = fc_state(start, end, fill=0.0)
+        part.margin_state["t"] = tf.Variable(0.0)
+        ckpt.restore(path, cluster.init("local"), part, [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)])
+        assert float(part.margin_state["t"].numpy()) == 0.375

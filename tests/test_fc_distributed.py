@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import partitioned_fc
 from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
-                   class_counts, global_batch)
+                   class_counts, global_batch, reset_state)
 from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 
@@ -31,13 +31,15 @@ def dense(num_classes, name, world_size, classes=None):
     w = tf.Variable(w)
     a = tf.Variable(backbone)
     x_in = tf.constant(inputs)
+    reset_state(MARGINS[name])
     with tf.GradientTape() as tape:
         tape.watch(x_in)
         loss, acc = partitioned_fc.dense_loss(tf.matmul(x_in, a), labels, w, MARGINS[name],
                                               step=STEP, return_accuracy=True)
     gx, gw, ga = tape.gradient(loss, [x_in, w, a])
     return {"loss": loss.numpy(), "acc": acc.numpy(), "gx": gx.numpy(), "gw": gw.numpy(),
-            "ga": ga.numpy(), "w": w.numpy()}
+            "ga": ga.numpy(), "w": w.numpy(),
+            "state": {k: v.numpy() for k, v in MARGINS[name].state().items()}}
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"np{n}")
@@ -72,8 +74,14 @@ def test_matches_dense_reference(worker_results, name):
                 assert got["acc"] == pytest.approx(ref["acc"]), where
                 assert rel(got["gx"], ref["gx"][rows]) <= GRAD_RTOL, where
                 assert rel(got["gw"], ref["gw"][start:end]) <= GRAD_RTOL, where
-        # the loss is identical on every worker
+        # the loss is identical on every worker, and so are the running statistics (advanced once,
+        # as the reference advanced them)
         assert len({float(res[key + "/loss"]) for res in ranks}) == 1
+        for stat, want in ref["state"].items():
+            assert want != pytest.approx(0.25), f"{key}: {stat} did not move"
+            for res in ranks:
+                assert res[f"{key}/state/{stat}"] == ranks[0][f"{key}/state/{stat}"], key
+                assert res[f"{key}/state/{stat}"] == pytest.approx(want, rel=1e-6), key
         # backbone convention: the SUM over workers of the replicated backbone's gradients is the
         # single-device gradient of the global mean loss.
         ga = sum(res[key + "/ga"] for res in ranks)

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import partitioned_fc
 from cases import (LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts,
-                   global_batch)
+                   global_batch, reset_state)
 from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
@@ -84,6 +84,8 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
         state = {"momentum": np.zeros_like(w), "m": np.zeros_like(w), "v": np.zeros_like(w),
                  "count": np.zeros(num_classes)}
         prev = [(ranks[r][key + "/w0"], None) for r in range(n)]
+        margin = MARGINS[case["margin"]]
+        reset_state(margin)  # as the worker did before its two steps
         for s in range(2):
             unsampled = 0
             if case["rate"] < 1:
@@ -93,7 +95,7 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
             else:
                 classes = np.arange(num_classes)
             loss, acc, ge, gw = _dense_grads(emb, np.searchsorted(classes, labels),
-                                             w[classes].astype(np.float32), MARGINS[case["margin"]])
+                                             w[classes].astype(np.float32), margin)
             sub = {k: v[classes] for k, v in state.items()}
             new_w, new_sub = update(w[classes], gw.astype(np.float64), sub, LR, **case["opt_params"])
             w[classes] = new_w
@@ -103,6 +105,8 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
                 got = ranks[r]
                 where = f"{key} step {s} rank {r}/{n}"
                 assert got[f"{key}/{s}/applied"], where
+                for stat, var in margin.state().items():  # running statistics: as the reference's
+                    assert got[f"{key}/{s}/margin/{stat}"] == pytest.approx(var.numpy(), rel=1e-6), where
                 assert abs(got[f"{key}/{s}/loss"] - loss) <= LOSS_RTOL * abs(loss), where
                 assert got[f"{key}/{s}/acc"] == pytest.approx(acc), where
                 assert rel(got[f"{key}/{s}/demb"], ge[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]) <= GRAD_RTOL, where
@@ -139,6 +143,7 @@ def test_16bit_storage_and_compute(scale_results, case):
         inputs, labels, backbone = global_batch(num_classes, n)
         emb = (inputs @ backbone).astype(np.float32)
         w = full_matrix(num_classes, backbone.shape[1], seed=11).numpy()
+        reset_state(MARGINS[case["margin"]])
         loss, _, ge, _ = _dense_grads(emb, labels, w, MARGINS[case["margin"]])
         for r, (start, end) in enumerate(all_shard_ranges(num_classes, n)):
             got = ranks[r]

@@ -166,6 +166,26 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     np.testing.assert_allclose(emb[:3], want, rtol=1e-4, atol=1e-6)
 
 
+def test_a_running_statistic_resumes_exactly(tmp_path):
+    """CurricularFace's t: a run stopped at step 2 and resumed ends with the uninterrupted run's t
+    (and loss); the checkpoint keeps it in the manifest, so any world size reads the same value."""
+    def run(run_dir, steps, resume=None):
+        raw = train_worker.config(str(run_dir), steps, None)
+        raw["train"]["batch_size"] = 6
+        raw["checkpoint"]["every"] = 2
+        raw["loss"] = {"name": "curricularface", "scale": 16.0, "margin": 0.3}
+        out = train_lib.train(from_dict(raw), cluster.init("local"), data=_data(-1), steps_per_epoch=10,
+                              num_classes=train_worker.NUM_CLASSES)
+        return out, ckpt.read_manifest(out["checkpoint"])["fc"]["margin_state"]["t"]
+
+    whole, t_whole = run(tmp_path / "whole", 4)
+    half, t_half = run(tmp_path / "split", 2)
+    resumed, t_resumed = run(tmp_path / "split", 4)
+    assert t_half != 0.0 and t_half != t_whole
+    assert t_resumed == pytest.approx(t_whole, rel=1e-6)
+    assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
 def test_onnx_export_matches_the_savedmodel_on_uint8_images(tmp_path):
     """The ONNX file (onnxruntime) gives the SavedModel's embeddings for uint8 images of the
     training size, with and without the flip-sum; an existing file is refused."""

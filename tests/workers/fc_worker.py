@@ -10,11 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
 from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
-                   class_counts, global_batch)  # noqa: E402
+                   class_counts, global_batch, reset_state)  # noqa: E402
 
 
 def step(fc, inputs, labels, backbone):
     """Linear backbone x = inputs @ A, then the layer. Returns loss, acc and the three gradients."""
+    reset_state(fc.margin)
     x_in = tf.convert_to_tensor(inputs)
     with tf.GradientTape() as tape:
         tape.watch(x_in)
@@ -42,6 +43,8 @@ def main(out_dir: str) -> None:
             outs = step(fc, inputs[sl], tf.constant(labels[sl], label_dtype), a_var)
             for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
                 results[f"{key}/{tag}"] = np.asarray(v)
+            for stat, var in margin.state().items():  # after the call: advanced once
+                results[f"{key}/state/{stat}"] = var.numpy()
             if name in GRAPH_MARGINS:
                 g = tf.function(step)(fc, inputs[sl], tf.constant(labels[sl]), a_var)
                 for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), g):

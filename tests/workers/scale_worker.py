@@ -10,12 +10,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
 from partitioned_fc import optimizer as shard_opt  # noqa: E402
-from cases import LOCAL_BATCH, MARGINS, STEP, TRAIN_CASES, TAPE_CHUNK_MARGINS, class_counts, global_batch  # noqa: E402
+from cases import (LOCAL_BATCH, MARGINS, STEP, TRAIN_CASES, TAPE_CHUNK_MARGINS, class_counts,  # noqa: E402
+                   global_batch, reset_state)
 
 LR = 0.5  # large enough that every update is visible in float32
 
 
 def tape_step(fc, x_in, labels, backbone):
+    reset_state(fc.margin)
     with tf.GradientTape() as tape:
         tape.watch(x_in)
         loss, acc = fc(tf.matmul(x_in, backbone), labels, step=STEP, return_accuracy=True)
@@ -49,6 +51,7 @@ def main(out_dir: str) -> None:
             opt = shard_opt.get(case["opt"], fc.weight, **case["opt_params"])
             step_fn = tf.function(fc.train_step) if case["graph"] else fc.train_step
             res[key + "/w0"] = fc.weight.numpy().astype(np.float32)
+            reset_state(fc.margin)  # the two steps advance it twice, as the test's reference does
             for s in range(2):
                 out = step_fn(emb, labels[sl], opt, LR, step=STEP)
                 res[f"{key}/{s}/loss"] = out.loss.numpy()
@@ -60,6 +63,8 @@ def main(out_dir: str) -> None:
                     res[f"{key}/{s}/state/{slot}"] = var.numpy().astype(np.float32)
                 if case["rate"] < 1:
                     res[f"{key}/{s}/index"] = fc.sampled_index.numpy()
+                for stat, var in fc.margin.state().items():
+                    res[f"{key}/{s}/margin/{stat}"] = var.numpy()
             res[key + "/weight_dtype"] = np.array(fc.weight.dtype.name)
             res[key + "/state_dtypes"] = np.array(sorted(v.dtype.name for v in opt.state().values()))
         # A non-finite loss leaves everything as it was.
