@@ -157,9 +157,19 @@ class Margin:
     # True where the negatives' rule needs every sample's cos θ_y (one [B] exchange).
     needs_target_cos: ClassVar[bool] = False
 
-    def target_logit(self, cos: tf.Tensor, k: tf.Tensor, step=0) -> tf.Tensor:
-        """[B] cos θ_y, [B] factor k (plain f_y = k·cos θ_y) -> [B] margin logit f'_y."""
+    def target_logit(self, cos: tf.Tensor, k: tf.Tensor, step=0, context=None) -> tf.Tensor:
+        """[B] cos θ_y, [B] factor k (plain f_y = k·cos θ_y), `batch_context`'s value -> [B] f'_y."""
         raise NotImplementedError
+
+    def batch_context(self, x_norm: tf.Tensor) -> tf.Tensor | None:
+        """[B] |x| of the whole global batch (differentiable) -> a per-sample input of
+        `target_logit` and `extra_loss` ([B]), or None. A margin with running statistics
+        advances them here: once per training call."""
+        return None
+
+    def extra_loss(self, context) -> tf.Tensor | None:
+        """A per-sample term [B] added to the loss (MagFace's regularizer), or None."""
+        return None
 
     def negative_rule(self) -> "NegativeRule | None":
         """What this margin does to non-target logits (None: nothing)."""
@@ -248,7 +258,7 @@ class Softmax(Margin):
     normalize_weights: ClassVar[bool] = False
     normalize_embeddings: ClassVar[bool] = False
 
-    def target_logit(self, cos, k, step=0):
+    def target_logit(self, cos, k, step=0, context=None):
         return k * cos
 
 
@@ -274,7 +284,7 @@ class NormFace(Margin):
     def logit_scale(self) -> float:
         return 1.0 if self.scale is None else float(self.scale)
 
-    def target_logit(self, cos, k, step=0):
+    def target_logit(self, cos, k, step=0, context=None):
         return k * cos
 
 
@@ -292,7 +302,7 @@ class LSoftmax(Margin):
         _check_int_margin(self.margin)
         object.__setattr__(self, "lambda_", _parse_lambda(self.lambda_))
 
-    def target_logit(self, cos, k, step=0):
+    def target_logit(self, cos, k, step=0, context=None):
         lam = tf.cast(_lambda_at(self.lambda_, step), cos.dtype)
         return (lam * k * cos + k * psi(cos, self.margin)) / (1.0 + lam)
 
@@ -330,7 +340,7 @@ class AMSoftmax(Margin):
     def logit_scale(self) -> float:
         return float(self.scale)
 
-    def target_logit(self, cos, k, step=0):
+    def target_logit(self, cos, k, step=0, context=None):
         return k * (cos - self.margin)
 
 
@@ -391,7 +401,7 @@ class CombinedMargin(Margin):
         c_t = math.cos(theta_t)
         return tf.where(c > c_t, cos_tm, -1.0 - (c_t - c))
 
-    def target_logit(self, cos, k, step=0):
+    def target_logit(self, cos, k, step=0, context=None):
         return k * (self._angular(cos) - self.m3)
 
 
@@ -445,9 +455,118 @@ class CurricularFace(ArcFace):
         return {"t": self._t}
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaFace(Margin):
+    """AdaFace (Kim et al. 2022): a margin that adapts to image quality through the feature norm.
+
+    ẑ = clip(h · (|x| − μ) / (σ + ε), −1, 1), with μ, σ running statistics of the batch's |x|
+    (momentum 0.01, from 20 and 100; |x| clipped to [0.001, 100], no gradient), and
+    f'_y = s (cos(clip(θ_y − m ẑ, ε, π − ε)) − m − m ẑ): high-norm (good) images get an angular
+    margin like ArcFace, low-norm ones an additive margin like CosFace, ε = 1e-3.
+    """
+
+    name: ClassVar[str] = "adaface"
+    t_alpha: ClassVar[float] = 0.01
+    eps: ClassVar[float] = 1e-3
+    scale: float = 64.0
+    margin: float = 0.4
+    h: float = 0.333
+    interclass_filtering_threshold: float = _threshold_field()
+    _stats: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        _check_threshold(self.interclass_filtering_threshold)
+        for key in ("margin", "h"):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)!r}")
+        with tf.init_scope():
+            object.__setattr__(self, "_stats", {
+                "batch_mean": tf.Variable(20.0, trainable=False, name="adaface_batch_mean"),
+                "batch_std": tf.Variable(100.0, trainable=False, name="adaface_batch_std")})
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.scale)
+
+    def state(self) -> dict[str, tf.Variable]:
+        return dict(self._stats)
+
+    def batch_context(self, x_norm):
+        """-> ẑ [B], after advancing μ and σ with this batch (the paper's order)."""
+        n = tf.clip_by_value(tf.stop_gradient(tf.cast(x_norm, tf.float32)), 0.001, 100.0)
+        mean = tf.reduce_mean(n)
+        count = tf.cast(tf.size(n), tf.float32)
+        std = tf.sqrt(tf.reduce_sum(tf.square(n - mean)) / tf.maximum(count - 1.0, 1.0))  # unbiased
+        a = self.t_alpha
+        mu = self._stats["batch_mean"].assign(a * mean + (1.0 - a) * self._stats["batch_mean"])
+        sigma = self._stats["batch_std"].assign(a * std + (1.0 - a) * self._stats["batch_std"])
+        z_hat = tf.clip_by_value((n - mu) / (sigma + self.eps) * self.h, -1.0, 1.0)
+        return tf.cast(z_hat, x_norm.dtype)
+
+    def target_logit(self, cos, k, step=0, context=None):
+        if context is None:
+            raise ValueError("AdaFace needs the batch's feature norms: pass batch_context(|x|)")
+        m, eps = float(self.margin), self.eps
+        theta = _acos(tf.clip_by_value(cos, -1.0 + eps, 1.0 - eps))
+        theta_m = tf.clip_by_value(theta - m * context, eps, math.pi - eps)
+        return k * (tf.cos(theta_m) - (m + m * context))
+
+
+@dataclasses.dataclass(frozen=True)
+class MagFace(Margin):
+    """MagFace (Meng et al. 2021): an angular margin that grows with the embedding's magnitude
+    a = clip(|x|, l_a, u_a): m(a) = l_m + (u_m − l_m)(a − l_a)/(u_a − l_a), f'_y = s cos(θ_y + m(a))
+    (ArcFace's continuation past π), plus the regularizer λ_g (a/u_a² + 1/a) added to each
+    sample's loss, which pulls magnitudes up: high magnitude = a confident, high-quality face.
+    Gradients flow through a (the margin and the regularizer) to |x|.
+    """
+
+    name: ClassVar[str] = "magface"
+    scale: float = 64.0
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+    interclass_filtering_threshold: float = _threshold_field()
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        _check_threshold(self.interclass_filtering_threshold)
+        if not 0 < self.l_a < self.u_a:
+            raise ValueError(f"need 0 < l_a < u_a, got l_a={self.l_a!r}, u_a={self.u_a!r}")
+        if not 0 <= self.l_m <= self.u_m < math.pi:
+            raise ValueError(f"need 0 <= l_m <= u_m < π, got l_m={self.l_m!r}, u_m={self.u_m!r}")
+        if not (math.isfinite(self.lambda_g) and self.lambda_g >= 0):
+            raise ValueError(f"lambda_g must be a finite number >= 0, got {self.lambda_g!r}")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.scale)
+
+    def batch_context(self, x_norm):
+        """-> the clipped magnitudes a [B] (differentiable inside [l_a, u_a])."""
+        return tf.clip_by_value(x_norm, self.l_a, self.u_a)
+
+    def _margin_of(self, a):
+        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+
+    def target_logit(self, cos, k, step=0, context=None):
+        if context is None:
+            raise ValueError("MagFace needs the embeddings' magnitudes: pass batch_context(|x|)")
+        m = self._margin_of(context)
+        cos_tm = cos * tf.cos(m) - _sin_from_cos(cos) * tf.sin(m)
+        past = cos - tf.sin(math.pi - m) * m  # beyond θ + m = π, as ArcFace
+        return k * tf.where(cos > tf.cos(math.pi - m), cos_tm, past)
+
+    def extra_loss(self, context):
+        return self.lambda_g * (context / self.u_a ** 2 + 1.0 / context)
+
+
 _REGISTRY: dict[str, type[Margin]] = {
     cls.name: cls for cls in (Softmax, NormFace, LSoftmax, ASoftmax, AMSoftmax, CosFace, ArcFace,
-                              CombinedMargin, CurricularFace)
+                              CombinedMargin, CurricularFace, AdaFace, MagFace)
 }
 _ALIASES = {"sphereface": "asoftmax", "l-softmax": "lsoftmax", "a-softmax": "asoftmax",
             "am-softmax": "amsoftmax", "modified_softmax": "normface"}
@@ -501,6 +620,8 @@ def target_cos(x: tf.Tensor, w_rows: tf.Tensor) -> tf.Tensor:
                                   tf.math.l2_normalize(w_rows, axis=1), axis=1))
 
 
-def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0) -> tf.Tensor:
-    """[B, D] embeddings, [B, D] their label rows W_y (raw, unnormalized) -> [B] f'_y."""
-    return margin.target_logit(target_cos(x, w_rows), logit_factor(margin, x, w_rows), step)
+def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0,
+                           context=None) -> tf.Tensor:
+    """[B, D] embeddings, [B, D] their label rows W_y (raw, unnormalized), the margin's
+    `batch_context` of this batch (where it has one) -> [B] f'_y."""
+    return margin.target_logit(target_cos(x, w_rows), logit_factor(margin, x, w_rows), step, context)

@@ -7,7 +7,8 @@ from partitioned_fc import margins as margins_lib
 
 
 def _dense(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
-    """-> plain logits [B, C], margin logits [B, C] (f'_y in each label's entry), f'_y [B]."""
+    """-> plain logits [B, C], margin logits [B, C] (f'_y in each label's entry), f'_y [B], the
+    margin's extra loss term [B] or None."""
     x = tf.convert_to_tensor(embeddings)
     w = tf.cast(tf.convert_to_tensor(full_weight), x.dtype)
     y = tf.cast(labels, tf.int64)
@@ -15,10 +16,12 @@ def _dense(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
     w_feat = tf.math.l2_normalize(w, axis=1) if margin.normalize_weights else w
     z = margin.logit_scale * tf.matmul(x_feat, w_feat, transpose_b=True)
     w_y = tf.gather(w, y)
-    target = margins_lib.target_logit_from_rows(margin, x, w_y, step)
+    context = margin.batch_context(tf.norm(x, axis=1))
+    target = margins_lib.target_logit_from_rows(margin, x, w_y, step, context)
     logits = _negatives(margin, z, x, w_y)
     idx = tf.stack([tf.range(tf.shape(y, out_type=tf.int64)[0]), y], axis=1)
-    return z, tf.tensor_scatter_nd_update(logits, idx, target), target
+    extra = margin.extra_loss(context)
+    return z, tf.tensor_scatter_nd_update(logits, idx, target), target, extra
 
 
 def _negatives(margin: margins_lib.Margin, z, x, w_y):
@@ -35,15 +38,16 @@ def _negatives(margin: margins_lib.Margin, z, x, w_y):
 
 def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0):
     """[B, D], [B], [C, D] -> [B, C] logits with the margin target f'_y in each label's entry, f'_y [B]."""
-    _, logits, target = _dense(embeddings, labels, full_weight, margin, step)
+    _, logits, target, _ = _dense(embeddings, labels, full_weight, margin, step)
     return logits, target
 
 
 def dense_loss(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0,
                return_accuracy: bool = False):
     """Mean margin softmax loss over the batch: [B, D], [B], [C, D] -> scalar (, accuracy)."""
-    plain, logits, target = _dense(embeddings, labels, full_weight, margin, step)
-    loss = tf.reduce_mean(tf.reduce_logsumexp(logits, axis=1) - target)
+    plain, logits, target, extra = _dense(embeddings, labels, full_weight, margin, step)
+    per_sample = tf.reduce_logsumexp(logits, axis=1) - target
+    loss = tf.reduce_mean(per_sample if extra is None else per_sample + extra)
     if not return_accuracy:
         return loss
     correct = tf.equal(tf.argmax(plain, axis=1), tf.cast(labels, tf.int64))

@@ -71,6 +71,7 @@ class TargetPath:
     x_feat: tf.Tensor          # [B, D] normalized or raw, as the margin wants
     w_rows: tf.Tensor          # [B, D] the label rows (float32)
     cos: tf.Tensor             # cos θ_y where this worker owns the label, else 0
+    extra: tf.Tensor | None    # the margin's extra loss term where owned, else 0 (MagFace)
     tape: tf.GradientTape      # persistent: the backward asks it twice
 
 
@@ -161,9 +162,11 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     m = maxes[0]
     # Each worker exponentiated against its own max; rescale its partial sum to the global one.
     # target and plain_t are 0 where another worker owns the label: their sums are the owner's.
-    sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target.value, plain_t]))
+    extra = [] if target.extra is None else [target.extra]
+    sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target.value, plain_t] + extra))
     lse = m + tf.math.log(sums[0])
-    return Forward(loss=lse - sums[1], correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
+    loss = lse - sums[1] + (sums[3] if extra else 0.0)
+    return Forward(loss=loss, correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
                    target=target, x_s=x_s, logits=logits, negatives=negatives)
 
 
@@ -194,9 +197,13 @@ def _target_path(x, source, local_label, margin, step) -> TargetPath:
         tape.watch([x, w_rows])
         x_feat = tf.math.l2_normalize(x, axis=1) if margin.normalize_embeddings else x
         cos = margins_lib.target_cos(x, w_rows)
-        value = margin.target_logit(cos, margins_lib.logit_factor(margin, x, w_rows), step)
+        context = margin.batch_context(tf.norm(x, axis=1))  # the same on every worker
+        value = margin.target_logit(cos, margins_lib.logit_factor(margin, x, w_rows), step, context)
         value = tf.where(owned, value, tf.zeros_like(value))
-    return TargetPath(value, local_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), tape)
+        # counted once: by the label's owner, whose gradient of it is summed with the others'
+        extra = margin.extra_loss(context)
+        extra = None if extra is None else tf.where(owned, extra, tf.zeros_like(extra))
+    return TargetPath(value, local_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), extra, tape)
 
 
 def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink", state,
@@ -222,7 +229,7 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, block), body,
         (tf.constant(0), tf.zeros_like(target.x, tf.float32), state), parallel_iterations=1)
-    return _dx(fwd, margin, d_t, dx_s), state
+    return _dx(fwd, margin, d_t, dx_s, d_loss), state
 
 
 def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: margins_lib.Margin):
@@ -236,7 +243,7 @@ def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: m
                                     d_loss, normalize)
     with tf.name_scope("fc_row_grad"):
         g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize)
-    return _dx(fwd, margin, d_t, dx_s), g
+    return _dx(fwd, margin, d_t, dx_s, d_loss), g
 
 
 def _target_grads(fwd: Forward, d_loss):
@@ -250,11 +257,16 @@ def _target_grads(fwd: Forward, d_loss):
     return d_t, target.tape.gradient(target.value, target.w_rows, output_gradients=d_t)
 
 
-def _dx(fwd: Forward, margin, d_t, dx_s):
-    """The target path's and the logits' gradients [B, D] -> dL/dx [B, D] through the margin."""
+def _dx(fwd: Forward, margin, d_t, dx_s, d_loss):
+    """The target path's and the logits' gradients [B, D] -> dL/dx [B, D] through the margin
+    (and its extra loss term, where it has one)."""
     target = fwd.target
-    return target.tape.gradient([target.value, target.x_feat], target.x,
-                                output_gradients=[d_t, dx_s * float(margin.logit_scale)])
+    sources = [target.value, target.x_feat]
+    grads = [d_t, dx_s * float(margin.logit_scale)]
+    if target.extra is not None:
+        sources.append(target.extra)
+        grads.append(tf.where(target.local_label >= 0, d_loss, tf.zeros_like(d_loss)))
+    return target.tape.gradient(sources, target.x, output_gradients=grads)
 
 
 # --------------------------------------------------------------------------------------------

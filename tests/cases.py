@@ -28,16 +28,20 @@ MARGINS = {
     "normface_s_filtered": M.NormFace(scale=16.0, interclass_filtering_threshold=0.15),
     "curricularface": M.CurricularFace(scale=64.0, margin=0.5),
     "curricular_filtered": M.CurricularFace(scale=16.0, margin=0.3, interclass_filtering_threshold=0.3),
+    "adaface": M.AdaFace(scale=64.0, margin=0.4, h=0.333),
+    "magface": M.MagFace(scale=32.0, l_a=5.0, u_a=15.0, l_m=0.45, u_m=0.8, lambda_g=35.0),
 }
-STATE_START = 0.25  # every running statistic starts here in the tests (0 would hide the update)
+# Where each running statistic starts in the tests: not the papers' starts, so that an update is
+# visible (t = 0) and AdaFace's ẑ is not clipped (σ = 100) for these batches (|x| ≈ 10).
+STATE_START = {"t": 0.25, "batch_mean": 9.0, "batch_std": 3.0}
 
 
 def reset_state(margin) -> None:
     """Put a margin's running statistics at STATE_START: each comparison starts from one state."""
-    for var in margin.state().values():
-        var.assign(STATE_START)
-GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface")  # also inside tf.function
-SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered")  # also with Partial FC sampling
+    for name, var in margin.state().items():
+        var.assign(STATE_START[name])
+GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface", "adaface")  # also in tf.function
+SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered", "magface")  # also with Partial FC
 SAMPLE_RATE = 0.3
 STEP = 7  # the training step fed to λ schedules
 
@@ -65,7 +69,7 @@ def global_batch(num_classes: int, world_size: int, seed: int = 0):
 
 # Chunked logits under an autodiff tape (the fused train step covers the rest).
 TAPE_CHUNK_MARGINS = ("arcface", "asoftmax_sched", "softmax", "normface", "curricularface",
-                      "arcface_filtered")
+                      "arcface_filtered", "adaface", "magface")
 
 # The fused train step: margin, sampling, chunking, optimizer, inside tf.function or eager.
 TRAIN_CASES = [
@@ -88,6 +92,10 @@ TRAIN_CASES = [
     {"id": "curricular_pfc_chunk", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 2,
      "graph": True, "opt": "sgd", "opt_params": {"momentum": 0.9}},
     {"id": "arcfilt_chunk_adamw", "margin": "arcface_filtered", "rate": 1.0, "chunk": 3, "graph": False,
+     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
+    {"id": "adaface_pfc_chunk", "margin": "adaface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
+     "opt": "sgd", "opt_params": {"momentum": 0.9}},
+    {"id": "magface_full_adamw", "margin": "magface", "rate": 1.0, "chunk": None, "graph": True,
      "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
     {"id": "curricular_pfc_bf16", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
      "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},

@@ -143,3 +143,87 @@ def test_layer_and_state_in_graph_and_config():
         from_dict({**raw, "loss": {"name": "arcface", "interclass_filtering_threshold": 1.5}})
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         M.NormFace(scale=8.0, interclass_filtering_threshold=-0.1)
+
+
+def _scaled_batch(seed=4, b=16, c=9, d=8):
+    """Embeddings of varied norms (image quality), near their label rows."""
+    x, y, w = _batch(seed, b, c, d)
+    norms = np.random.default_rng(seed).uniform(2.0, 30.0, (b, 1))
+    return x * norms / np.linalg.norm(x, axis=1, keepdims=True), y, w
+
+
+def adaface_numpy(x, y, w, s, m, h, mean0, std0):
+    """AdaFace as its paper's reference code computes the target (t_alpha 0.01, unbiased std,
+    norms clipped to [0.001, 100], cos clamped by eps = 1e-3, θ_m clipped to [eps, π − eps])."""
+    eps, rows = 1e-3, np.arange(len(y))
+    cos = _unit(x) @ _unit(w).T
+    norms = np.clip(np.linalg.norm(x, axis=1), 0.001, 100)
+    mean = 0.01 * norms.mean() + 0.99 * mean0
+    std = 0.01 * norms.std(ddof=1) + 0.99 * std0
+    z = np.clip((norms - mean) / (std + eps) * h, -1, 1)
+    theta = np.arccos(np.clip(cos[rows, y], -1 + eps, 1 - eps))
+    logits = s * cos
+    logits[rows, y] = s * (np.cos(np.clip(theta - m * z, eps, np.pi - eps)) - (m + m * z))
+    return _ce(logits, y), mean, std
+
+
+def magface_numpy(x, y, w, s, l_a, u_a, l_m, u_m, lambda_g):
+    """MagFace's loss (its reference code: cross-entropy + λ_g · mean g(a), non-easy margin)."""
+    rows = np.arange(len(y))
+    cos = np.clip(_unit(x) @ _unit(w).T, -1, 1)
+    a = np.clip(np.linalg.norm(x, axis=1), l_a, u_a)
+    m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+    c = cos[rows, y]
+    cos_m = c * np.cos(m) - np.sqrt(1 - c ** 2) * np.sin(m)
+    logits = s * cos
+    logits[rows, y] = s * np.where(c > np.cos(np.pi - m), cos_m, c - np.sin(np.pi - m) * m)
+    return _ce(logits, y) + lambda_g * float(np.mean(a / u_a ** 2 + 1 / a))
+
+
+def test_adaface_is_the_papers_formula_and_advances_its_statistics():
+    x, y, w = _scaled_batch()
+    margin = M.AdaFace(scale=64.0, margin=0.4, h=0.333)
+    assert {k: float(v.numpy()) for k, v in margin.state().items()} == {"batch_mean": 20.0, "batch_std": 100.0}
+    mean, std = 20.0, 100.0
+    for _ in range(2):
+        want, mean, std = adaface_numpy(x, y, w, 64.0, 0.4, 0.333, mean, std)
+        assert _dense(margin, x, y, w)[0] == pytest.approx(want, rel=1e-6)
+    assert float(margin.state()["batch_mean"].numpy()) == pytest.approx(mean, rel=1e-6)
+    assert float(margin.state()["batch_std"].numpy()) == pytest.approx(std, rel=1e-6)
+    # not saturated statistics: ẑ spans both signs, so both margin forms are exercised
+    margin.state()["batch_mean"].assign(15.0)
+    margin.state()["batch_std"].assign(8.0)
+    want, _, _ = adaface_numpy(x, y, w, 64.0, 0.4, 0.333, 15.0, 8.0)
+    assert _dense(margin, x, y, w)[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_magface_is_the_papers_loss_and_its_gradient_reaches_the_magnitude():
+    x, y, w = _scaled_batch(seed=5)
+    margin = M.MagFace(scale=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0)
+    loss, gx, _ = _dense(margin, x, y, w)
+    assert loss == pytest.approx(magface_numpy(x, y, w, 64.0, 10.0, 110.0, 0.45, 0.8, 35.0), rel=1e-9)
+    radial = np.sum(gx * _unit(x), axis=1)  # the magnitude's share of the gradient
+    inside = (np.linalg.norm(x, axis=1) > 10.0) & (np.linalg.norm(x, axis=1) < 110.0)
+    assert inside.any() and np.all(np.abs(radial[inside]) > 1e-6)
+    np.testing.assert_allclose(radial[~inside], 0.0, atol=1e-12)  # a clipped magnitude: no pull
+
+
+@pytest.mark.parametrize("margin", [M.AdaFace(), M.MagFace(), M.MagFace(interclass_filtering_threshold=0.3)],
+                         ids=repr)
+def test_quality_heads_are_finite_at_cos_plus_minus_one(margin):
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(5, 6))
+    x = np.stack([w[0], -w[0], 20 * w[1] / np.linalg.norm(w[1]), -w[2]])
+    loss, gx, gw = _dense(margin, x, np.array([0, 0, 1, 3]), w)
+    assert np.isfinite(loss) and np.isfinite(gx).all() and np.isfinite(gw).all()
+
+
+def test_quality_heads_by_name_and_bad_parameters():
+    assert M.get("adaface", h=0.5) == M.AdaFace(h=0.5)
+    assert M.from_config(M.MagFace(lambda_g=20.0).get_config()) == M.MagFace(lambda_g=20.0)
+    with pytest.raises(ValueError, match="l_a < u_a"):
+        M.MagFace(l_a=120.0)
+    with pytest.raises(ValueError, match="h must be"):
+        M.AdaFace(h=-1.0)
+    with pytest.raises(ValueError, match="batch's feature norms"):
+        M.AdaFace().target_logit(tf.constant([0.5]), tf.constant([64.0]))
