@@ -115,7 +115,7 @@ BAD = [
     ("train: {steps: 5, run_dir: 'gs://bucket/run'}", "train.run_dir", "object-storage URL"),
     ("train: {steps: 5, max_skipped_share: 0}", "train.max_skipped_share", "must be > 0.0"),
     ("checkpoint: {resume: null}", "checkpoint.resume", "must be a string"),
-    ("loss: {name: magface}", "loss.name", "unknown margin 'magface'"),
+    ("loss: {name: elasticface}", "loss.name", "unknown margin 'elasticface'"),
     ("loss: {name: arcface, m: 0.5}", "loss.m", "unknown key for margin 'arcface'"),
     ("loss: {name: arcface, scale: 0}", "loss.scale", "scale must be a finite number > 0"),
     ("loss: {name: arcface, scale: 64, margin: 4}", "loss.margin", "m2 must be in [0, π)"),
