@@ -23,8 +23,7 @@ import yaml
 
 from launch.backbones import BACKBONES, MIN_IMAGE_SIZE, PRECISIONS
 from partitioned_fc import margins as margins_lib
-
-DTYPES = ("float32", "bfloat16", "float16")
+from partitioned_fc.layer import DTYPES
 
 
 class ConfigError(ValueError):

@@ -161,7 +161,7 @@ class Trainer:
         (dropout) and the Partial FC sampler's state. A skipped step puts them back."""
         trainable = {id(v) for v in self.model.trainable_variables}
         found = [v for v in self.model.variables if id(v) not in trainable]
-        sampler = getattr(self.fc, "sampler", None)
+        sampler = self.fc.sampler
         return found + ([sampler.state] if sampler is not None else [])
 
     def _step(self, images, labels):
@@ -232,7 +232,7 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------
     def fc_state(self) -> ckpt.FCState:
         return ckpt.FCState(self.fc.class_range, self.fc.weight, self.fc_opt.state(),
-                            getattr(self.fc, "sampler", None), self.fc.margin.state())
+                            self.fc.sampler, self.fc.margin.state())
 
     def save(self, meta: dict | None = None) -> str:
         cfg = self.config

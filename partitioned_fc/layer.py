@@ -93,8 +93,11 @@ class PartitionedFC(tf.Module):
             self.weight = tf.Variable(tf.zeros([rows, self.embedding_dim], param_dtype), name="weight")
             # Drives λ schedules (SphereFace); the training loop advances it.
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            # Negative sampling: a per-shard stream, part of the checkpointed state (None: no
+            # sampling), and the rows the last call used.
+            self.sampler: tf.random.Generator | None = None
+            self.sampled_index: tf.Variable | None = None
             if self.sample_rate < 1.0:
-                # Negative sampling: a per-shard stream, part of the checkpointed state.
                 self.sampler = tf.random.Generator.from_seed(
                     self.seed * 1_000_003 + self.class_range[0], alg="philox")
                 self.sampled_index = tf.Variable(tf.zeros([0], tf.int32), trainable=False,
