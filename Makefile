@@ -13,7 +13,7 @@ TF_SPEC     := tensorflow-cpu==2.17.1
 HOROVOD_ENV := HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
                HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: setup test test-fast demo bench clean-venv test-tools
+.PHONY: setup test test-fast lint demo bench clean-venv test-tools
 
 # What the demo and training need: the virtual environment and the reader's op. No root, no apt.
 setup: $(VENV)/.stamp
@@ -51,6 +51,12 @@ $(VENV)/.onnx-stamp: $(VENV)/.stamp
 	$(PIP) install -q -e ".[onnx]"
 	$(PY) -c "import tf2onnx, onnxruntime, tensorflow as tf; print('onnx ok: tf2onnx', tf2onnx.__version__)"
 	@touch $@
+
+# Lint and format check (ruff, pyproject.toml): CI runs it before the tests.
+.PHONY: lint
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The tests that start no process (pytest marker `slow`, pyproject.toml): a couple of minutes.
 test-fast: setup

@@ -14,6 +14,7 @@ settings (`launch.host_memory`); MALLOC_ARENA_MAX etc. in the environment overri
 several µs (bench/reader_heap.py): for small differences, run each version alone (one file per
 run) against the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,13 @@ def main() -> int:
         # CPU per image paired the same way: on a host shared with other jobs the wall time of a
         # round swings with their load, its CPU time far less.
         cpu_over = sorted(100 * (t[1] / b[1] - 1) for t, b in zip(ts, base))
-        print(f"{name}: {med([n / t[0] for t in ts]):,.0f} img/s, CPU {med([1e6 * t[1] / n for t in ts]):.1f} us/img, "
-              f"cores {med([t[1] / t[0] for t in ts]):.2f}, overhead vs batched decode-only "
-              f"{med(over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in over)}), in CPU "
-              f"{med(cpu_over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in cpu_over)})", flush=True)
+        print(
+            f"{name}: {med([n / t[0] for t in ts]):,.0f} img/s, CPU {med([1e6 * t[1] / n for t in ts]):.1f} us/img, "
+            f"cores {med([t[1] / t[0] for t in ts]):.2f}, overhead vs batched decode-only "
+            f"{med(over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in over)}), in CPU "
+            f"{med(cpu_over):+.1f} % (rounds: {', '.join(f'{o:+.1f}' for o in cpu_over)})",
+            flush=True,
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ Each row: verification accuracy ± fold std and TAR@FAR=1e-3 on both .bin sets, 
 the final training loss and the wall time. The .bin and closed sets are only reported, never used
 to choose anything (no early stopping: every run trains its full budget).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ BIN = os.path.dirname(sys.executable)
 HEADS = {
     "softmax": {"name": "softmax"},
     "normface": {"name": "normface", "scale": 64.0},
-    "asoftmax": {"name": "asoftmax", "margin": 4,
-                 "lambda_": {"base": 1000.0, "gamma": 0.12, "power": 1.0, "minimum": 5.0}},
+    "asoftmax": {
+        "name": "asoftmax",
+        "margin": 4,
+        "lambda_": {"base": 1000.0, "gamma": 0.12, "power": 1.0, "minimum": 5.0},
+    },
     "amsoftmax": {"name": "amsoftmax", "scale": 30.0, "margin": 0.35},
     "cosface": {"name": "cosface", "scale": 64.0, "margin": 0.4},
     "arcface": {"name": "arcface", "scale": 64.0, "margin": 0.5},
@@ -65,8 +69,22 @@ def samples_per_sec(run_dir: str) -> float | None:
 
 def train_and_eval(config: str, workers: int) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    subprocess.run([os.path.join(BIN, "horovodrun"), "-np", str(workers), "-H", f"localhost:{workers}",
-                    "--gloo", os.path.join(BIN, "pfc"), "train", "--config", config], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            os.path.join(BIN, "horovodrun"),
+            "-np",
+            str(workers),
+            "-H",
+            f"localhost:{workers}",
+            "--gloo",
+            os.path.join(BIN, "pfc"),
+            "train",
+            "--config",
+            config,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     wall = time.perf_counter() - t0
     out = config + ".eval.json"
     subprocess.run([os.path.join(BIN, "pfc"), "eval", "--config", config, "--json", out], cwd=ROOT, check=True)
@@ -74,26 +92,44 @@ def train_and_eval(config: str, workers: int) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
-def row(head: str, steps: int, workers: int, wall: float, ev: dict, run_dir: str, extra: dict,
-        data: str) -> dict:
-    sets = {name: {k: r[k] for k in ("accuracy", "accuracy_std", "tar", "far_target", "num_pairs")}
-            for name, r in ev["eval"].items()}
-    return {"head": head, "loss_config": HEADS[head], "steps": steps, "workers": workers, "overrides": extra,
-            "data": data, "wall_s": round(wall, 1), "final_loss": final_loss(run_dir),
-            "samples_per_sec": samples_per_sec(run_dir), "closed_top1": ev.get("closed_top1"), "sets": sets,
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(), "time": time.strftime("%Y-%m-%d %H:%M")}
+def row(head: str, steps: int, workers: int, wall: float, ev: dict, run_dir: str, extra: dict, data: str) -> dict:
+    sets = {
+        name: {k: r[k] for k in ("accuracy", "accuracy_std", "tar", "far_target", "num_pairs")}
+        for name, r in ev["eval"].items()
+    }
+    return {
+        "head": head,
+        "loss_config": HEADS[head],
+        "steps": steps,
+        "workers": workers,
+        "overrides": extra,
+        "data": data,
+        "wall_s": round(wall, 1),
+        "final_loss": final_loss(run_dir),
+        "samples_per_sec": samples_per_sec(run_dir),
+        "closed_top1": ev.get("closed_top1"),
+        "sets": sets,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| head | (a) seen typefaces: acc ± std | TAR@1e-3 | (b) unseen typefaces: acc ± std | TAR@1e-3 "
-             "| closed-set top-1 | final loss | wall |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| head | (a) seen typefaces: acc ± std | TAR@1e-3 | (b) unseen typefaces: acc ± std | TAR@1e-3 "
+        "| closed-set top-1 | final loss | wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         a = r["sets"]["verification_seen_faces"]
         b = r["sets"]["verification_unseen_faces"]
-        lines.append(f"| {r['head']} | {a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {a['tar']:.4f} "
-                     f"| {b['accuracy']:.4f} ± {b['accuracy_std']:.4f} | {b['tar']:.4f} | {r['closed_top1']:.4f} "
-                     f"| {r['final_loss']:.3f} | {r['wall_s'] / 60:.1f} min |")
+        lines.append(
+            f"| {r['head']} | {a['accuracy']:.4f} ± {a['accuracy_std']:.4f} | {a['tar']:.4f} "
+            f"| {b['accuracy']:.4f} ± {b['accuracy_std']:.4f} | {b['tar']:.4f} | {r['closed_top1']:.4f} "
+            f"| {r['final_loss']:.3f} | {r['wall_s'] / 60:.1f} min |"
+        )
     return "\n".join(lines)
 
 
@@ -103,8 +139,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: the config's train.steps")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--margins", default=",".join(HEADS), help="comma-separated heads")
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=YAML",
-                   help="also override a config key in every run (e.g. fc.sample_rate=0.1)")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=YAML",
+        help="also override a config key in every run (e.g. fc.sample_rate=0.1)",
+    )
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "fonts_table"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "fonts_results.jsonl"))
     args = p.parse_args(argv)

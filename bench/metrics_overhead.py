@@ -9,6 +9,7 @@ step is far longer, so the ratio printed is an upper bound). Measured three ways
   both while the exporter serves /metrics and a thread scrapes it every 100 ms (150x Prometheus' 15 s),
   so scrape contention for the GIL and the metric locks is included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,18 @@ def main() -> int:
     def observe(loss):
         nonlocal i
         i += 1
-        m.observe_step(step=i, samples=args.batch, loss=loss, accuracy=0.5, lr=0.1, lam=1.0, epoch=i / 1000,
-                       step_seconds=0.01, data_wait_seconds=0.001, comm_seconds=0.002)
+        m.observe_step(
+            step=i,
+            samples=args.batch,
+            loss=loss,
+            accuracy=0.5,
+            lr=0.1,
+            lam=1.0,
+            epoch=i / 1000,
+            step_seconds=0.01,
+            data_wait_seconds=0.001,
+            comm_seconds=0.002,
+        )
 
     for _ in range(20):  # warm-up
         observe(step())
@@ -82,13 +93,22 @@ def main() -> int:
     m.close()
 
     step_s, step_m_s = statistics.median(plain), statistics.median(with_metrics)
-    result = {"bench": "metrics_overhead", "batch": args.batch, "dim": args.dim, "classes": args.classes,
-              "per_call_us": round(per_call * 1e6, 2), "step_ms": round(step_s * 1e3, 3),
-              "step_with_metrics_ms": round(step_m_s * 1e3, 3),
-              "per_call_over_step": round(per_call / step_s, 5), "cpus": os.cpu_count()}
-    print(f"observe_step: {per_call * 1e6:.1f} us/call; baseline step [{args.batch}x{args.dim}]x"
-          f"[{args.dim}x{args.classes}] {step_s * 1e3:.2f} ms (median), with metrics {step_m_s * 1e3:.2f} ms; "
-          f"per-call cost = {100 * per_call / step_s:.3f}% of the step")
+    result = {
+        "bench": "metrics_overhead",
+        "batch": args.batch,
+        "dim": args.dim,
+        "classes": args.classes,
+        "per_call_us": round(per_call * 1e6, 2),
+        "step_ms": round(step_s * 1e3, 3),
+        "step_with_metrics_ms": round(step_m_s * 1e3, 3),
+        "per_call_over_step": round(per_call / step_s, 5),
+        "cpus": os.cpu_count(),
+    }
+    print(
+        f"observe_step: {per_call * 1e6:.1f} us/call; baseline step [{args.batch}x{args.dim}]x"
+        f"[{args.dim}x{args.classes}] {step_s * 1e3:.2f} ms (median), with metrics {step_m_s * 1e3:.2f} ms; "
+        f"per-call cost = {100 * per_call / step_s:.3f}% of the step"
+    )
     if args.json_out:
         with open(args.json_out, "a") as f:
             f.write(json.dumps(result) + "\n")

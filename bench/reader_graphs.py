@@ -10,6 +10,7 @@ function-library nodes are counted by op type. Prints, per setting, each version
 the op types whose counts differ from the first version's. Timing-free, so a shared host does
 not blur it (bench/ab_reader.py times the versions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,7 @@ def op_counts(dataset) -> collections.Counter:
     from pipelines import tf_compat
 
     graph = tf_compat.dataset_graph(dataset)
-    return collections.Counter([n.op for f in graph.library.function for n in f.node_def]
-                               + [n.op for n in graph.node])
+    return collections.Counter([n.op for f in graph.library.function for n in f.node_def] + [n.op for n in graph.node])
 
 
 def main() -> int:
@@ -52,7 +52,9 @@ def main() -> int:
     for setting, kwargs in SETTINGS.items():
         counts = [op_counts(mod.make_dataset(data, 2, epochs=1, **kwargs)) for _, mod in versions]
         for (path, _), c in zip(versions, counts):
-            diff = {op: f"{counts[0][op]} -> {c[op]}" for op in sorted(set(c) | set(counts[0])) if c[op] != counts[0][op]}
+            diff = {
+                op: f"{counts[0][op]} -> {c[op]}" for op in sorted(set(c) | set(counts[0])) if c[op] != counts[0][op]
+            }
             print(f"{setting}: {path}: {sum(c.values())} ops; differences from the first: {diff or 'none'}")
     return 0
 

@@ -9,6 +9,7 @@ second process, the control: the reader alone for as many windows. Each line: me
 CPU µs per image of `--rounds` windows of 600 batches of 128 (1 worker, 2 threads, `pfc`'s
 allocator settings), timed as `pfc bench data` times them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,12 @@ def main() -> int:
 
     def windows(tag):
         ts = [timed_window(pipe.dataset, warmup, steps) for _ in range(args.rounds)]
-        print(f"{tag:32s} reader {statistics.median([n / t[0] for t in ts]):8,.0f} img/s  CPU "
-              f"{statistics.median([1e6 * t[1] / n for t in ts]):6.1f} µs/img  "
-              f"({', '.join(f'{1e6 * t[1] / n:.1f}' for t in ts)})", flush=True)
+        print(
+            f"{tag:32s} reader {statistics.median([n / t[0] for t in ts]):8,.0f} img/s  CPU "
+            f"{statistics.median([1e6 * t[1] / n for t in ts]):6.1f} µs/img  "
+            f"({', '.join(f'{1e6 * t[1] / n:.1f}' for t in ts)})",
+            flush=True,
+        )
 
     if args.control:
         for k in range(4):

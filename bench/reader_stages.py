@@ -10,6 +10,7 @@ the reader's compiled op (`pipelines.record_blocks`). Under `pfc`'s allocator se
 the tags and the checks. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
 Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ def main() -> int:
     options = tf.data.Options()
     options.autotune.enabled = False
     options.threading.private_threadpool_size = 2
+
     def interleaved(read):
         return tf.data.Dataset.from_tensor_slices(files).interleave(read, cycle_length=16).repeat()
 
@@ -50,7 +52,8 @@ def main() -> int:
 
     def permute(k, window):
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(tf.shape(window[0])[0]), seed=tf.stack([tf.constant(1, tf.int64), k]))
+            tf.range(tf.shape(window[0])[0]), seed=tf.stack([tf.constant(1, tf.int64), k])
+        )
         return tuple(tf.gather(t, order) for t in window)
 
     stages = {

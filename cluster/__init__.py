@@ -8,6 +8,7 @@
 
 `init()` may be called any number of times: it returns the same cluster.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ __all__ = ["Cluster", "LocalCluster", "init", "launched_by_horovod", "BACKENDS"]
 BACKENDS = ("auto", "local", "horovod")
 
 # Variables that horovodrun (Gloo) or an MPI launcher sets in every worker's environment.
-_LAUNCHER_VARS = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_GLOO_RENDEZVOUS_ADDR",
-                  "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_LAUNCHER_VARS = ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 _cluster: Cluster | None = None
 
@@ -43,8 +43,10 @@ def init(backend: str | None = None) -> Cluster:
         raise ValueError(f"unknown cluster backend {backend!r}; expected one of {BACKENDS}")
     if _cluster is not None:
         if backend != "auto" and backend != _cluster.backend:
-            raise RuntimeError(f"cluster already initialised with backend {_cluster.backend!r}; "
-                               f"cannot switch to {backend!r} in the same process")
+            raise RuntimeError(
+                f"cluster already initialised with backend {_cluster.backend!r}; "
+                f"cannot switch to {backend!r} in the same process"
+            )
         return _cluster
     if backend == "horovod" or (backend == "auto" and launched_by_horovod()):
         try:
@@ -54,9 +56,9 @@ def init(backend: str | None = None) -> Cluster:
             raise RuntimeError(
                 "this process was started by a distributed launcher "
                 f"({', '.join(started) or 'backend=horovod requested'}) but Horovod cannot be "
-                f"imported: {e}. Install it with `make setup` (or see README, 'Install').") from e
+                f"imported: {e}. Install it with `make setup` (or see README, 'Install')."
+            ) from e
         _cluster = HorovodCluster()
     else:
         _cluster = LocalCluster()
     return _cluster
-

@@ -10,10 +10,11 @@ of all workers. Under it the adjoints are exact:
 Horovod's own registered allgather gradient averages instead of summing (1/N of the true
 gradient, measured), so it is never used: every collective below carries its own gradient.
 """
+
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -120,5 +121,7 @@ class Cluster(abc.ABC):
         return False
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(backend={self.backend!r}, rank={self.rank}, size={self.size}, "
-                f"local_rank={self.local_rank}, local_size={self.local_size})")
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, rank={self.rank}, size={self.size}, "
+            f"local_rank={self.local_rank}, local_size={self.local_size})"
+        )

@@ -1,17 +1,24 @@
 """Horovod (Gloo on CPU, NCCL on GPU) as the cluster backend. The only module importing horovod."""
+
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import horovod.tensorflow as hvd  # cluster.init() turns an ImportError here into a clear error
 import tensorflow as tf
 
 from cluster.base import Cluster
 
-
-_PEER_LOST = ("Horovod has been shut down", "HorovodInternalError", "Connection closed by peer",
-              "Connection reset by peer", "Broken pipe", "gloo::IoException", "gloo/transport")
+_PEER_LOST = (
+    "Horovod has been shut down",
+    "HorovodInternalError",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "gloo::IoException",
+    "gloo/transport",
+)
 
 
 class HorovodCluster(Cluster):

@@ -1,7 +1,8 @@
 """The single-process cluster: world size 1, every collective is the identity."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 

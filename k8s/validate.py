@@ -8,6 +8,7 @@ made strict the same way (an object with `properties` accepts no other fields, a
 field validation rejects them) with int32 bounds; `$ref`s resolve into the Kubernetes definitions.
 A kind with neither is an error, never a pass. CEL rules (x-kubernetes-validations) are not run.
 """
+
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
@@ -26,14 +28,15 @@ from kubernetes_validate import utils as kv_utils
 K8S_VERSION = "1.37.0"
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
 _OBJECT_META = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-_INT_RANGE = {"int32": (-2**31, 2**31 - 1), "int64": (-2**63, 2**63 - 1)}
+_INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
 
 def render(kustomization_dir: str) -> list[dict]:
     """`kubectl kustomize DIR` -> the rendered objects. Raises RuntimeError with kubectl's message."""
     if shutil.which("kubectl") is None:
-        raise RuntimeError("kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/) to "
-                           "render the kustomizations")
+        raise RuntimeError(
+            "kubectl not found: install it (https://kubernetes.io/docs/tasks/tools/) to render the kustomizations"
+        )
     proc = subprocess.run(["kubectl", "kustomize", kustomization_dir], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {kustomization_dir} failed: {proc.stderr.strip()}")
@@ -58,8 +61,11 @@ def strict_schema(node: Any) -> Any:
             out[key] = value
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
-    if "properties" in node and "additionalProperties" not in node \
-            and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if node.get("type") == "integer" and node.get("format") in _INT_RANGE:
         lo, hi = _INT_RANGE[node["format"]]
@@ -69,8 +75,9 @@ def strict_schema(node: Any) -> Any:
 
 
 def _k8s_definitions() -> referencing.Registry:
-    defs = kv_utils.schema_contents(f"kubernetes-json-schema/v{K8S_VERSION}-local-strict/_definitions.json",
-                                    K8S_VERSION)
+    defs = kv_utils.schema_contents(
+        f"kubernetes-json-schema/v{K8S_VERSION}-local-strict/_definitions.json", K8S_VERSION
+    )
     return referencing.Resource.from_contents(defs) @ referencing.Registry()
 
 
@@ -89,8 +96,9 @@ def load_crd_validators(schema_dir: str = SCHEMA_DIR) -> dict[tuple[str, str], j
         schema.setdefault("required", [])
         schema["required"] = sorted(set(schema["required"]) | {"apiVersion", "kind", "metadata"})
         jsonschema.Draft202012Validator.check_schema(schema)
-        validators[(f"{doc['group']}/{doc['version']}", doc["kind"])] = \
-            jsonschema.Draft202012Validator(schema, registry=registry)
+        validators[(f"{doc['group']}/{doc['version']}", doc["kind"])] = jsonschema.Draft202012Validator(
+            schema, registry=registry
+        )
     return validators
 
 
@@ -104,13 +112,17 @@ def validate_object(obj: dict, crd_validators: dict) -> list[str]:
     name = f"{kind}/{(obj.get('metadata') or {}).get('name', '?')}"
     validator = crd_validators.get((api, kind))
     if validator is not None:
-        return [f"{name}: {_where(e)}: {e.message}"
-                for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+        return [
+            f"{name}: {_where(e)}: {e.message}"
+            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+        ]
     try:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
-        return [f"{name}: no schema for apiVersion {api} kind {kind}: neither Kubernetes {K8S_VERSION} "
-                f"nor k8s/schemas/ has one"]
+        return [
+            f"{name}: no schema for apiVersion {api} kind {kind}: neither Kubernetes {K8S_VERSION} "
+            f"nor k8s/schemas/ has one"
+        ]
     except kubernetes_validate.ValidationError as e:
         return [f"{name}: {_where(e)}: {e.message}"]
     return []

@@ -15,9 +15,11 @@ without scale (its bias stays). Batch norm uses InsightFace's momentum 0.9 (PyTo
 epsilon 1e-5. Every initializer gets its own seed derived from `seed`, so the same seed builds
 the same weights in any process; layers have fixed names, so variable paths are stable.
 """
+
 from __future__ import annotations
 
 import itertools
+
 import keras
 from keras import layers
 
@@ -42,7 +44,7 @@ class _Seeds:
         self._count = itertools.count()
 
     def __call__(self) -> int:
-        return (self._base + next(self._count)) % (2 ** 31 - 1)
+        return (self._base + next(self._count)) % (2**31 - 1)
 
     def he(self) -> keras.initializers.Initializer:
         return keras.initializers.HeNormal(seed=self())
@@ -51,8 +53,15 @@ class _Seeds:
         return keras.initializers.GlorotUniform(seed=self())
 
 
-def build_backbone(name: str, image_size: int = 112, embedding_dim: int = 512, dropout: float = 0.0,
-                   seed: int = 0, batch_norm: bool = True, precision: str = "float32") -> keras.Model:
+def build_backbone(
+    name: str,
+    image_size: int = 112,
+    embedding_dim: int = 512,
+    dropout: float = 0.0,
+    seed: int = 0,
+    batch_norm: bool = True,
+    precision: str = "float32",
+) -> keras.Model:
     """A Keras model [B, image_size, image_size, 3] float32 -> [B, embedding_dim] float32.
 
     batch_norm=False (tiny only) leaves out every batch normalization layer. precision: a Keras
@@ -103,15 +112,17 @@ def _conv(x, filters: int, kernel: int, stride: int, seeds: _Seeds, name: str, b
     """kxk convolution with PyTorch-style symmetric padding (k // 2 on every side)."""
     if kernel > 1:
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
-    return layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias,
-                         kernel_initializer=seeds.he(), name=name)(x)
+    return layers.Conv2D(
+        filters, kernel, strides=stride, padding="valid", use_bias=bias, kernel_initializer=seeds.he(), name=name
+    )(x)
 
 
 def _dwconv(x, kernel: int | tuple[int, int], stride: int, seeds: _Seeds, name: str, pad: bool = True):
     if pad:
         x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)  # only square kernels are padded
-    return layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=False,
-                                  depthwise_initializer=seeds.he(), name=name)(x)
+    return layers.DepthwiseConv2D(
+        kernel, strides=stride, padding="valid", use_bias=False, depthwise_initializer=seeds.he(), name=name
+    )(x)
 
 
 def _bn(x, name: str, scale: bool = True):
@@ -120,8 +131,7 @@ def _bn(x, name: str, scale: bool = True):
 
 def _prelu(x, name: str):
     """Per-channel PReLU (slopes shared over H and W), slopes starting at 0.25 as in PyTorch."""
-    return layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25), shared_axes=[1, 2],
-                        name=name)(x)
+    return layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25), shared_axes=[1, 2], name=name)(x)
 
 
 def _embedding_head(x, embedding_dim: int, dropout: float, seeds: _Seeds, batch_norm: bool):
@@ -207,4 +217,3 @@ def _mobilefacenet(x, embedding_dim: int, dropout: float, seeds: _Seeds):
     x = _conv(x, embedding_dim, 1, 1, seeds, "linear_conv")
     x = _bn(x, "embedding", scale=False)
     return layers.Flatten(name="head_flatten")(x)
-

@@ -4,6 +4,7 @@ The baseline is measured in the same process, on the same shapes and threads: th
 [B, D]x[D, C_r] and the two backward matmuls ([B, C_r]x[C_r, D] and [C_r, B]x[B, D]). Their time
 is the floor any exact implementation pays; the ratio says what everything else costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,15 @@ _CHILD_ENV = "PFC_BENCH_CHILD"
 def add_parser(sub) -> None:
     bench = commands.add(sub, "bench")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    fc = commands.add(kinds, "fc", "time of one FC training step vs the bare matmuls of the same work", (
-        "pfc bench fc --classes 1000000 --dim 512 --batch 256 --workers 2 --steps 5",
-        "pfc bench fc --classes 100000 --sample-rate 0.1 --dtype bfloat16 --json bench/fc_results.jsonl"))
+    fc = commands.add(
+        kinds,
+        "fc",
+        "time of one FC training step vs the bare matmuls of the same work",
+        (
+            "pfc bench fc --classes 1000000 --dim 512 --batch 256 --workers 2 --steps 5",
+            "pfc bench fc --classes 100000 --sample-rate 0.1 --dtype bfloat16 --json bench/fc_results.jsonl",
+        ),
+    )
     fc.add_argument("--classes", type=int, required=True, help="C, total classes")
     fc.add_argument("--dim", type=int, default=512, help="D, embedding width")
     fc.add_argument("--batch", type=int, default=256, help="GLOBAL batch B (split over workers)")
@@ -33,23 +40,41 @@ def add_parser(sub) -> None:
     fc.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     fc.add_argument("--margin", default="arcface", help="margin name (default arcface)")
     fc.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate r in (0, 1]")
-    fc.add_argument("--chunk-size", type=int, default=None,
-                    help="logits in blocks of K classes (default: one block, [B, C_r] kept)")
-    fc.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="param_dtype and compute_dtype of the layer")
-    fc.add_argument("--mode", default="train", choices=("train", "tape"),
-                    help="train: the fused step with the sparse SGD-momentum update (what training "
-                         "runs); tape: loss and gradients through an autodiff tape, no update")
-    fc.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads per worker (default: cores // workers)")
-    fc.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="after timing, profile this many steps and print where each millisecond "
-                         "goes, per op (docs/benchmarks.md, 'Per-kernel profile')")
+    fc.add_argument(
+        "--chunk-size", type=int, default=None, help="logits in blocks of K classes (default: one block, [B, C_r] kept)"
+    )
+    fc.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="param_dtype and compute_dtype of the layer",
+    )
+    fc.add_argument(
+        "--mode",
+        default="train",
+        choices=("train", "tape"),
+        help="train: the fused step with the sparse SGD-momentum update (what training "
+        "runs); tape: loss and gradients through an autodiff tape, no update",
+    )
+    fc.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (default: cores // workers)")
+    fc.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile this many steps and print where each millisecond "
+        "goes, per op (docs/benchmarks.md, 'Per-kernel profile')",
+    )
     fc.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     fc.set_defaults(func=run_fc)
     from launch import bench_data
-    data = commands.add(kinds, "data", "images/s of the training reader vs decode-only, same JPEGs", (
-        "pfc bench data data/synth --workers 2 --rounds 3",))
+
+    data = commands.add(
+        kinds,
+        "data",
+        "images/s of the training reader vs decode-only, same JPEGs",
+        ("pfc bench data data/synth --workers 2 --rounds 3",),
+    )
     bench_data.add_arguments(data)
     data.set_defaults(func=bench_data.run)
 
@@ -102,8 +127,18 @@ def _status_kib(key: str) -> int:
 def _relaunch(args) -> int:
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     argv = list(sys.argv[1:])  # the same `bench fc ...` arguments, run by every worker
-    cmd = [horovodrun, "-np", str(args.workers), "-H", f"localhost:{args.workers}", "--gloo",
-           sys.executable, "-m", "launch.cli", *argv]
+    cmd = [
+        horovodrun,
+        "-np",
+        str(args.workers),
+        "-H",
+        f"localhost:{args.workers}",
+        "--gloo",
+        sys.executable,
+        "-m",
+        "launch.cli",
+        *argv,
+    ]
     env = dict(os.environ, **{_CHILD_ENV: "1"})
     return subprocess.call(cmd, env=env)
 
@@ -116,7 +151,6 @@ def _measure(args, threads: int) -> int:
     import cluster
     import partitioned_fc
     from partitioned_fc import margins
-
     from partitioned_fc import optimizer as shard_opt
     from partitioned_fc.memory import release_free_memory
 
@@ -125,8 +159,16 @@ def _measure(args, threads: int) -> int:
 
     def make(classes):
         fc = partitioned_fc.PartitionedFC(
-            classes, args.dim, margins.get(args.margin), comm, seed=0, sample_rate=args.sample_rate,
-            chunk_size=args.chunk_size, compute_dtype=args.dtype, param_dtype=args.dtype)
+            classes,
+            args.dim,
+            margins.get(args.margin),
+            comm,
+            seed=0,
+            sample_rate=args.sample_rate,
+            chunk_size=args.chunk_size,
+            compute_dtype=args.dtype,
+            param_dtype=args.dtype,
+        )
         return fc, shard_opt.SGD(fc.weight, momentum=0.9, weight_decay=5e-4)
 
     rss_start = _rss_now()
@@ -146,8 +188,10 @@ def _measure(args, threads: int) -> int:
     rng = tf.random.Generator.from_seed(1 + comm.rank)
     # a new batch per step: the train mode updates the rows, and one batch repeated is memorized
     # within a few steps (its loss printed 0.000 -> 0.000)
-    batches = [(rng.normal([b_local, args.dim]), rng.uniform([b_local], 0, args.classes, dtype=tf.int64))
-               for _ in range(args.steps + 1)]
+    batches = [
+        (rng.normal([b_local, args.dim]), rng.uniform([b_local], 0, args.classes, dtype=tf.int64))
+        for _ in range(args.steps + 1)
+    ]
     x, y = batches[0]
 
     @tf.function
@@ -193,7 +237,7 @@ def _measure(args, threads: int) -> int:
         outs = []
         for lo in range(0, k, block):
             wb = tf.cast(tf.gather(weight, tf.range(lo, min(k, lo + block))), args.dtype)
-            z = tf.matmul(x_all, wb, transpose_b=True)                    # [B, k] logits
+            z = tf.matmul(x_all, wb, transpose_b=True)  # [B, k] logits
             outs += [tf.reduce_sum(tf.matmul(z, wb)), tf.reduce_sum(tf.matmul(z, x_all, transpose_a=True))]
         return tf.add_n(outs)
 
@@ -205,38 +249,62 @@ def _measure(args, threads: int) -> int:
     profile = _profile(args, fc_step, batches, fc_t) if args.profile and comm.rank == 0 else None
     # Each the largest worker's. beyond: the memory bound's measure, peak minus the warmed-up runtime
     # minus weights + state, per worker (its two parts, build and step, may peak on different ones).
-    peak_max, over_max, build_max, beyond_max = (float(v) for v in comm.allreduce_max(tf.constant(
-        [peak, peak - rss_built, rss_built - rss_before - state_bytes, peak - rss_before - state_bytes],
-        tf.float32)))
+    peak_max, over_max, build_max, beyond_max = (
+        float(v)
+        for v in comm.allreduce_max(
+            tf.constant(
+                [peak, peak - rss_built, rss_built - rss_before - state_bytes, peak - rss_before - state_bytes],
+                tf.float32,
+            )
+        )
+    )
     # RSS counts touched pages: rows not yet written can make "built minus weights+state" negative;
     # nothing was left behind then
     build_max = max(build_max, 0.0)
     if comm.rank == 0:
-        result = {"bench": "fc", "mode": args.mode, "classes": args.classes, "dim": args.dim,
-                  "batch": args.batch, "workers": comm.size, "classes_per_worker": rows,
-                  "margin": args.margin, "sample_rate": args.sample_rate, "chunk_size": args.chunk_size,
-                  "dtype": args.dtype, "threads_per_worker": threads,
-                  "allocator": "system" if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "").lower()
-                               in ("1", "true") else "onednn-pool",
-                  "malloc_arena_max": host_memory.arena_limit, "step_s": round(fc_t, 4),
-                  "matmul_s": round(mm_t, 4), "ratio": round(fc_t / mm_t, 3),
-                  "ratio_interleaved": round(_median(pairs), 3),
-                  "samples_per_s": round(args.batch / fc_t, 1),
-                  "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),
-                  "runtime_gib_per_worker": round(rss_before / 2**30, 2),
-                  "startup_gib_per_worker": round(rss_start / 2**30, 2),
-                  "state_gib_per_worker": round(state_bytes / 2**30, 2),
-                  "overhead_gib_per_worker": round(over_max / 2**30, 3),
-                  "build_overhead_gib_per_worker": round(build_max / 2**30, 3),
-                  "beyond_state_gib_per_worker": round(beyond_max / 2**30, 3),
-                  "losses": [round(v, 4) for v in losses]}
+        result = {
+            "bench": "fc",
+            "mode": args.mode,
+            "classes": args.classes,
+            "dim": args.dim,
+            "batch": args.batch,
+            "workers": comm.size,
+            "classes_per_worker": rows,
+            "margin": args.margin,
+            "sample_rate": args.sample_rate,
+            "chunk_size": args.chunk_size,
+            "dtype": args.dtype,
+            "threads_per_worker": threads,
+            "allocator": "system"
+            if os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "").lower() in ("1", "true")
+            else "onednn-pool",
+            "malloc_arena_max": host_memory.arena_limit,
+            "step_s": round(fc_t, 4),
+            "matmul_s": round(mm_t, 4),
+            "ratio": round(fc_t / mm_t, 3),
+            "ratio_interleaved": round(_median(pairs), 3),
+            "samples_per_s": round(args.batch / fc_t, 1),
+            "peak_rss_gib_per_worker": round(peak_max / 2**30, 2),
+            "runtime_gib_per_worker": round(rss_before / 2**30, 2),
+            "startup_gib_per_worker": round(rss_start / 2**30, 2),
+            "state_gib_per_worker": round(state_bytes / 2**30, 2),
+            "overhead_gib_per_worker": round(over_max / 2**30, 3),
+            "build_overhead_gib_per_worker": round(build_max / 2**30, 3),
+            "beyond_state_gib_per_worker": round(beyond_max / 2**30, 3),
+            "losses": [round(v, 4) for v in losses],
+        }
         if profile:
             result["profile_ms_per_step"] = {op: round(ms, 2) for op, ms, _ in profile[:25]}
-        print(f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size} r={args.sample_rate} "
-              f"chunk={args.chunk_size} {args.dtype} {args.mode}: step {fc_t:.3f}s  bare matmuls "
-              f"{mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x (interleaved {_median(pairs):.2f}x)  {args.batch / fc_t:,.1f} samples/s  peak RSS "
-              f"{peak_max / 2**30:.2f} GiB/worker (runtime {rss_before / 2**30:.2f}, weights+state "
-              f"{state_bytes / 2**30:.2f}, left by building it {build_max / 2**30:.3f}, step {over_max / 2**30:.3f})  loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+        print(
+            f"fc  C={args.classes:,} D={args.dim} B={args.batch} workers={comm.size} r={args.sample_rate} "
+            f"chunk={args.chunk_size} {args.dtype} {args.mode}: step {fc_t:.3f}s  bare matmuls "
+            f"{mm_t:.3f}s  ratio {fc_t / mm_t:.2f}x (interleaved {_median(pairs):.2f}x)  "
+            f"{args.batch / fc_t:,.1f} samples/s  peak RSS "
+            f"{peak_max / 2**30:.2f} GiB/worker (runtime {rss_before / 2**30:.2f}, weights+state "
+            f"{state_bytes / 2**30:.2f}, left by building it {build_max / 2**30:.3f}, step "
+            f"{over_max / 2**30:.3f})  loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+            flush=True,
+        )
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(result) + "\n")

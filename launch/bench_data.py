@@ -30,6 +30,7 @@ With --workers 2, each pipeline runs in two processes on this host, as ranks 0 a
 and size passed explicitly: the reader needs no collective); images/s are summed over the
 workers. File barriers order the turns; the JSON row keeps each turn's start and end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="dataset directory (with manifest.json)")
     p.add_argument("--workers", type=int, default=1, choices=(1, 2), help="reader processes on this host")
     p.add_argument("--batch", type=int, default=128, help="batch size per worker")
-    p.add_argument("--steps", type=int, default=600,
-                   help="batches per timed round (default 600: many times the reader's buffers)")
+    p.add_argument(
+        "--steps", type=int, default=600, help="batches per timed round (default 600: many times the reader's buffers)"
+    )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each (medians reported)")
     p.add_argument("--shuffle-buffer", type=int, default=4096, help="reader's shuffle buffer (default 4096)")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="the reader in skip_corrupt mode (every batch guarded by a record-by-record fallback)")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="the reader in skip_corrupt mode (every batch guarded by a record-by-record fallback)",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="append the result as a JSON line here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--barrier-dir", default=None, help=argparse.SUPPRESS)
@@ -72,31 +77,54 @@ def run(args: argparse.Namespace) -> int:
         return _measure(args, args.rank, args.workers, args.barrier_dir, args.pipeline)
     # One process per pipeline and worker, timed in turn (see the module docstring).
     with tempfile.TemporaryDirectory() as barrier:
-        argv = [sys.executable, "-m", "launch.cli", "bench", "data", args.path, "--workers", str(args.workers),
-                "--batch", str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                "--shuffle-buffer", str(args.shuffle_buffer), "--barrier-dir", barrier]
+        argv = [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "bench",
+            "data",
+            args.path,
+            "--workers",
+            str(args.workers),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--rounds",
+            str(args.rounds),
+            "--shuffle-buffer",
+            str(args.shuffle_buffer),
+            "--barrier-dir",
+            barrier,
+        ]
         argv += ["--skip-corrupt"] if args.skip_corrupt else []
         # as horovodrun tells its workers, so each sets up its allocator as in training
         env = {**os.environ, "HOROVOD_LOCAL_SIZE": str(args.workers)}
-        procs = {(name, r): subprocess.Popen(argv + ["--rank", str(r), "--pipeline", name], stdout=subprocess.PIPE,
-                                             text=True, env=env)
-                 for name in PIPELINES for r in range(args.workers)}
+        procs = {
+            (name, r): subprocess.Popen(
+                argv + ["--rank", str(r), "--pipeline", name], stdout=subprocess.PIPE, text=True, env=env
+            )
+            for name in PIPELINES
+            for r in range(args.workers)
+        }
         # The others would wait for a failed process at their next barrier forever: stop them.
         while True:
             failed = [key for key, p in procs.items() if p.poll()]
             if failed:
                 for p in procs.values():
                     p.kill()
-                print(f"pfc bench data: the {failed[0][0]} process of worker {failed[0][1]} failed "
-                      f"(exit {procs[failed[0]].returncode})", file=sys.stderr)
+                print(
+                    f"pfc bench data: the {failed[0][0]} process of worker {failed[0][1]} failed "
+                    f"(exit {procs[failed[0]].returncode})",
+                    file=sys.stderr,
+                )
                 return 1
             if all(p.returncode is not None for p in procs.values()):
                 break
             time.sleep(0.2)
         outs = {key: p.communicate()[0] for key, p in procs.items()}
     parts = {key: json.loads(o.strip().splitlines()[-1]) for key, o in outs.items()}
-    return _report(args, [_worker_result(args, [parts[name, r] for name in PIPELINES])
-                          for r in range(args.workers)])
+    return _report(args, [_worker_result(args, [parts[name, r] for name in PIPELINES]) for r in range(args.workers)])
 
 
 def _worker_result(args, parts: list[dict]) -> dict:
@@ -123,8 +151,11 @@ def paired_overhead(baselines: list[list[list[float]]], reader_s: list[list[floa
     several baselines each round is compared with the one that was faster in that round.
     """
     rounds = len(reader_s[0]) if reader_s else 0
-    if not rounds or not baselines or any(len(t) != len(reader_s) or any(len(w) != rounds for w in t)
-                                          for t in [*baselines, reader_s]):
+    if (
+        not rounds
+        or not baselines
+        or any(len(t) != len(reader_s) or any(len(w) != rounds for w in t) for t in [*baselines, reader_s])
+    ):
         raise ValueError("paired_overhead: one time per worker and round for every pipeline")
     rate = lambda t, k: sum(1 / w[k] for w in t)  # noqa: E731 (images/s, up to the image count)
     return statistics.median(max(rate(t, k) for t in baselines) / rate(reader_s, k) - 1 for k in range(rounds))
@@ -137,28 +168,45 @@ def _report(args, results: list[dict]) -> int:
     walls = {name: [r["walls"][name] for r in results] for name in ("decode_only", "decode_batched", "reader")}
     over = paired_overhead([walls["decode_only"], walls["decode_batched"]], walls["reader"])
     r0 = results[0]
-    result = {"bench": "data", "path": args.path, "workers": len(results), "batch": args.batch,
-              "shuffle_buffer": args.shuffle_buffer, "skip_corrupt": args.skip_corrupt, "rounds": args.rounds,
-              "image_size": r0["image_size"], "threads_per_worker": r0["threads"],
-              "malloc_arena_max": r0["malloc_arena_max"],
-              "decode_only_img_s": round(dec, 1), "decode_batched_img_s": round(dec_b, 1),
-              "reader_img_s": round(rdr, 1), "overhead": round(over, 3),
-              "overhead_vs_per_image": round(paired_overhead([walls["decode_only"]], walls["reader"]), 3),
-              "overhead_vs_batched": round(paired_overhead([walls["decode_batched"]], walls["reader"]), 3),
-              "augment_us_per_img": round(sum(r["augment_us"] for r in results) / len(results), 1),
-              "augment_share_of_decode": round(sum(r["augment_us"] / r["decode_only_wall_us"]
-                                                   for r in results) / len(results), 3),
-              "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
-              "decode_batched_cpu_us_per_img": round(sum(r["decode_batched_cpu_us"] for r in results) / len(results), 1),
-              "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1),
-              "walls": walls, "turns": {name: [r["turns"][name] for r in results] for name in walls}}
-    print(f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
-          f"batch={args.batch} shuffle={args.shuffle_buffer}{' skip_corrupt' if args.skip_corrupt else ''}: decode-only {dec:,.0f} img/s, batched {dec_b:,.0f}  reader {rdr:,.0f} img/s  "
-          f"reader overhead {100 * over:+.1f}% over the faster (paired, median of {args.rounds} rounds)  (CPU per image: decode-only "
-          f"{result['decode_only_cpu_us_per_img']} us, batched {result['decode_batched_cpu_us_per_img']} us, "
-          f"reader {result['reader_cpu_us_per_img']} us); augment in "
-          f"the step {result['augment_us_per_img']} us/img on this CPU "
-          f"({100 * result['augment_share_of_decode']:.0f}% of decode-only)", flush=True)
+    result = {
+        "bench": "data",
+        "path": args.path,
+        "workers": len(results),
+        "batch": args.batch,
+        "shuffle_buffer": args.shuffle_buffer,
+        "skip_corrupt": args.skip_corrupt,
+        "rounds": args.rounds,
+        "image_size": r0["image_size"],
+        "threads_per_worker": r0["threads"],
+        "malloc_arena_max": r0["malloc_arena_max"],
+        "decode_only_img_s": round(dec, 1),
+        "decode_batched_img_s": round(dec_b, 1),
+        "reader_img_s": round(rdr, 1),
+        "overhead": round(over, 3),
+        "overhead_vs_per_image": round(paired_overhead([walls["decode_only"]], walls["reader"]), 3),
+        "overhead_vs_batched": round(paired_overhead([walls["decode_batched"]], walls["reader"]), 3),
+        "augment_us_per_img": round(sum(r["augment_us"] for r in results) / len(results), 1),
+        "augment_share_of_decode": round(
+            sum(r["augment_us"] / r["decode_only_wall_us"] for r in results) / len(results), 3
+        ),
+        "decode_only_cpu_us_per_img": round(sum(r["decode_only_cpu_us"] for r in results) / len(results), 1),
+        "decode_batched_cpu_us_per_img": round(sum(r["decode_batched_cpu_us"] for r in results) / len(results), 1),
+        "reader_cpu_us_per_img": round(sum(r["reader_cpu_us"] for r in results) / len(results), 1),
+        "walls": walls,
+        "turns": {name: [r["turns"][name] for r in results] for name in walls},
+    }
+    print(
+        f"data {args.path} {r0['image_size'][0]}x{r0['image_size'][1]} workers={len(results)} "
+        f"batch={args.batch} shuffle={args.shuffle_buffer}{' skip_corrupt' if args.skip_corrupt else ''}: "
+        f"decode-only {dec:,.0f} img/s, batched {dec_b:,.0f}  reader {rdr:,.0f} img/s  "
+        f"reader overhead {100 * over:+.1f}% over the faster (paired, median of {args.rounds} rounds)  "
+        f"(CPU per image: decode-only "
+        f"{result['decode_only_cpu_us_per_img']} us, batched {result['decode_batched_cpu_us_per_img']} us, "
+        f"reader {result['reader_cpu_us_per_img']} us); augment in "
+        f"the step {result['augment_us_per_img']} us/img on this CPU "
+        f"({100 * result['augment_share_of_decode']:.0f}% of decode-only)",
+        flush=True,
+    )
     if args.json_out:
         with open(args.json_out, "a") as f:
             f.write(json.dumps(result) + "\n")
@@ -194,12 +242,17 @@ def baselines(pipe, batch: int, steps: int, threads: int):
     # The reader's own decoders (at the stored size: no resize).
     decode_batch, decode_one = reader.jpeg_batch_decoder(batch, (h, w), (h, w))
     encoded = tf.data.Dataset.from_tensor_slices(tf.stack(jpegs)).repeat()  # (stacked once: ~0.5 GB)
-    per_image = (encoded
-                 .map(decode_one, num_parallel_calls=tf.data.AUTOTUNE)
-                 .batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options))
-    batched = reader.map_inline(
-        encoded.batch(batch, drop_remainder=True),
-        decode_batch, parallel=threads).prefetch(2).with_options(options)
+    per_image = (
+        encoded.map(decode_one, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+        .with_options(options)
+    )
+    batched = (
+        reader.map_inline(encoded.batch(batch, drop_remainder=True), decode_batch, parallel=threads)
+        .prefetch(2)
+        .with_options(options)
+    )
     return per_image, batched
 
 
@@ -239,9 +292,16 @@ def _measure(args, rank: int, size: int, barrier: str, pipeline: str) -> int:
 
     # Each worker's pipelines get its share of the cores, as `pfc train` gives them.
     threads = cores_per_worker(size)
-    pipe = reader.open_dataset(args.path, args.batch, rank=rank, size=size, seed=0,
-                               shuffle_buffer=args.shuffle_buffer, skip_corrupt=args.skip_corrupt,
-                               threads=threads)
+    pipe = reader.open_dataset(
+        args.path,
+        args.batch,
+        rank=rank,
+        size=size,
+        seed=0,
+        shuffle_buffer=args.shuffle_buffer,
+        skip_corrupt=args.skip_corrupt,
+        threads=threads,
+    )
     if pipeline == "reader":
         ds = pipe.dataset
     else:
@@ -255,11 +315,19 @@ def _measure(args, rank: int, size: int, barrier: str, pipeline: str) -> int:
             _barrier(barrier, f"turn-{rnd}-{name}", me, everyone)
             if name == pipeline:
                 t0 = time.monotonic()  # (the host's clock: comparable across processes)
-                times.append(timed_window(ds, warmup, args.steps,
-                                          lambda: _barrier(barrier, f"start-{rnd}", me, peers)))
+                times.append(
+                    timed_window(ds, warmup, args.steps, lambda rnd=rnd: _barrier(barrier, f"start-{rnd}", me, peers))
+                )
                 turns.append((t0, time.monotonic()))
-    result = {"pipeline": pipeline, "rank": rank, "threads": threads, "malloc_arena_max": host_memory.arena_limit,
-              "image_size": list(pipe.image_size), "times": times, "turns": turns}
+    result = {
+        "pipeline": pipeline,
+        "rank": rank,
+        "threads": threads,
+        "malloc_arena_max": host_memory.arena_limit,
+        "image_size": list(pipe.image_size),
+        "times": times,
+        "turns": turns,
+    }
     if pipeline == "reader":
         # The augmentation as the training step runs it (compiled, here on the CPU), on real batches.
         batches = [b[0] for b in pipe.dataset.take(8)]

@@ -5,13 +5,14 @@ keyed by their innermost name scope and type (`fc_update/PartitionedCall` is one
 partitioned_fc/sharded_softmax.py; `while/Gather:ResourceGather` a TensorFlow op), so the same op
 in every block of the backward is one row, its time the sum over blocks.
 """
+
 from __future__ import annotations
 
 import collections
 import glob
 import re
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 

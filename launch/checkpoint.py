@@ -23,6 +23,7 @@ removes the partial directory. Every file is checked against its digest before i
 `choose_resume` skips a corrupt checkpoint for the one before. Only the newest `keep` are kept.
 Manifests written before checksums (no "files") still load, unverified.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,8 @@ import shutil
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -63,6 +64,7 @@ class FCState:
     """What a worker checkpoints of the model-parallel layer: its class range, the shard, the
     optimizer's row-aligned state variables, its small local state (the sampler) and the
     margin's running statistics (the same on every worker: kept once, in the manifest)."""
+
     class_range: tuple[int, int]
     weight: tf.Variable
     slots: dict[str, tf.Variable]
@@ -78,8 +80,9 @@ def list_checkpoints(directory: str) -> list[str]:
     """Complete checkpoints (with a manifest) in `directory`, oldest first."""
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory) if _NAME.match(n)
-                   and os.path.isfile(os.path.join(directory, n, MANIFEST)))
+    names = sorted(
+        n for n in os.listdir(directory) if _NAME.match(n) and os.path.isfile(os.path.join(directory, n, MANIFEST))
+    )
     return [os.path.join(directory, n) for n in names]
 
 
@@ -102,15 +105,23 @@ def remove_partial(directory: str) -> list[str]:
         try:
             shutil.rmtree(path)
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot remove this partial checkpoint: "
-                                  f"{_errno_text(e)}") from None
+            raise CheckpointError(f"{path}: cannot remove this partial checkpoint: {_errno_text(e)}") from None
     return stale
 
 
 # --- save ------------------------------------------------------------------------------------
 
-def save(directory: str, step: int, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
-         backbone_opt_vars: Sequence[tf.Variable], meta: dict, keep: int = 3) -> str:
+
+def save(
+    directory: str,
+    step: int,
+    comm,
+    fc: FCState,
+    backbone_vars: Sequence[tf.Variable],
+    backbone_opt_vars: Sequence[tf.Variable],
+    meta: dict,
+    keep: int = 3,
+) -> str:
     """Every worker calls this at the same step. Returns the checkpoint's path.
 
     meta: JSON-serializable facts of the run (C, D, configs, data position) put in the manifest
@@ -123,21 +134,30 @@ def save(directory: str, step: int, comm, fc: FCState, backbone_vars: Sequence[t
     lead = comm.rank == 0
     _save_phase(comm, tmp, lambda: _prepare(directory, tmp) if lead else None)
     _save_phase(comm, tmp, lambda: _write_worker_files(tmp, comm, fc, backbone_vars, backbone_opt_vars))
+
     def commit():
         manifest = _manifest(tmp, step, comm.size, fc, backbone_vars, backbone_opt_vars, meta)
         _publish(directory, tmp, final, manifest, keep)
+
     _save_phase(comm, tmp, commit if lead else lambda: None)
     return final
 
 
 def _save_phase(comm, tmp: str, work: Callable[[], object]) -> None:
     """One step of a save, agreed by all workers; on a failure worker 0 removes the partial `tmp`."""
+
     def cleanup() -> None:
         if comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-    _agree(comm, work, lambda r: CheckpointError(
-        f"{tmp}: cannot write the checkpoint: worker {r} failed writing its files (see its error)"
-        f"{_left(tmp)}"), cleanup)
+
+    _agree(
+        comm,
+        work,
+        lambda r: CheckpointError(
+            f"{tmp}: cannot write the checkpoint: worker {r} failed writing its files (see its error){_left(tmp)}"
+        ),
+        cleanup,
+    )
 
 
 def _prepare(directory: str, tmp: str) -> None:
@@ -147,8 +167,9 @@ def _prepare(directory: str, tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "fc"))
 
 
-def _write_worker_files(tmp: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
-                        backbone_opt_vars: Sequence[tf.Variable]) -> None:
+def _write_worker_files(
+    tmp: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable], backbone_opt_vars: Sequence[tf.Variable]
+) -> None:
     """This worker's shard files, then its rank file with their digests (worker 0: and the backbone's)."""
     files, sums = {}, {}
     for name, var in {"weight": fc.weight, **fc.slots}.items():
@@ -158,13 +179,25 @@ def _write_worker_files(tmp: str, comm, fc: FCState, backbone_vars: Sequence[tf.
         for rel, variables in zip(BACKBONE_FILES, (backbone_vars, backbone_opt_vars)):
             sums[rel] = _written(tmp, rel, _write_npz, variables)
     start, end = fc.class_range
-    local = {"rank": comm.rank, "class_range": [start, end], "files": files, "checksums": sums,
-             "sampler_state": fc.sampler.state.numpy().tolist() if fc.sampler is not None else None}
+    local = {
+        "rank": comm.rank,
+        "class_range": [start, end],
+        "files": files,
+        "checksums": sums,
+        "sampler_state": fc.sampler.state.numpy().tolist() if fc.sampler is not None else None,
+    }
     _written(tmp, _rank_file(comm.rank), _write_json, local)
 
 
-def _manifest(tmp: str, step: int, size: int, fc: FCState, backbone_vars: Sequence[tf.Variable],
-              backbone_opt_vars: Sequence[tf.Variable], meta: dict) -> dict:
+def _manifest(
+    tmp: str,
+    step: int,
+    size: int,
+    fc: FCState,
+    backbone_vars: Sequence[tf.Variable],
+    backbone_opt_vars: Sequence[tf.Variable],
+    meta: dict,
+) -> dict:
     """Worker 0's manifest: the shards and the digests every worker recorded, and of the rank files."""
     shards, files = [], {}
     for r in range(size):
@@ -176,13 +209,21 @@ def _manifest(tmp: str, step: int, size: int, fc: FCState, backbone_vars: Sequen
         files.update(local["checksums"])
         files[_rank_file(r)] = _digest(raw)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
-        "world_size": size, "created": time.time(),
-        "fc": {"weight_dtype": fc.weight.dtype.name,
-               "slots": {k: v.dtype.name for k, v in fc.slots.items()}, "shards": shards,
-               "margin_state": {k: v.numpy().tolist() for k, v in fc.margin_state.items()}},
-        "backbone": {"variables": [getattr(v, "path", v.name) for v in backbone_vars],
-                     "optimizer_variables": len(backbone_opt_vars)},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "world_size": size,
+        "created": time.time(),
+        "fc": {
+            "weight_dtype": fc.weight.dtype.name,
+            "slots": {k: v.dtype.name for k, v in fc.slots.items()},
+            "shards": shards,
+            "margin_state": {k: v.numpy().tolist() for k, v in fc.margin_state.items()},
+        },
+        "backbone": {
+            "variables": [getattr(v, "path", v.name) for v in backbone_vars],
+            "optimizer_variables": len(backbone_opt_vars),
+        },
         **meta,
         "files": dict(sorted(files.items())),
     }
@@ -230,8 +271,13 @@ def _errno_text(e: OSError) -> str:
 
 # --- agreement -------------------------------------------------------------------------------
 
-def _agree(comm, work: Callable[[], object], others: Callable[[int], CheckpointError],
-           on_failure: Callable[[], None] = lambda: None):
+
+def _agree(
+    comm,
+    work: Callable[[], object],
+    others: Callable[[int], CheckpointError],
+    on_failure: Callable[[], None] = lambda: None,
+):
     """Run `work`, then agree on its success with every worker; a failure anywhere raises everywhere.
 
     An allgather of a flag, not a barrier: a worker that failed must not leave the others waiting.
@@ -258,13 +304,13 @@ def _failed_workers(comm, failed: bool) -> list[int]:
 
 # --- restore ---------------------------------------------------------------------------------
 
+
 def read_manifest(path: str) -> dict:
     file = os.path.join(path, MANIFEST)
     try:
         raw = _read_bytes(file)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}; an interrupted write "
-                              "leaves none)") from None
+        raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}; an interrupted write leaves none)") from None
     except OSError as e:
         raise CheckpointError(f"{file}: unreadable: {e}") from None
     _check_manifest_digest(path, raw)
@@ -275,8 +321,10 @@ def read_manifest(path: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: format_version {manifest.get('format_version')} is not "
-                              f"{FORMAT_VERSION}, the one this version reads")
+        raise CheckpointError(
+            f"{file}: format_version {manifest.get('format_version')} is not "
+            f"{FORMAT_VERSION}, the one this version reads"
+        )
     for key in ("step", "num_classes", "embedding_dim", "world_size", "fc", "backbone"):
         if key not in manifest:
             raise CheckpointError(f"{file}: missing key {key!r}")
@@ -299,8 +347,10 @@ def check_compatible(path: str, manifest: dict, num_classes: int, embedding_dim:
     """C and D must match the run's: a checkpoint of another problem is an error, never re-initialized."""
     for key, want in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
         if manifest[key] != want:
-            raise CheckpointError(f"{path}: checkpoint has {key}={manifest[key]} but the config says "
-                                  f"{want}; start a new run (checkpoint.resume: none) or fix the config")
+            raise CheckpointError(
+                f"{path}: checkpoint has {key}={manifest[key]} but the config says "
+                f"{want}; start a new run (checkpoint.resume: none) or fix the config"
+            )
 
 
 def verify(path: str, class_range: tuple[int, int], comm=None) -> None:
@@ -312,8 +362,11 @@ def verify(path: str, class_range: tuple[int, int], comm=None) -> None:
     if comm is None:
         _verify(path, class_range, None)
         return
-    _agree(comm, lambda: _verify(path, class_range, comm), lambda r: CheckpointError(
-        f"{path}: worker {r} found a corrupt or missing file in it (see its error)"))
+    _agree(
+        comm,
+        lambda: _verify(path, class_range, comm),
+        lambda r: CheckpointError(f"{path}: worker {r} found a corrupt or missing file in it (see its error)"),
+    )
 
 
 def choose_resume(directory: str, comm, class_range: tuple[int, int]) -> tuple[str | None, list[str]]:
@@ -329,15 +382,18 @@ def choose_resume(directory: str, comm, class_range: tuple[int, int]) -> tuple[s
         checked, error = _try_verify(path, class_range, comm)
         failed = _failed_workers(comm, error is not None)
         if not failed:
-            return path, notes + ([] if checked else [f"{_base(path)} has no checksums (written "
-                                                      "before they were recorded): not verified"])
+            return path, notes + (
+                [] if checked else [f"{_base(path)} has no checksums (written before they were recorded): not verified"]
+            )
         reason = error or f"worker {failed[0]} found a corrupt or missing file (see its log)"
         skipped.append(f"{_base(path)}: {reason}")
         if i + 1 < len(candidates):
             notes.append(f"{_base(path)} is corrupt: {reason}; falling back to {_base(candidates[i + 1])}")
     if skipped:
-        raise CheckpointError(f"{directory}: every checkpoint is corrupt: {'; '.join(skipped)}; start "
-                              "a new run (checkpoint.resume: none) or restore the files")
+        raise CheckpointError(
+            f"{directory}: every checkpoint is corrupt: {'; '.join(skipped)}; start "
+            "a new run (checkpoint.resume: none) or restore the files"
+        )
     return None, []
 
 
@@ -371,14 +427,15 @@ def _shared_checkpoints(directory: str, comm) -> list[str]:
     seen = comm.allgather(tf.constant(padded, tf.int64)).numpy().reshape([comm.size, -1])
     differ = [r for r in range(comm.size) if seen[r].tolist() != padded]
     if differ:
-        raise CheckpointError(f"{directory}: worker {comm.rank} sees checkpoints {steps}, worker "
-                              f"{differ[0]} {[s for s in seen[differ[0]].tolist() if s >= 0]}: "
-                              "checkpoint.dir must be one filesystem every worker shares")
+        raise CheckpointError(
+            f"{directory}: worker {comm.rank} sees checkpoints {steps}, worker "
+            f"{differ[0]} {[s for s in seen[differ[0]].tolist() if s >= 0]}: "
+            "checkpoint.dir must be one filesystem every worker shares"
+        )
     return found
 
 
-def _files_read(manifest: dict, class_range: tuple[int, int], names=None,
-                rank: int | None = None) -> list[str]:
+def _files_read(manifest: dict, class_range: tuple[int, int], names=None, rank: int | None = None) -> list[str]:
     """What a worker owning `class_range` reads: the overlapping shards' files of the variables
     `names` (None: all), its rank file when `rank` is given, and the backbone's files."""
     start, end = class_range
@@ -398,13 +455,13 @@ def _verify_file(path: str, rel: str, manifest: dict) -> None:
     file = os.path.join(path, rel)
     want = table.get(rel)
     if not isinstance(want, dict) or "sha256" not in want or "bytes" not in want:
-        raise CheckpointError(f"{file}: no checksum for it in {MANIFEST}: the manifest and the files "
-                              "disagree")
+        raise CheckpointError(f"{file}: no checksum for it in {MANIFEST}: the manifest and the files disagree")
     try:
         size = os.path.getsize(file)
         if size != want["bytes"]:
-            raise CheckpointError(f"{file}: {size} bytes, expected {want['bytes']} (recorded in "
-                                  f"{MANIFEST}): truncated or replaced")
+            raise CheckpointError(
+                f"{file}: {size} bytes, expected {want['bytes']} (recorded in {MANIFEST}): truncated or replaced"
+            )
         got = _hash_file(file)
     except OSError as e:
         raise CheckpointError(f"{file}: missing or unreadable ({_errno_text(e)})") from None
@@ -413,25 +470,43 @@ def _verify_file(path: str, rel: str, manifest: dict) -> None:
 
 def _compare(file: str, got: str, want: str) -> None:
     if got != want:
-        raise CheckpointError(f"{file}: checksum mismatch (sha256 {got[:16]}... expected {want[:16]}...): "
-                              "the file is corrupt; use an earlier checkpoint (checkpoint.resume: auto "
-                              "falls back to one)")
+        raise CheckpointError(
+            f"{file}: checksum mismatch (sha256 {got[:16]}... expected {want[:16]}...): "
+            "the file is corrupt; use an earlier checkpoint (checkpoint.resume: auto "
+            "falls back to one)"
+        )
 
 
-def restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
-            backbone_opt_vars: Sequence[tf.Variable], *, verified: bool = False) -> dict:
+def restore(
+    path: str,
+    comm,
+    fc: FCState,
+    backbone_vars: Sequence[tf.Variable],
+    backbone_opt_vars: Sequence[tf.Variable],
+    *,
+    verified: bool = False,
+) -> dict:
     """Load a checkpoint written at any world size into this worker's variables; -> manifest.
 
     Every file is verified before it is read, unless `verified` (this worker has just checked
     `path` with choose_resume or verify(..., comm): no second pass over big files). A failure on
     any worker raises on every worker.
     """
-    return _agree(comm, lambda: _restore(path, comm, fc, backbone_vars, backbone_opt_vars, verified),
-                  lambda r: CheckpointError(f"{path}: worker {r} cannot restore it (see its error)"))
+    return _agree(
+        comm,
+        lambda: _restore(path, comm, fc, backbone_vars, backbone_opt_vars, verified),
+        lambda r: CheckpointError(f"{path}: worker {r} cannot restore it (see its error)"),
+    )
 
 
-def _restore(path: str, comm, fc: FCState, backbone_vars: Sequence[tf.Variable],
-             backbone_opt_vars: Sequence[tf.Variable], verified: bool) -> dict:
+def _restore(
+    path: str,
+    comm,
+    fc: FCState,
+    backbone_vars: Sequence[tf.Variable],
+    backbone_opt_vars: Sequence[tf.Variable],
+    verified: bool,
+) -> dict:
     manifest = read_manifest(path)
     _check_slots(path, manifest["fc"], fc)
     wanted = {"weight": fc.weight, **fc.slots}
@@ -459,7 +534,8 @@ def _check_slots(path: str, info: dict, fc: FCState) -> None:
     if set(info["slots"]) != set(fc.slots):
         raise CheckpointError(
             f"{path}: the class matrix's optimizer state is {sorted(info['slots']) or 'none'} but this "
-            f"run's optimizer has {sorted(fc.slots) or 'none'}; use the same optimizer to resume")
+            f"run's optimizer has {sorted(fc.slots) or 'none'}; use the same optimizer to resume"
+        )
 
 
 def _restore_rows(path: str, info: dict, class_range: tuple[int, int], wanted: dict) -> None:
@@ -505,6 +581,7 @@ def class_blocks(path: str, rows: int = _BLOCK_ROWS):
 
 # --- files -----------------------------------------------------------------------------------
 
+
 def _rank_file(rank: int) -> str:
     return f"fc/rank.{rank:05d}.json"
 
@@ -532,8 +609,9 @@ def _raw_bytes(t: tf.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy()).view(np.uint8).reshape(-1)
 
 
-def _read_rows(file: str, var: tf.Variable, dtype: tf.DType, o_start: int, o_end: int,
-               lo: int, hi: int, start: int) -> None:
+def _read_rows(
+    file: str, var: tf.Variable, dtype: tf.DType, o_start: int, o_end: int, lo: int, hi: int, start: int
+) -> None:
     """Copy classes [lo, hi) from a file holding classes [o_start, o_end) into `var` (classes from start)."""
     row_shape = var.shape[1:]
     row_elems = int(np.prod(row_shape)) if row_shape.rank else 1
@@ -544,9 +622,12 @@ def _read_rows(file: str, var: tf.Variable, dtype: tf.DType, o_start: int, o_end
     except OSError as e:
         raise CheckpointError(f"{file}: missing shard file ({e.strerror})") from None
     if size != want:
-        raise CheckpointError(f"{file}: {size} bytes, expected {want} for classes [{o_start}, {o_end}) "
-                              f"of {dtype.name} rows {list(row_shape)}: truncated or foreign")
+        raise CheckpointError(
+            f"{file}: {size} bytes, expected {want} for classes [{o_start}, {o_end}) "
+            f"of {dtype.name} rows {list(row_shape)}: truncated or foreign"
+        )
     np_dtype = dtype.as_numpy_dtype
+
     def blocks(f):
         for b_lo in range(lo, hi, _BLOCK_ROWS):
             b_hi = min(hi, b_lo + _BLOCK_ROWS)
@@ -588,15 +669,19 @@ def _restore_npz(file: str, variables: Sequence[tf.Variable]) -> None:
         raise CheckpointError(f"{file}: missing ({e.strerror})") from None
     # What numpy and zipfile raise for a truncated or altered archive (checkpoints without checksums).
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, KeyError, zlib.error) as e:
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e}): the file is corrupt or "
-                              "truncated") from None
+        raise CheckpointError(
+            f"{file}: unreadable ({type(e).__name__}: {e}): the file is corrupt or truncated"
+        ) from None
     if len(arrays) != len(variables):
-        raise CheckpointError(f"{file}: holds {len(arrays)} variables, this model has {len(variables)}: "
-                              "a different backbone or optimizer")
+        raise CheckpointError(
+            f"{file}: holds {len(arrays)} variables, this model has {len(variables)}: a different backbone or optimizer"
+        )
     for i, (v, a) in enumerate(zip(variables, arrays)):
         if tuple(a.shape) != tuple(v.shape):
-            raise CheckpointError(f"{file}: variable {i} ({v.name}) has shape {list(a.shape)} in the "
-                                  f"checkpoint but {v.shape.as_list()} in this model")
+            raise CheckpointError(
+                f"{file}: variable {i} ({v.name}) has shape {list(a.shape)} in the "
+                f"checkpoint but {v.shape.as_list()} in this model"
+            )
         v.assign(tf.cast(a, v.dtype))
 
 

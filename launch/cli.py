@@ -1,13 +1,17 @@
 """The `pfc` command line. Each subcommand lives in its own module, listed in launch/commands.py
 and imported only when it runs: `pfc --help` loads no TensorFlow."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from launch import commands, quiet_logs
-from launch import host_memory  # imports no TensorFlow: it must act before TensorFlow loads
+from launch import (
+    commands,
+    host_memory,  # imports no TensorFlow: it must act before TensorFlow loads
+    quiet_logs,
+)
 from launch.version import version
 
 
@@ -15,12 +19,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for `command` (its module imported), or help-only entries for every command;
     command "*": every command's full parser (for tests of the help texts)."""
     parser = argparse.ArgumentParser(
-        prog="pfc", description="partitioned-fc: exact model-parallel margin softmax for millions of classes",
+        prog="pfc",
+        description="partitioned-fc: exact model-parallel margin softmax for millions of classes",
         epilog=commands.epilog([c.examples[0] for c in commands.COMMANDS.values()]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"pfc {version()}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="keep TensorFlow's and XLA's INFO lines (anywhere on the line; or PFC_VERBOSE=1)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep TensorFlow's and XLA's INFO lines (anywhere on the line; or PFC_VERBOSE=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if command == "*":
         for name in dict.fromkeys(c.module for c in commands.COMMANDS.values()):
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     code = run_guarded(args.command, lambda: args.func(args))
     from pipelines import storage  # tensorflow-io's S3 client aborts at exit: end with os._exit
+
     return storage.exit_if_object_storage(code)
 
 
@@ -79,8 +89,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from monitoring.exporter import PortInUseError
     from pipelines.schema import DataError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, RunLockError, PortInUseError,
-            ExportError, FileExistsError, tf.errors.OpError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TrainingError,
+        RunLockError,
+        PortInUseError,
+        ExportError,
+        FileExistsError,
+        tf.errors.OpError,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 `pfc --help` reads only this table, so it imports neither TensorFlow nor any command; `pfc
 COMMAND ...` imports that command's module alone. Imports nothing of ours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,36 +13,68 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    module: str      # the module whose add_parser(sub) adds this command
+    module: str  # the module whose add_parser(sub) adds this command
     help: str
     examples: tuple[str, ...]
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("launch.train", "train (one worker, or every worker under horovodrun)", (
-        "pfc train --config configs/smoke.yaml --set train.steps=100",
-        "horovodrun -np 2 -H localhost:2 --gloo pfc train --config configs/fonts.yaml")),
-    "eval": Command("launch.evaluate", "verification accuracy of a checkpoint on the config's .bin sets", (
-        "pfc eval --config configs/smoke.yaml",
-        "pfc eval --config configs/fonts.yaml --checkpoint runs/fonts/checkpoints/ckpt-000002000 "
-        "--json eval.json")),
-    "export": Command("launch.export", "a checkpoint's backbone as a SavedModel (images -> embeddings)", (
-        "pfc export runs/smoke/checkpoints/ckpt-000000300 models/smoke",)),
-    "embed": Command("launch.embed", "unit embeddings of a folder of images or a dataset with an exported model", (
-        "pfc embed models/smoke ~/photos embeddings.npy",
-        "pfc embed models/fonts data/fonts64/closed closed.npy --flip-sum")),
-    "data": Command("launch.data_cli", "datasets: synthetic identities, typefaces, inspection", (
-        "pfc data synth data/synth --identities 200 --images-per-identity 20 --shards 4",
-        "pfc data fonts data/fonts64 --size 64 --per-style 1",
-        "pfc data inspect data/synth")),
-    "convert": Command("launch.data_cli", "convert image folders or InsightFace RecordIO to TFRecords", (
-        "pfc convert images ~/photos data/photos --shards 8",
-        "pfc convert mxrec faces_emore/train.rec data/ms1m --shards 64")),
-    "bench": Command("launch.bench", "benchmarks (fc: the model-parallel layer; data: the reader)", (
-        "pfc bench fc --classes 1000000 --dim 512 --batch 256",
-        "pfc bench data data/synth --workers 2")),
-    "report": Command("launch.report", "PNG plots of a run's log (loss, accuracy, throughput, verification)", (
-        "pfc report runs/smoke",)),
+    "train": Command(
+        "launch.train",
+        "train (one worker, or every worker under horovodrun)",
+        (
+            "pfc train --config configs/smoke.yaml --set train.steps=100",
+            "horovodrun -np 2 -H localhost:2 --gloo pfc train --config configs/fonts.yaml",
+        ),
+    ),
+    "eval": Command(
+        "launch.evaluate",
+        "verification accuracy of a checkpoint on the config's .bin sets",
+        (
+            "pfc eval --config configs/smoke.yaml",
+            "pfc eval --config configs/fonts.yaml --checkpoint runs/fonts/checkpoints/ckpt-000002000 --json eval.json",
+        ),
+    ),
+    "export": Command(
+        "launch.export",
+        "a checkpoint's backbone as a SavedModel (images -> embeddings)",
+        ("pfc export runs/smoke/checkpoints/ckpt-000000300 models/smoke",),
+    ),
+    "embed": Command(
+        "launch.embed",
+        "unit embeddings of a folder of images or a dataset with an exported model",
+        (
+            "pfc embed models/smoke ~/photos embeddings.npy",
+            "pfc embed models/fonts data/fonts64/closed closed.npy --flip-sum",
+        ),
+    ),
+    "data": Command(
+        "launch.data_cli",
+        "datasets: synthetic identities, typefaces, inspection",
+        (
+            "pfc data synth data/synth --identities 200 --images-per-identity 20 --shards 4",
+            "pfc data fonts data/fonts64 --size 64 --per-style 1",
+            "pfc data inspect data/synth",
+        ),
+    ),
+    "convert": Command(
+        "launch.data_cli",
+        "convert image folders or InsightFace RecordIO to TFRecords",
+        (
+            "pfc convert images ~/photos data/photos --shards 8",
+            "pfc convert mxrec faces_emore/train.rec data/ms1m --shards 64",
+        ),
+    ),
+    "bench": Command(
+        "launch.bench",
+        "benchmarks (fc: the model-parallel layer; data: the reader)",
+        ("pfc bench fc --classes 1000000 --dim 512 --batch 256", "pfc bench data data/synth --workers 2"),
+    ),
+    "report": Command(
+        "launch.report",
+        "PNG plots of a run's log (loss, accuracy, throughput, verification)",
+        ("pfc report runs/smoke",),
+    ),
 }
 
 
@@ -54,8 +87,13 @@ def add(sub, name: str, help: str | None = None, examples=None) -> argparse.Argu
     else the `help` and `examples` given."""
     if name in COMMANDS and help is None:
         help, examples = COMMANDS[name].help, COMMANDS[name].examples
-    return sub.add_parser(name, help=help, description=help, epilog=epilog(examples or ()),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=epilog(examples or ()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def install(sub, name: str) -> None:

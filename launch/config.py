@@ -8,6 +8,7 @@ loaded from one) before any work starts.
 
 YAML scalars follow YAML 1.1 (PyYAML) with one change: `1e-3` is a float (YAML 1.1 needs `1.0e-3`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,23 @@ class ConfigError(ValueError):
         where = f"{file}: " if file else ""
         super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
 
-    def in_file(self, file: str) -> "ConfigError":
+    def in_file(self, file: str) -> ConfigError:
         return ConfigError(self.key, self.message, file)
 
 
 # --------------------------------------------------------------------------------------------
 # Field declarations: default, documentation and range in one place
 # --------------------------------------------------------------------------------------------
-def _field(default: Any = dataclasses.MISSING, doc: str = "", *, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None,
-           factory: Any = dataclasses.MISSING) -> Any:
+def _field(
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with its documentation and numeric bounds (None values skip bounds)."""
     meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if factory is not dataclasses.MISSING:
@@ -129,8 +137,12 @@ def _check_bounds(value: Any, meta: dict, key: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    tests = {"ge": (lambda b: value >= b, ">="), "gt": (lambda b: value > b, ">"),
-             "le": (lambda b: value <= b, "<="), "lt": (lambda b: value < b, "<")}
+    tests = {
+        "ge": (lambda b: value >= b, ">="),
+        "gt": (lambda b: value > b, ">"),
+        "le": (lambda b: value <= b, "<="),
+        "lt": (lambda b: value < b, "<"),
+    }
     for name, (ok, word) in tests.items():
         bound = meta.get(name)
         if bound is not None and not ok(bound):
@@ -169,22 +181,38 @@ class _Section:
 @dataclasses.dataclass
 class DataConfig(_Section):
     _key: typing.ClassVar[str] = "data"
-    train: list[str] = _field(factory=list, doc="Training data (pipelines/): dataset directories, "
-                              "shard files or globs, local or URLs (s3://, gs://, hdfs://). A single "
-                              "string is a one-element list. Required.")
-    val: list[str] = _field(factory=list, doc="Verification sets: InsightFace `.bin` files. The set's "
-                            "name is the file name without `.bin` (`lfw.bin` -> `lfw`); names must differ.")
-    num_classes: Optional[int] = _field(None, "C, the number of identities. null: read it from the "
-                                        "training data's metadata.", ge=1)
+    train: list[str] = _field(
+        factory=list,
+        doc="Training data (pipelines/): dataset directories, "
+        "shard files or globs, local or URLs (s3://, gs://, hdfs://). A single "
+        "string is a one-element list. Required.",
+    )
+    val: list[str] = _field(
+        factory=list,
+        doc="Verification sets: InsightFace `.bin` files. The set's "
+        "name is the file name without `.bin` (`lfw.bin` -> `lfw`); names must differ.",
+    )
+    num_classes: Optional[int] = _field(
+        None, "C, the number of identities. null: read it from the training data's metadata.", ge=1
+    )
     image_size: int = _field(112, "Side of the square input images, in pixels.", ge=8)
     shuffle_buffer: int = _field(10000, "Records in the shuffle buffer; 0 disables shuffling.", ge=0)
-    skip_corrupt: bool = _field(False, "Skip undecodable records instead of stopping; the count "
-                                "(all workers) is in the progress line and log.jsonl's corrupt_records.")
-    flip: bool = _field(True, "Random horizontal flip in training. Off for data whose mirror image "
-                        "is another class (characters: configs/fonts.yaml).")
-    closed: Optional[str] = _field(None, "A labelled dataset (directory) of the training classes in "
-                                   "new conditions (`pfc data fonts` writes OUT/closed): `pfc eval` "
-                                   "reports its top-1 accuracy through the trained class matrix.")
+    skip_corrupt: bool = _field(
+        False,
+        "Skip undecodable records instead of stopping; the count "
+        "(all workers) is in the progress line and log.jsonl's corrupt_records.",
+    )
+    flip: bool = _field(
+        True,
+        "Random horizontal flip in training. Off for data whose mirror image "
+        "is another class (characters: configs/fonts.yaml).",
+    )
+    closed: Optional[str] = _field(
+        None,
+        "A labelled dataset (directory) of the training classes in "
+        "new conditions (`pfc data fonts` writes OUT/closed): `pfc eval` "
+        "reports its top-1 accuracy through the trained class matrix.",
+    )
 
     def _check(self) -> None:
         if not self.train:
@@ -212,21 +240,24 @@ def val_set_name(path: str) -> str:
 @dataclasses.dataclass
 class ModelConfig(_Section):
     _key: typing.ClassVar[str] = "model"
-    backbone: Literal[BACKBONES] = _field(
-        "iresnet50", "Backbone network (launch/backbones.py).")
+    backbone: Literal[BACKBONES] = _field("iresnet50", "Backbone network (launch/backbones.py).")
     embedding_dim: int = _field(512, "D, the width of the embedding (and of the class matrix rows).", ge=1)
     dropout: float = _field(0.0, "Dropout rate in the embedding head, before the dense layer.", ge=0.0, lt=1.0)
-    batch_norm: bool = _field(True, "false: no batch normalization anywhere (tiny backbone only). A model "
-                              "without batch statistics gives the same gradients for any split of a batch.")
+    batch_norm: bool = _field(
+        True,
+        "false: no batch normalization anywhere (tiny backbone only). A model "
+        "without batch statistics gives the same gradients for any split of a batch.",
+    )
     precision: Literal[PRECISIONS] = _field(
-        "float32", "Backbone compute precision (a Keras dtype policy; variables stay float32): "
+        "float32",
+        "Backbone compute precision (a Keras dtype policy; variables stay float32): "
         "mixed_bfloat16, or mixed_float16 with dynamic loss scaling (docs/config.md). The class "
-        "matrix has its own dtypes (fc.compute_dtype, fc.param_dtype).")
+        "matrix has its own dtypes (fc.compute_dtype, fc.param_dtype).",
+    )
 
     def _check(self) -> None:
         if not self.batch_norm and self.backbone != "tiny":
-            raise self._error("batch_norm", f"false is only supported by the tiny backbone, "
-                              f"not {self.backbone!r}")
+            raise self._error("batch_norm", f"false is only supported by the tiny backbone, not {self.backbone!r}")
 
 
 @dataclasses.dataclass
@@ -234,11 +265,16 @@ class LossConfig(_Section):
     """The margin; every other key of the `loss` section is a parameter of that margin."""
 
     _key: typing.ClassVar[str] = "loss"
-    name: str = _field("arcface", "Margin: one of " + ", ".join(margins_lib.available()) +
-                       " (docs/margins.md). Its parameters are further keys of this section, e.g. "
-                       "`scale`, `margin`; omitted ones keep the margin's defaults.")
-    params: dict = _field(factory=dict, doc="(not a YAML key) the margin's parameters, from the other "
-                          "keys of the section.")
+    name: str = _field(
+        "arcface",
+        "Margin: one of "
+        + ", ".join(margins_lib.available())
+        + " (docs/margins.md). Its parameters are further keys of this section, e.g. "
+        "`scale`, `margin`; omitted ones keep the margin's defaults.",
+    )
+    params: dict = _field(
+        factory=dict, doc="(not a YAML key) the margin's parameters, from the other keys of the section."
+    )
 
     def _check(self) -> None:
         self.margin()
@@ -269,14 +305,25 @@ class LossConfig(_Section):
 @dataclasses.dataclass
 class FCConfig(_Section):
     _key: typing.ClassVar[str] = "fc"
-    sample_rate: float = _field(1.0, "Partial FC: fraction of each shard's classes in each step's "
-                                "softmax (positives always kept); 1.0 is the exact full softmax.", gt=0.0, le=1.0)
-    chunk_size: Optional[int] = _field(None, "Classes per chunk when a shard's logits are computed in "
-                                       "pieces to bound memory; null: the whole shard at once.", ge=1)
+    sample_rate: float = _field(
+        1.0,
+        "Partial FC: fraction of each shard's classes in each step's "
+        "softmax (positives always kept); 1.0 is the exact full softmax.",
+        gt=0.0,
+        le=1.0,
+    )
+    chunk_size: Optional[int] = _field(
+        None,
+        "Classes per chunk when a shard's logits are computed in "
+        "pieces to bound memory; null: the whole shard at once.",
+        ge=1,
+    )
     compute_dtype: Literal[DTYPES] = _field(
-        "float32", "Dtype of the logits matmul; the softmax statistics stay float32.")
+        "float32", "Dtype of the logits matmul; the softmax statistics stay float32."
+    )
     param_dtype: Literal[DTYPES] = _field(
-        "float32", "Dtype in which the class matrix (and its optimizer state) is stored.")
+        "float32", "Dtype in which the class matrix (and its optimizer state) is stored."
+    )
 
 
 @dataclasses.dataclass
@@ -286,57 +333,77 @@ class OptimConfig(_Section):
     lr: float = _field(0.1, "Peak learning rate (after warm-up), for the global batch.", ge=0.0)
     momentum: float = _field(0.9, "SGD momentum (sgd only).", ge=0.0, lt=1.0)
     nesterov: bool = _field(False, "Nesterov momentum (sgd only).")
-    weight_decay: float = _field(5e-4, "sgd: L2 penalty added to the gradient; adamw: decoupled "
-                                 "decay, multiplied by the learning rate.", ge=0.0)
+    weight_decay: float = _field(
+        5e-4, "sgd: L2 penalty added to the gradient; adamw: decoupled decay, multiplied by the learning rate.", ge=0.0
+    )
     betas: tuple[float, float] = _field((0.9, 0.999), "AdamW's (beta1, beta2) (adamw only).", ge=0.0, lt=1.0)
     eps: float = _field(1e-8, "AdamW's epsilon (adamw only).", gt=0.0)
     warmup_steps: int = _field(0, "Steps of linear warm-up from lr/warmup_steps to lr.", ge=0)
     schedule: Literal["constant", "poly", "cosine"] = _field(
-        "constant", "Decay after warm-up, to min_lr at the last step (launch/schedule.py).")
+        "constant", "Decay after warm-up, to min_lr at the last step (launch/schedule.py)."
+    )
     power: float = _field(2.0, "Exponent of the poly schedule.", gt=0.0)
     min_lr: float = _field(0.0, "Learning rate at the end of the poly and cosine schedules.", ge=0.0)
-    clip_norm: Optional[float] = _field(None, "Clip the backbone's gradient to this global L2 norm; "
-                                        "null: no clipping.", gt=0.0)
+    clip_norm: Optional[float] = _field(
+        None, "Clip the backbone's gradient to this global L2 norm; null: no clipping.", gt=0.0
+    )
     fc_lr_scale: float = _field(1.0, "The class matrix's learning rate is lr * fc_lr_scale.", ge=0.0)
 
     def _check(self) -> None:
         if self.schedule != "constant" and self.min_lr > self.lr:
-            raise self._error("min_lr", f"must be <= optim.lr ({self.lr}) for the {self.schedule} "
-                              f"schedule, got {self.min_lr}")
+            raise self._error(
+                "min_lr", f"must be <= optim.lr ({self.lr}) for the {self.schedule} schedule, got {self.min_lr}"
+            )
 
 
 def _check_posix_dir(section, key: str, path: str) -> None:
     """The run and checkpoint folders are files on a filesystem every worker mounts (local, NFS, a
     volume): their atomic renames and the run's lock need one. Object storage is for data."""
     if "://" in path:
-        raise section._error(key, f"{path!r} is an object-storage URL: the run and checkpoint "
-                             "directories must be a filesystem path every worker sees (a local "
-                             "disk for one node; NFS or a shared volume for several)")
+        raise section._error(
+            key,
+            f"{path!r} is an object-storage URL: the run and checkpoint "
+            "directories must be a filesystem path every worker sees (a local "
+            "disk for one node; NFS or a shared volume for several)",
+        )
 
 
 @dataclasses.dataclass
 class TrainConfig(_Section):
     _key: typing.ClassVar[str] = "train"
-    batch_size: int = _field(128, "Samples per worker per step (the global batch is this times "
-                             "the number of workers).", ge=1)
-    steps: Optional[int] = _field(None, "Length of the run in optimizer steps. Exactly one of "
-                                  "steps and epochs is set.", ge=1)
+    batch_size: int = _field(
+        128, "Samples per worker per step (the global batch is this times the number of workers).", ge=1
+    )
+    steps: Optional[int] = _field(
+        None, "Length of the run in optimizer steps. Exactly one of steps and epochs is set.", ge=1
+    )
     epochs: Optional[float] = _field(None, "Length of the run in passes over the training data.", gt=0.0)
     log_every: int = _field(50, "Steps between progress lines (terminal and JSON log).", ge=1)
-    nonfinite: Literal["stop", "skip"] = _field("stop", "On a non-finite loss: stop with an error "
-                                                "naming the step, or skip the update (nothing of the "
-                                                "step is applied) and count it.")
-    max_skipped_share: float = _field(0.05, "With nonfinite: skip, stop once more than "
-                                      "ceil(share x planned steps) steps were skipped.", gt=0.0, le=1.0)
-    max_skipped_in_a_row: int = _field(10, "With nonfinite: skip, stop once more than this many "
-                                       "consecutive steps were skipped.", ge=0)
-    run_dir: str = _field("runs/default", "Directory for the JSON log, the resolved config and (by "
-                          "default) checkpoints.")
+    nonfinite: Literal["stop", "skip"] = _field(
+        "stop",
+        "On a non-finite loss: stop with an error "
+        "naming the step, or skip the update (nothing of the "
+        "step is applied) and count it.",
+    )
+    max_skipped_share: float = _field(
+        0.05,
+        "With nonfinite: skip, stop once more than ceil(share x planned steps) steps were skipped.",
+        gt=0.0,
+        le=1.0,
+    )
+    max_skipped_in_a_row: int = _field(
+        10, "With nonfinite: skip, stop once more than this many consecutive steps were skipped.", ge=0
+    )
+    run_dir: str = _field(
+        "runs/default", "Directory for the JSON log, the resolved config and (by default) checkpoints."
+    )
 
     def _check(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise self._error("steps", "set exactly one of train.steps and train.epochs "
-                              f"(got steps={self.steps}, epochs={self.epochs})")
+            raise self._error(
+                "steps",
+                f"set exactly one of train.steps and train.epochs (got steps={self.steps}, epochs={self.epochs})",
+            )
         if not self.run_dir:
             raise self._error("run_dir", "must not be empty")
         _check_posix_dir(self, "run_dir", self.run_dir)
@@ -348,8 +415,11 @@ class CheckpointConfig(_Section):
     every: int = _field(1000, "Steps between checkpoints; 0: only at the end.", ge=0)
     keep: int = _field(3, "Keep the last K checkpoints.", ge=1)
     dir: Optional[str] = _field(None, "Checkpoint directory; null: the folder checkpoints in train.run_dir.")
-    resume: str = _field("auto", "auto: continue from the newest checkpoint in dir if there is one; "
-                         "none: start fresh; otherwise the path of a checkpoint to start from.")
+    resume: str = _field(
+        "auto",
+        "auto: continue from the newest checkpoint in dir if there is one; "
+        "none: start fresh; otherwise the path of a checkpoint to start from.",
+    )
 
     def _check(self) -> None:
         if self.dir == "":
@@ -364,8 +434,9 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     _key: typing.ClassVar[str] = "eval"
     interval: int = _field(0, "Steps between verification runs during training; 0: only at the end.", ge=0)
-    sets: list[str] = _field(factory=list, doc="Names of the data.val sets to evaluate (file names "
-                             "without .bin); empty: all of them.")
+    sets: list[str] = _field(
+        factory=list, doc="Names of the data.val sets to evaluate (file names without .bin); empty: all of them."
+    )
     batch_size: int = _field(256, "Images per forward pass during evaluation.", ge=1)
     folds: int = _field(10, "Folds of the cross-validated threshold search.", ge=2)
     far: float = _field(1e-3, "False accept rate at which TAR is reported.", gt=0.0, lt=1.0)
@@ -375,10 +446,16 @@ class EvalConfig(_Section):
 @dataclasses.dataclass
 class MonitoringConfig(_Section):
     _key: typing.ClassVar[str] = "monitoring"
-    port: int = _field(9100, "Base port of the Prometheus exporter; the worker of local rank r on a host serves port + r. 0 disables.",
-                       ge=0, le=65535)
+    port: int = _field(
+        9100,
+        "Base port of the Prometheus exporter; the worker of local rank r on a host serves port + r. 0 disables.",
+        ge=0,
+        le=65535,
+    )
     bind: str = _field("0.0.0.0", "Address the exporter listens on.")
-    pushgateway: Optional[str] = _field(None, "Pushgateway URL: metrics are pushed every 30 s and when the run ends; null: none.")
+    pushgateway: Optional[str] = _field(
+        None, "Pushgateway URL: metrics are pushed every 30 s and when the run ends; null: none."
+    )
     job: str = _field("pfc", "Job name of the pushed metrics.")
 
     def _check(self) -> None:
@@ -408,15 +485,18 @@ class Config(_Section):
     def _check(self) -> None:
         smallest = MIN_IMAGE_SIZE[self.model.backbone]
         if self.data.image_size < smallest:
-            raise ConfigError("data.image_size", f"must be >= {smallest} for the {self.model.backbone} "
-                              f"backbone, got {self.data.image_size}")
+            raise ConfigError(
+                "data.image_size",
+                f"must be >= {smallest} for the {self.model.backbone} backbone, got {self.data.image_size}",
+            )
         names = self.data.val_sets()
         for i, name in enumerate(self.eval.sets):
             if name not in names:
                 raise ConfigError(f"eval.sets[{i}]", f"{name!r} is not a data.val set; have {list(names)}")
         if self.train.steps is not None and self.optim.warmup_steps > self.train.steps:
-            raise ConfigError("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}), "
-                              f"got {self.optim.warmup_steps}")
+            raise ConfigError(
+                "optim.warmup_steps", f"must be <= train.steps ({self.train.steps}), got {self.optim.warmup_steps}"
+            )
 
     @property
     def checkpoint_dir(self) -> str:
@@ -462,12 +542,16 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
                    |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                   |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _sections() -> dict[str, type]:
@@ -540,8 +624,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(dotted, f"unknown key: set one key of the section, e.g. {path[0]}.KEY=VALUE")
         cls = sections[path[0]]
         if cls is not LossConfig and path[1] not in {f.name for f in dataclasses.fields(cls)}:
-            raise ConfigError(dotted, f"unknown key; {path[0]} has "
-                              f"{sorted(f.name for f in dataclasses.fields(cls))}")
+            raise ConfigError(dotted, f"unknown key; {path[0]} has {sorted(f.name for f in dataclasses.fields(cls))}")
         section = raw.get(path[0])
         if section is not None and not isinstance(section, dict):
             raise ConfigError(path[0], f"must be a mapping of keys, got {section!r}")
@@ -584,8 +667,11 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def _bounds_text(meta: dict) -> str:
-    parts = [f"{word} {meta[b]}" for b, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-             if meta.get(b) is not None]
+    parts = [
+        f"{word} {meta[b]}"
+        for b, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if meta.get(b) is not None
+    ]
     return ", ".join(parts)
 
 
@@ -602,9 +688,11 @@ def reference_markdown() -> str:
         sub_hints = typing.get_type_hints(cls)
         for g in dataclasses.fields(cls):
             if cls is LossConfig and g.name == "params":
-                lines.append("| `loss.<param>` | per margin | the margin's | Any parameter of the "
-                             "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
-                             "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |")
+                lines.append(
+                    "| `loss.<param>` | per margin | the margin's | Any parameter of the "
+                    "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
+                    "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |"
+                )
                 continue
             lines.append(_row(f"{f.name}.{g.name}", g, sub_hints[g.name]))
     return "\n".join(lines) + "\n"
@@ -617,8 +705,9 @@ def _row(key: str, f: dataclasses.Field, tp: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.config",
-                                     description="Validate a config, or print the key reference.")
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.config", description="Validate a config, or print the key reference."
+    )
     parser.add_argument("config", nargs="?", help="a YAML config to validate and print resolved")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--markdown", action="store_true", help="print the key reference table")

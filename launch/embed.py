@@ -5,11 +5,12 @@ sorted order) or a dataset (a directory with manifest.json, a shard file or a gl
 OUT.npy (float32 [N, D], unit norm, in input order) and OUT.names.txt (one name per line: the
 file's path relative to the folder, or a record's source, else `shard:index`).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -21,11 +22,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 def add_parser(sub) -> None:
     p = commands.add(sub, "embed")
     p.add_argument("model", metavar="MODEL", help="a SavedModel written by pfc export")
-    p.add_argument("input", metavar="FOLDER_OR_RECORDS",
-                   help="a folder of images, or a dataset (directory with manifest.json, shard file, glob)")
+    p.add_argument(
+        "input",
+        metavar="FOLDER_OR_RECORDS",
+        help="a folder of images, or a dataset (directory with manifest.json, shard file, glob)",
+    )
     p.add_argument("out", metavar="OUT.npy", help="embeddings [N, D]; names go to OUT.names.txt")
-    p.add_argument("--flip-sum", action="store_true",
-                   help="add the embedding of each image's mirror before normalizing (as pfc eval does)")
+    p.add_argument(
+        "--flip-sum",
+        action="store_true",
+        help="add the embedding of each image's mirror before normalizing (as pfc eval does)",
+    )
     p.add_argument("--batch", type=int, default=64, help="images per call of the model (default 64)")
     p.set_defaults(func=run_embed)
 
@@ -83,6 +90,7 @@ def embed(model: str, source: str, *, flip_sum: bool = False, batch: int = 64) -
         names += batch_names
     if not names:
         from pipelines.schema import DataError
+
         raise DataError(f"{source}: no images found")
     return np.concatenate(out), names
 
@@ -97,6 +105,8 @@ def run_embed(args: argparse.Namespace) -> int:
     names_file = os.path.splitext(args.out)[0] + ".names.txt"
     with open(names_file, "w") as f:
         f.write("\n".join(names) + "\n")
-    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.out} and their names to "
-          f"{names_file}", flush=True)
+    print(
+        f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.out} and their names to {names_file}",
+        flush=True,
+    )
     return 0

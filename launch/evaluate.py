@@ -5,11 +5,12 @@ distance of the normalized sums; 10-fold accuracy with a threshold chosen on the
 TAR at a fixed FAR (launch/verification.py has the metrics). `--ijb ROOT` adds the IJB-B / IJB-C
 template protocol (launch/ijb.py).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,29 +27,31 @@ def load_sets(paths: dict[str, str], image_size: int) -> EvalSets:
     return {name: load_bin(path, (image_size, image_size)) for name, path in paths.items()}
 
 
-def evaluate(embed: Callable[[np.ndarray], np.ndarray], sets: EvalSets, *, batch_size: int,
-             folds: int, far: float, flip: bool) -> dict[str, dict]:
+def evaluate(
+    embed: Callable[[np.ndarray], np.ndarray], sets: EvalSets, *, batch_size: int, folds: int, far: float, flip: bool
+) -> dict[str, dict]:
     """embed: [n, H, W, 3] -> [n, D]. -> {set: VerificationResult.as_dict()}."""
     results = {}
     for name, (images, issame) in sets.items():
         if flip:
             emb = verification.flip_sum(embed, images, batch_size)
         else:
-            emb = np.concatenate([embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+            emb = np.concatenate([embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         e1, e2 = verification.split_pairs(emb)
         results[name] = verification.evaluate_pairs(e1, e2, issame, folds=folds, far=far).as_dict()
     return results
 
 
-def closed_top1(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
-                class_blocks, *, batch_size: int) -> float:
+def closed_top1(
+    embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, class_blocks, *, batch_size: int
+) -> float:
     """Top-1 accuracy of argmax_c cos(embedding, W_c) over class-matrix blocks (start, [n, D])."""
-    emb = np.concatenate([embed(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    emb = np.concatenate([embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     best = np.full(len(emb), -np.inf)
     arg = np.zeros(len(emb), np.int64)
     for start, rows in class_blocks:
-        cos = emb @ (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).T   # [N, n]
+        cos = emb @ (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).T  # [N, n]
         better = cos.max(1) > best
         arg[better] = start + cos.argmax(1)[better]
         best = np.maximum(best, cos.max(1))
@@ -56,8 +59,10 @@ def closed_top1(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, l
 
 
 def summary_line(results: dict[str, dict], far: float) -> str:
-    return "  ".join(f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {_tar(r, far)}"
-                     for name, r in results.items())
+    return "  ".join(
+        f"{name}: acc {r['accuracy']:.4f}±{r['accuracy_std']:.4f} TAR@FAR={far:g} {_tar(r, far)}"
+        for name, r in results.items()
+    )
 
 
 def _tar(r: dict, far: float) -> str:
@@ -69,15 +74,31 @@ def _tar(r: dict, far: float) -> str:
 def add_parser(sub) -> None:
     p = commands.add(sub, "eval")
     p.add_argument("--config", required=True, help="the experiment's YAML config")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (default: the newest in the config's checkpoint dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint directory (default: the newest in the config's checkpoint dir)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here as JSON")
-    p.add_argument("--ijb", default=None, metavar="ROOT",
-                   help="also run IJB 1:1 template verification on ROOT (loose_crop/, meta/: launch/ijb.py)")
-    p.add_argument("--ijb-name", default="IJBC", type=str.upper, choices=("IJBB", "IJBC"),
-                   help="which IJB set ROOT holds (its meta file names; default IJBC)")
+    p.add_argument(
+        "--ijb",
+        default=None,
+        metavar="ROOT",
+        help="also run IJB 1:1 template verification on ROOT (loose_crop/, meta/: launch/ijb.py)",
+    )
+    p.add_argument(
+        "--ijb-name",
+        default="IJBC",
+        type=str.upper,
+        choices=("IJBB", "IJBC"),
+        help="which IJB set ROOT holds (its meta file names; default IJBC)",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -93,6 +114,7 @@ def uint8_embed(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
         if tuple(x.shape[1:3]) != (image_size, image_size):
             x = resize_levels(x, [image_size, image_size])
         return model(x / 127.5 - 1.0, training=False).numpy()
+
     return embed
 
 
@@ -107,30 +129,41 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ckpt.CheckpointError(f"{cfg.checkpoint_dir}: no checkpoint to evaluate (pass --checkpoint)")
     manifest = ckpt.read_manifest(path)
     if manifest["embedding_dim"] != cfg.model.embedding_dim:
-        raise ckpt.CheckpointError(f"{path}: embedding_dim {manifest['embedding_dim']} in the checkpoint, "
-                                   f"{cfg.model.embedding_dim} in the config")
+        raise ckpt.CheckpointError(
+            f"{path}: embedding_dim {manifest['embedding_dim']} in the checkpoint, "
+            f"{cfg.model.embedding_dim} in the config"
+        )
     sets_paths = cfg.eval_sets()
     if not sets_paths and not args.ijb:
         raise SystemExit("pfc eval: the config lists no verification sets (data.val) and no --ijb was given")
-    model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
-                           cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
+    model = build_backbone(
+        cfg.model.backbone,
+        cfg.data.image_size,
+        cfg.model.embedding_dim,
+        cfg.model.dropout,
+        seed=cfg.seed,
+        batch_norm=cfg.model.batch_norm,
+    )
     ckpt.restore_backbone(path, model.variables)
     sets = load_sets(sets_paths, cfg.data.image_size)
     embed = lambda x: model(x, training=False).numpy()  # noqa: E731
-    results = evaluate(embed, sets, batch_size=cfg.eval.batch_size,
-                       folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip)
+    results = evaluate(
+        embed, sets, batch_size=cfg.eval.batch_size, folds=cfg.eval.folds, far=cfg.eval.far, flip=cfg.eval.flip
+    )
     line = f"step {manifest['step']}" + (f"  {summary_line(results, cfg.eval.far)}" if results else "")
     out = {"checkpoint": path, "step": manifest["step"], "eval": results}
     if cfg.data.closed:
         from pipelines.verification import load_labelled
+
         images, labels = load_labelled(cfg.data.closed, (cfg.data.image_size,) * 2)
-        out["closed_top1"] = closed_top1(embed, images, labels, ckpt.class_blocks(path),
-                                         batch_size=cfg.eval.batch_size)
+        out["closed_top1"] = closed_top1(embed, images, labels, ckpt.class_blocks(path), batch_size=cfg.eval.batch_size)
         line += f"  closed-set top-1 {out['closed_top1']:.4f} ({len(labels)} images)"
     if args.ijb:
         from launch import ijb
-        out["ijb"] = ijb.evaluate_ijb(uint8_embed(model, cfg.data.image_size), args.ijb, args.ijb_name,
-                                      batch_size=cfg.eval.batch_size)
+
+        out["ijb"] = ijb.evaluate_ijb(
+            uint8_embed(model, cfg.data.image_size), args.ijb, args.ijb_name, batch_size=cfg.eval.batch_size
+        )
         line += f"  {ijb.summary_line(out['ijb'])}"
     print(line, flush=True)
     if args.json_out:

@@ -16,6 +16,7 @@ pipelines do), output `embeddings` float32 [N, D] unit norm; `--onnx-flip-sum` a
 embedding as `flip_sum` does. The file is checked against the SavedModel with onnxruntime on
 seeded random images before it is renamed into place (largest difference at most ONNX_TOLERANCE).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ import os
 import shutil
 
 import numpy as np
-
 import tensorflow as tf
 
 from launch import commands
@@ -34,11 +34,18 @@ def add_parser(sub) -> None:
     p = commands.add(sub, "export")
     p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/ckpt-000001000)")
     p.add_argument("out", help="SavedModel directory to write (must not exist)")
-    p.add_argument("--onnx", metavar="FILE", default=None,
-                   help="also write an ONNX model here: uint8 [N, S, S, 3] at the training size -> "
-                        "unit embeddings (needs `make onnx`)")
-    p.add_argument("--onnx-flip-sum", action="store_true",
-                   help="the ONNX model adds each image's mirror embedding before normalizing")
+    p.add_argument(
+        "--onnx",
+        metavar="FILE",
+        default=None,
+        help="also write an ONNX model here: uint8 [N, S, S, 3] at the training size -> "
+        "unit embeddings (needs `make onnx`)",
+    )
+    p.add_argument(
+        "--onnx-flip-sum",
+        action="store_true",
+        help="the ONNX model adds each image's mirror embedding before normalizing",
+    )
     p.set_defaults(func=run_export)
 
 
@@ -60,19 +67,21 @@ class Embedder(tf.Module):
         any_size = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
         self.serve = tf.function(self._serve, input_signature=any_size)
         self.serve_flip_sum = tf.function(self._serve_flip_sum, input_signature=any_size)
-        self.serve_float = tf.function(self._serve_float, input_signature=[
-            tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+        self.serve_float = tf.function(
+            self._serve_float,
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")],
+        )
 
     def signatures(self) -> dict:
-        return {"serving_default": self.serve, "flip_sum": self.serve_flip_sum,
-                "float_images": self.serve_float}
+        return {"serving_default": self.serve, "flip_sum": self.serve_flip_sum, "float_images": self.serve_float}
 
     def _scaled(self, images):
         """uint8 [N, H, W, 3] -> float32 [N, S, S, 3] in [-1, 1], resized as the reader does."""
         size = [self.image_size, self.image_size]
         x = tf.cast(images, tf.float32)
-        x = tf.cond(tf.reduce_all(tf.equal(tf.shape(images)[1:3], size)), lambda: x,
-                    lambda: images_lib.resize_levels(x, size))
+        x = tf.cond(
+            tf.reduce_all(tf.equal(tf.shape(images)[1:3], size)), lambda: x, lambda: images_lib.resize_levels(x, size)
+        )
         return x / 127.5 - 1.0
 
     def _raw(self, x):
@@ -105,8 +114,14 @@ def load_backbone(checkpoint: str):
     if "config" not in manifest:
         raise ckpt.CheckpointError(f"{checkpoint}: the manifest holds no config to rebuild the backbone")
     cfg = from_dict(manifest["config"])
-    model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
-                           cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm)
+    model = build_backbone(
+        cfg.model.backbone,
+        cfg.data.image_size,
+        cfg.model.embedding_dim,
+        cfg.model.dropout,
+        seed=cfg.seed,
+        batch_norm=cfg.model.batch_norm,
+    )
     ckpt.restore_backbone(checkpoint, model.variables)
     return model, cfg.data.image_size
 
@@ -135,12 +150,13 @@ def export_onnx(module: Embedder, out: str, flip_sum: bool = False) -> float:
     tmp = out + ".tmp"
     with open(tmp, "wb") as f:
         f.write(proto.SerializeToString())
-    diff = _onnx_difference(fn, ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]),
-                            module.image_size)
+    diff = _onnx_difference(fn, ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]), module.image_size)
     if not diff <= ONNX_TOLERANCE:
         os.remove(tmp)
-        raise ExportError(f"{out}: the ONNX model differs from the SavedModel by {diff:.2e} "
-                          f"(> {ONNX_TOLERANCE:.0e}) on the check images; nothing written")
+        raise ExportError(
+            f"{out}: the ONNX model differs from the SavedModel by {diff:.2e} "
+            f"(> {ONNX_TOLERANCE:.0e}) on the check images; nothing written"
+        )
     os.rename(tmp, out)
     return diff
 
@@ -150,8 +166,9 @@ def _onnx_tools():
         import onnxruntime
         import tf2onnx
     except ImportError as e:
-        raise ExportError(f"--onnx needs tf2onnx and onnxruntime ({e.name} is missing): run `make "
-                          "onnx` (or pip install '.[onnx]')") from None
+        raise ExportError(
+            f"--onnx needs tf2onnx and onnxruntime ({e.name} is missing): run `make onnx` (or pip install '.[onnx]')"
+        ) from None
     return tf2onnx, onnxruntime
 
 
@@ -169,13 +186,17 @@ def run_export(args: argparse.Namespace) -> int:
         if os.path.exists(args.onnx):
             raise FileExistsError(f"{args.onnx}: already exists; choose a new file")
     path = export(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {path} (serving_default: uint8 images [N, H, W, 3] of any "
-          "size -> embeddings [N, D], unit norm; flip_sum: the same with the mirror's embedding added)",
-          flush=True)
+    print(
+        f"exported {args.checkpoint} -> {path} (serving_default: uint8 images [N, H, W, 3] of any "
+        "size -> embeddings [N, D], unit norm; flip_sum: the same with the mirror's embedding added)",
+        flush=True,
+    )
     if args.onnx:
         model, image_size = load_backbone(args.checkpoint)
         diff = export_onnx(Embedder(model, image_size), args.onnx, args.onnx_flip_sum)
-        print(f"exported {args.checkpoint} -> {args.onnx} (ONNX: uint8 images [N, {image_size}, "
-              f"{image_size}, 3] -> embeddings; largest difference from the SavedModel {diff:.1e})",
-              flush=True)
+        print(
+            f"exported {args.checkpoint} -> {args.onnx} (ONNX: uint8 images [N, {image_size}, "
+            f"{image_size}, 3] -> embeddings; largest difference from the SavedModel {diff:.1e})",
+            flush=True,
+        )
     return 0

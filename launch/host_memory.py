@@ -1,4 +1,5 @@
 """The host allocator `pfc` runs TensorFlow on: set up before TensorFlow loads (no TensorFlow here)."""
+
 from __future__ import annotations
 
 import os
@@ -76,9 +77,10 @@ def configure() -> None:
     # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8;
     # each also settable as an environment variable or a tunable, which then wins.
     for env, tunable, param, value in (
-            ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max", -8, arenas),
-            ("MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max", -4, 0),
-            ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", -1, 2**31 - 1)):
+        ("MALLOC_ARENA_MAX", "glibc.malloc.arena_max", -8, arenas),
+        ("MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max", -4, 0),
+        ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold", -1, 2**31 - 1),
+    ):
         if env not in os.environ and tunable not in tunables:
             mallopt(ctypes.c_int(param), ctypes.c_int(value))
             if param == -8:

@@ -16,13 +16,14 @@ exact (at most FAR of the impostor pairs above it, as launch/verification.py) wh
 takes the ROC point nearest the FAR, which may lie above it; a FAR below 1 / impostor pairs is None
 (it would be the TAR at FAR 0); a pair naming a template without images is an error.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from launch import verification
 from pipelines.schema import DataError
 
 # ArcFace's 5 reference points in a 112 x 112 crop: left eye, right eye, nose, mouth corners.
-REFERENCE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                      [41.5493, 92.3655], [70.7299, 92.2041]])
+REFERENCE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _PAIR_CHUNK = 100_000  # pairs scored at once: [chunk, D] float64 twice, not [P, D] (IJB-C: 15.7M)
 
@@ -39,13 +41,14 @@ _PAIR_CHUNK = 100_000  # pairs scored at once: [chunk, D] float64 twice, not [P,
 @dataclasses.dataclass(frozen=True, eq=False)
 class Protocol:
     """An IJB set's meta files, checked against each other and the crops: N images, P pairs."""
+
     images: tuple[str, ...]  # [N] paths of the crops
-    landmarks: np.ndarray    # [N, 5, 2] float64 (x, y) in the crop's pixels
-    scores: np.ndarray       # [N] float64 detector scores
-    templates: np.ndarray    # [N] int64 template id of each image
-    medias: np.ndarray       # [N] int64 media id of each image
-    pairs: np.ndarray        # [P, 2] int64 template ids
-    labels: np.ndarray       # [P] int64: 1 same identity, 0 different
+    landmarks: np.ndarray  # [N, 5, 2] float64 (x, y) in the crop's pixels
+    scores: np.ndarray  # [N] float64 detector scores
+    templates: np.ndarray  # [N] int64 template id of each image
+    medias: np.ndarray  # [N] int64 media id of each image
+    pairs: np.ndarray  # [P, 2] int64 template ids
+    labels: np.ndarray  # [P] int64: 1 same identity, 0 different
 
 
 def meta_path(root: str, name: str, kind: str) -> str:
@@ -63,10 +66,18 @@ def load_protocol(root: str, name: str) -> Protocol:
             raise DataError(f"{pts}:{line}: image {os.path.join(root, 'loose_crop', image)} not found")
     pairs, labels = _read_pairs(pair, tid, templates)
     if not (labels == 1).any() or not (labels == 0).any():
-        raise DataError(f"{pair}: needs genuine (1) and impostor (0) pairs, has {int(labels.sum())} "
-                        f"genuine of {len(labels)}")
-    return Protocol(tuple(os.path.join(root, "loose_crop", i) for i in images), values[:, :10].reshape(-1, 5, 2),
-                    values[:, 10], templates, medias, pairs, labels)
+        raise DataError(
+            f"{pair}: needs genuine (1) and impostor (0) pairs, has {int(labels.sum())} genuine of {len(labels)}"
+        )
+    return Protocol(
+        tuple(os.path.join(root, "loose_crop", i) for i in images),
+        values[:, :10].reshape(-1, 5, 2),
+        values[:, 10],
+        templates,
+        medias,
+        pairs,
+        labels,
+    )
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -160,7 +171,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
     sign = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])  # rotation, never a mirror
     rotation = u @ np.diag(sign) @ vt
-    scale = (sigma * sign).sum() / (s ** 2).sum(1).mean()
+    scale = (sigma * sign).sum() / (s**2).sum(1).mean()
     shift = dst.mean(0) - scale * rotation @ src.mean(0)
     return np.hstack([scale * rotation, shift[:, None]])
 
@@ -190,8 +201,9 @@ def align(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarr
     return warp_affine(np.asarray(image), similarity_transform(landmarks, REFERENCE * (size / 112)), size)
 
 
-def image_features(flip_sums: np.ndarray, scores: np.ndarray, *, detector_score: bool = True,
-                   normalize: bool = False) -> np.ndarray:
+def image_features(
+    flip_sums: np.ndarray, scores: np.ndarray, *, detector_score: bool = True, normalize: bool = False
+) -> np.ndarray:
     """embed(x) + embed(mirror x) [N, D] -> image features [N, D]: unit rows if `normalize`
     (InsightFace's default keeps the norm, which weighs poor crops less), times the detector
     scores [N] if `detector_score`."""
@@ -199,8 +211,7 @@ def image_features(flip_sums: np.ndarray, scores: np.ndarray, *, detector_score:
     return f * np.asarray(scores, np.float64)[:, None] if detector_score else f
 
 
-def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Image features [N, D] -> (sorted template ids [T], [T, D] unit rows): each template's
     L2-normalized sum over its medias of the mean of that media's images."""
     order = np.lexsort((medias, templates))
@@ -209,7 +220,7 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
         raise ValueError("no image features")
     starts = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])])  # one per (template, media)
     means = np.add.reduceat(f, starts) / np.diff(np.r_[starts, len(f)])[:, None]
-    firsts = np.flatnonzero(np.r_[True, t[starts][1:] != t[starts][:-1]])        # one per template
+    firsts = np.flatnonzero(np.r_[True, t[starts][1:] != t[starts][:-1]])  # one per template
     return t[starts][firsts], verification.normalize(np.add.reduceat(means, firsts))
 
 
@@ -220,8 +231,12 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.
     if not (ids[rows] == pairs).all():
         raise ValueError(f"template {pairs[ids[rows] != pairs][0]} has no feature")
     feats = np.asarray(template_feats, np.float64)
-    return np.concatenate([np.einsum("pd,pd->p", feats[r[:, 0]], feats[r[:, 1]])
-                           for r in np.array_split(rows, max(1, -(-len(rows) // _PAIR_CHUNK)))])
+    return np.concatenate(
+        [
+            np.einsum("pd,pd->p", feats[r[:, 0]], feats[r[:, 1]])
+            for r in np.array_split(rows, max(1, -(-len(rows) // _PAIR_CHUNK)))
+        ]
+    )
 
 
 def tar_at_fars(scores: np.ndarray, labels: np.ndarray, fars=FARS) -> dict[float, float | None]:
@@ -230,8 +245,12 @@ def tar_at_fars(scores: np.ndarray, labels: np.ndarray, fars=FARS) -> dict[float
     genuine pairs above it; None where far < 1 / impostor pairs (not measurable)."""
     same = np.asarray(labels) == 1
     # launch/verification counts distances below a threshold: a score above t is -score below -t.
-    return {far: verification.tar_at_far(-np.asarray(scores, np.float64), same, far)[0]
-            if verification.far_measurable(int((~same).sum()), far) else None for far in fars}
+    return {
+        far: verification.tar_at_far(-np.asarray(scores, np.float64), same, far)[0]
+        if verification.far_measurable(int((~same).sum()), far)
+        else None
+        for far in fars
+    }
 
 
 def aligned_batches(p: Protocol, batch_size: int) -> Iterator[np.ndarray]:
@@ -248,18 +267,32 @@ def aligned_batches(p: Protocol, batch_size: int) -> Iterator[np.ndarray]:
             yield np.stack(list(pool.map(one, range(start, min(start + batch_size, len(p.images))))))
 
 
-def evaluate_ijb(embed: Callable[[np.ndarray], np.ndarray], root: str, name: str, *, batch_size: int = 256,
-                 detector_score: bool = True, normalize: bool = False) -> dict:
+def evaluate_ijb(
+    embed: Callable[[np.ndarray], np.ndarray],
+    root: str,
+    name: str,
+    *,
+    batch_size: int = 256,
+    detector_score: bool = True,
+    normalize: bool = False,
+) -> dict:
     """embed: uint8 [B, 112, 112, 3] aligned faces -> [B, D]. -> {"name", "tar_at_far": {"1e-06":
     TAR or None, ...}, "images", "templates", "pairs", "genuine_pairs", "impostor_pairs"}."""
     p = load_protocol(root, name)
     sums = np.concatenate([verification.flip_sum(embed, b).astype(np.float32) for b in aligned_batches(p, batch_size)])
-    ids, feats = template_features(image_features(sums, p.scores, detector_score=detector_score,
-                                                  normalize=normalize), p.templates, p.medias)
+    ids, feats = template_features(
+        image_features(sums, p.scores, detector_score=detector_score, normalize=normalize), p.templates, p.medias
+    )
     tars = tar_at_fars(pair_scores(ids, feats, p.pairs), p.labels)
-    return {"name": name.upper(), "tar_at_far": {f"{far:.0e}": tar for far, tar in tars.items()},
-            "images": len(p.images), "templates": len(ids), "pairs": len(p.labels),
-            "genuine_pairs": int(p.labels.sum()), "impostor_pairs": int((p.labels == 0).sum())}
+    return {
+        "name": name.upper(),
+        "tar_at_far": {f"{far:.0e}": tar for far, tar in tars.items()},
+        "images": len(p.images),
+        "templates": len(ids),
+        "pairs": len(p.labels),
+        "genuine_pairs": int(p.labels.sum()),
+        "impostor_pairs": int((p.labels == 0).sum()),
+    }
 
 
 def summary_line(result: dict) -> str:

@@ -11,6 +11,7 @@ and the filter still writes out every line it was given, so no error message is 
 `pfc --verbose ...` or `PFC_VERBOSE=1` keeps everything (and TensorFlow's INFO lines).
 No TensorFlow here: it must act before TensorFlow loads.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,6 +76,6 @@ def _lines(src):
 def _write_all(fd: int, data: bytes) -> None:
     while data:
         try:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         except OSError:  # the reader of stderr went away: nothing left to tell
             return

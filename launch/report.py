@@ -8,6 +8,7 @@ The log is RUN_DIR/log.jsonl, one JSON object per line (schema in docs/monitorin
 Plots: loss.png, accuracy.png, throughput.png, verification.png (when the log has evaluations), written
 to RUN_DIR/report/ (or --out) through temporary files, so a reader never sees a half-written image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,11 @@ def _number(value, where: str, key: str) -> float:
 def _step(record: dict, where: str) -> int:
     step = record.get("step")
     if isinstance(step, bool) or not isinstance(step, int):
-        raise LogError(f"{where}: key 'step' is {step!r}, expected an integer" if "step" in record
-                       else f"{where}: missing key 'step'")
+        raise LogError(
+            f"{where}: key 'step' is {step!r}, expected an integer"
+            if "step" in record
+            else f"{where}: missing key 'step'"
+        )
     return step
 
 
@@ -100,7 +104,8 @@ def read_log(path: Path) -> RunLog:
                     if value is None and metric != "accuracy":  # not measurable on this set (TAR at an unreachable FAR)
                         continue
                     run.evals.setdefault(name, {}).setdefault(metric, []).append(
-                        (step, _number(value, where, f"eval.{name}.{metric}")))
+                        (step, _number(value, where, f"eval.{name}.{metric}"))
+                    )
             continue
         for key in TRAIN_KEYS:
             if key not in record:
@@ -116,7 +121,7 @@ def _smooth(values: list[float]) -> list[float]:
     window = max(1, len(values) // 50)
     out = []
     for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1):i + 1] if math.isfinite(v)]
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
         out.append(sum(chunk) / len(chunk) if chunk else math.nan)
     return out
 
@@ -137,8 +142,11 @@ def plot(run: RunLog, out_dir: Path, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = run.train["step"]
     written = []
-    for name, key, ylabel in (("loss", "loss", "loss"), ("accuracy", "accuracy", "batch top-1 accuracy"),
-                              ("throughput", "samples_per_sec", "samples / s (all workers)")):
+    for name, key, ylabel in (
+        ("loss", "loss", "loss"),
+        ("accuracy", "accuracy", "batch top-1 accuracy"),
+        ("throughput", "samples_per_sec", "samples / s (all workers)"),
+    ):
         if not steps:
             break
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -175,14 +183,16 @@ def verification_series(run: RunLog) -> dict[str, dict[str, list[tuple]]]:
 
 def _plot_verification(plt, series: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (panel, ylabel) in zip(axes, (("accuracy", "10-fold accuracy (± fold std)"),
-                                          ("tar", "TAR at the evaluation FAR"))):
+    for ax, (panel, ylabel) in zip(
+        axes, (("accuracy", "10-fold accuracy (± fold std)"), ("tar", "TAR at the evaluation FAR"))
+    ):
         for i, (label, points) in enumerate(series[panel].items()):
             xs, ys, std = zip(*points)
             ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=label)
             if panel == "accuracy" and all(v is not None for v in std):
-                ax.fill_between(xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)],
-                                color=f"C{i}", alpha=0.2)
+                ax.fill_between(
+                    xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)], color=f"C{i}", alpha=0.2
+                )
         ax.set(xlabel="step", ylabel=ylabel, title=f"{title}: {panel}")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize="small")
@@ -195,9 +205,11 @@ def summary(run: RunLog) -> str:
     lines = []
     if t["step"]:
         finite = [x for x in t["loss"] if math.isfinite(x)]
-        lines.append(f"steps {int(t['step'][0])}..{int(t['step'][-1])} ({len(t['step'])} records), epoch "
-                     f"{t['epoch'][-1]:g}, last loss {t['loss'][-1]:.4g} (min {min(finite, default=math.nan):.4g}), "
-                     f"last accuracy {t['accuracy'][-1]:.3f}, mean {sum(t['samples_per_sec']) / len(t['step']):.1f} samples/s")
+        lines.append(
+            f"steps {int(t['step'][0])}..{int(t['step'][-1])} ({len(t['step'])} records), epoch "
+            f"{t['epoch'][-1]:g}, last loss {t['loss'][-1]:.4g} (min {min(finite, default=math.nan):.4g}), "
+            f"last accuracy {t['accuracy'][-1]:.3f}, mean {sum(t['samples_per_sec']) / len(t['step']):.1f} samples/s"
+        )
     for name, metrics in sorted(run.evals.items()):
         best = max(metrics["accuracy"], key=lambda p: p[1])
         lines.append(f"{name}: last accuracy {metrics['accuracy'][-1][1]:.4f}, best {best[1]:.4f} at step {best[0]}")

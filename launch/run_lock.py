@@ -8,6 +8,7 @@ process, so a second trainer inside the same process is caught by `_held`. The f
 holder's host, pid and start time for the message; it is left in place when the run ends (removing
 it would race with the next trainer opening it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 LOCK_NAME = ".pfc-train.lock"
 _held: dict[int, str] = {}  # descriptor -> lock file, of the locks this process holds
@@ -38,13 +39,19 @@ def holder_text(file: str) -> str:
 
 
 def _busy(directory: str, file: str) -> RunLockError:
-    return RunLockError(f"{directory}: another trainer is using this directory ({holder_text(file)}; "
-                        f"lock {file}): stop it, or give this run another train.run_dir / checkpoint.dir")
+    return RunLockError(
+        f"{directory}: another trainer is using this directory ({holder_text(file)}; "
+        f"lock {file}): stop it, or give this run another train.run_dir / checkpoint.dir"
+    )
 
 
 def _identity() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(sys.argv)[:500],
+    }
 
 
 def _lock_one(directory: str) -> int:

@@ -11,6 +11,7 @@ T total steps, peak lr L, floor m and p = clip((step − W) / (T − W), 0, 1):
 so poly and cosine reach m at step T and stay there. Works on Python numbers and on tensors
 (a `tf.Variable` step inside `tf.function`), always returning a float32 scalar tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,11 +22,20 @@ import tensorflow as tf
 SCHEDULES = ("constant", "poly", "cosine")
 
 
-def learning_rate(step, *, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
-                  power: float = 2.0, min_lr: float = 0.0) -> tf.Tensor:
+def learning_rate(
+    step,
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    power: float = 2.0,
+    min_lr: float = 0.0,
+) -> tf.Tensor:
     """The learning rate for update number `step` (int or integer/float tensor) -> float32 scalar."""
-    check_schedule(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-                   power=power, min_lr=min_lr)
+    check_schedule(
+        lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule, power=power, min_lr=min_lr
+    )
     t = tf.cast(step, tf.float32)
     peak = tf.constant(lr, tf.float32)
     if schedule == "constant":
@@ -44,8 +54,9 @@ def learning_rate(step, *, lr: float, total_steps: int, warmup_steps: int = 0, s
     return tf.where(t < warmup_steps, warm, after)
 
 
-def check_schedule(*, lr: float, total_steps: int, warmup_steps: int, schedule: str, power: float,
-                   min_lr: float) -> None:
+def check_schedule(
+    *, lr: float, total_steps: int, warmup_steps: int, schedule: str, power: float, min_lr: float
+) -> None:
     """Raise ValueError naming the argument for an impossible schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
@@ -64,24 +75,58 @@ def check_schedule(*, lr: float, total_steps: int, warmup_steps: int, schedule: 
 class LRSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """`learning_rate` as a Keras schedule (the optimizer calls it with its iteration count)."""
 
-    def __init__(self, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
-                 power: float = 2.0, min_lr: float = 0.0, scale: float = 1.0):
-        check_schedule(lr=lr * scale, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
-                       power=power, min_lr=min_lr * scale)
+    def __init__(
+        self,
+        lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        power: float = 2.0,
+        min_lr: float = 0.0,
+        scale: float = 1.0,
+    ):
+        check_schedule(
+            lr=lr * scale,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            power=power,
+            min_lr=min_lr * scale,
+        )
         self.lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
         self.schedule, self.power, self.min_lr, self.scale = schedule, power, min_lr, scale
 
     @classmethod
-    def from_optim(cls, optim, total_steps: int, scale: float = 1.0) -> "LRSchedule":
+    def from_optim(cls, optim, total_steps: int, scale: float = 1.0) -> LRSchedule:
         """From a `launch.config.OptimConfig`; `scale` multiplies lr and min_lr (e.g. fc_lr_scale)."""
-        return cls(lr=optim.lr, total_steps=total_steps, warmup_steps=optim.warmup_steps,
-                   schedule=optim.schedule, power=optim.power, min_lr=optim.min_lr, scale=scale)
+        return cls(
+            lr=optim.lr,
+            total_steps=total_steps,
+            warmup_steps=optim.warmup_steps,
+            schedule=optim.schedule,
+            power=optim.power,
+            min_lr=optim.min_lr,
+            scale=scale,
+        )
 
     def __call__(self, step):
-        return learning_rate(step, lr=self.lr * self.scale, total_steps=self.total_steps,
-                             warmup_steps=self.warmup_steps, schedule=self.schedule, power=self.power,
-                             min_lr=self.min_lr * self.scale)
+        return learning_rate(
+            step,
+            lr=self.lr * self.scale,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+            power=self.power,
+            min_lr=self.min_lr * self.scale,
+        )
 
     def get_config(self) -> dict:
-        return {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "schedule": self.schedule, "power": self.power, "min_lr": self.min_lr, "scale": self.scale}
+        return {
+            "lr": self.lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "schedule": self.schedule,
+            "power": self.power,
+            "min_lr": self.min_lr,
+            "scale": self.scale,
+        }

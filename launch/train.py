@@ -3,6 +3,7 @@
 line: progress lines with step/epoch/loss/accuracy/lr/samples_per_sec, eval lines with per-set
 results); every worker serves its metrics; checkpoints every `checkpoint.every` steps and at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ from launch.config import Config
 def add_parser(sub) -> None:
     p = commands.add(sub, "train")
     p.add_argument("--config", required=True, help="the experiment's YAML config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optim.lr=0.05 (repeatable)",
+    )
     p.set_defaults(func=run_train)
 
 
@@ -78,10 +85,11 @@ class Plan:
     the samples of an epoch), never in steps of another world size's global batch, so a resume at
     another world size trains what is left.
     """
-    start_step: int          # optimizer steps applied before this invocation
-    total_steps: int         # the schedule's length (lr, λ): planned applied steps of the run
-    start_samples: int       # the data position: global samples taken before this invocation
-    batches: int | None      # train.epochs: batches left to take; None: until total_steps apply
+
+    start_step: int  # optimizer steps applied before this invocation
+    total_steps: int  # the schedule's length (lr, λ): planned applied steps of the run
+    start_samples: int  # the data position: global samples taken before this invocation
+    batches: int | None  # train.epochs: batches left to take; None: until total_steps apply
     steps_per_epoch: int | None
     global_batch: int
 
@@ -95,12 +103,12 @@ class Plan:
         if not self.steps_per_epoch:
             return 0, self.start_samples // self.global_batch
         epoch_samples = self.steps_per_epoch * self.global_batch
-        return (self.start_samples // epoch_samples,
-                self.start_samples % epoch_samples // self.global_batch)
+        return (self.start_samples // epoch_samples, self.start_samples % epoch_samples // self.global_batch)
 
 
-def make_plan(cfg: Config, step: int, samples: int, global_batch: int, steps_per_epoch: int | None,
-              resumed: str | None) -> Plan:
+def make_plan(
+    cfg: Config, step: int, samples: int, global_batch: int, steps_per_epoch: int | None, resumed: str | None
+) -> Plan:
     """The plan from a data position; a resume with nothing left (or less than nothing) to do is
     an error, never a silent zero-step run."""
     from launch.trainer import TrainingError
@@ -113,17 +121,17 @@ def make_plan(cfg: Config, step: int, samples: int, global_batch: int, steps_per
         planned = round(t.epochs * steps_per_epoch * global_batch)
         batches = math.ceil((planned - samples) / global_batch)
         total, left = step + batches, batches
-        want = (f"train.epochs={t.epochs:g}: {planned:,} samples ({steps_per_epoch} steps of "
-                f"{global_batch} per epoch)")
+        want = f"train.epochs={t.epochs:g}: {planned:,} samples ({steps_per_epoch} steps of {global_batch} per epoch)"
     if left <= 0 and resumed:
-        raise TrainingError(f"{resumed} is at step {step} after {samples:,} samples, and the run "
-                            f"plans {want}: nothing is left to train. Raise the length, or start "
-                            "a new run (checkpoint.resume: none)")
+        raise TrainingError(
+            f"{resumed} is at step {step} after {samples:,} samples, and the run "
+            f"plans {want}: nothing is left to train. Raise the length, or start "
+            "a new run (checkpoint.resume: none)"
+        )
     return Plan(step, total, samples, batches, steps_per_epoch, global_batch)
 
 
-def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None,
-          num_classes: int | None = None) -> dict:
+def train(cfg: Config, comm, *, data=None, steps_per_epoch: int | None = None, num_classes: int | None = None) -> dict:
     """Run (or resume) the experiment; -> {"step", "loss", "eval", "checkpoint"} of the end.
 
     data / steps_per_epoch / num_classes: a function `first batch -> iterator of this worker's
@@ -158,7 +166,6 @@ def _locked(cfg: Config, comm):
 
 
 def _train(cfg: Config, comm, data, steps_per_epoch, num_classes) -> dict:
-    from launch import checkpoint as ckpt
     from launch.trainer import Trainer, TrainingError
 
     log = _Log(cfg, comm.rank)
@@ -168,15 +175,15 @@ def _train(cfg: Config, comm, data, steps_per_epoch, num_classes) -> dict:
         steps_per_epoch = pipe.steps_per_epoch
         num_classes = pipe.manifest.num_classes
         if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
-            raise TrainingError(f"data.num_classes is {cfg.data.num_classes} but the dataset "
-                                f"{cfg.data.train[0]} has {num_classes} classes")
-    trainer = Trainer(cfg, comm, num_classes=num_classes,
-                      augment=pipe.augment if pipe is not None else None)
+            raise TrainingError(
+                f"data.num_classes is {cfg.data.num_classes} but the dataset "
+                f"{cfg.data.train[0]} has {num_classes} classes"
+            )
+    trainer = Trainer(cfg, comm, num_classes=num_classes, augment=pipe.augment if pipe is not None else None)
     if comm.rank == 0:
         _remove_partial(cfg.checkpoint_dir, log)
     resume = _resume(trainer, log)
-    plan = make_plan(cfg, trainer.step, trainer.position.samples, trainer.global_batch,
-                     steps_per_epoch, resume)
+    plan = make_plan(cfg, trainer.step, trainer.position.samples, trainer.global_batch, steps_per_epoch, resume)
     trainer.set_total_steps(plan.total_steps)
     epoch, skip = plan.first_batch()
     if data is not None:
@@ -249,10 +256,11 @@ def _resume(trainer, log) -> str | None:
     if resume:
         trainer.restore(resume, verified=True)
         written = ckpt.read_manifest(resume)["world_size"]
-        log.say(f"resumed from {resume} at step {trainer.step}, {trainer.position.samples:,} samples "
-                f"(written by {written} workers, now {comm.size})")
-        log.record({"event": "resume", "step": trainer.step, "from": resume,
-                    "samples": trainer.position.samples})
+        log.say(
+            f"resumed from {resume} at step {trainer.step}, {trainer.position.samples:,} samples "
+            f"(written by {written} workers, now {comm.size})"
+        )
+        log.record({"event": "resume", "step": trainer.step, "from": resume, "samples": trainer.position.samples})
     return resume
 
 
@@ -268,13 +276,15 @@ def _next(batches):
         message = reader_error(e)
         if message is None:
             raise
-        raise DataError(message.replace("read with skip_corrupt=True", "set data.skip_corrupt: true "
-                                        "to skip and count such records")) from None
+        raise DataError(
+            message.replace("read with skip_corrupt=True", "set data.skip_corrupt: true to skip and count such records")
+        ) from None
 
 
 @dataclasses.dataclass
 class _Duty:
     """Something the loop does every `every` applied steps (0: never), and at the end if `final`."""
+
     every: int
     run: typing.Callable[[int], None]
     final: bool
@@ -295,20 +305,25 @@ class _Loop:
         self.window_samples = 0
         self.first = None  # (time, step) after the first step: the ETA leaves its compilation out
         self.steps = plan.start_step  # applied steps, as a plain int for the SIGTERM watcher
-        self.duties = [_Duty(cfg.train.log_every, self.progress, True),
-                       _Duty(cfg.checkpoint.every, self.checkpoint, False),
-                       _Duty(cfg.eval.interval, self.evaluate, False)]
+        self.duties = [
+            _Duty(cfg.train.log_every, self.progress, True),
+            _Duty(cfg.checkpoint.every, self.checkpoint, False),
+            _Duty(cfg.eval.interval, self.evaluate, False),
+        ]
         self._announce()
 
     def _announce(self) -> None:
         t, fc, p = self.trainer, self.trainer.fc, self.plan
         if self.metrics is not None:
-            self.metrics.set_fc_shard(fc.num_local_classes,
-                                      sum(v.shape.num_elements() * v.dtype.size
-                                          for v in (fc.weight, *t.fc_opt.state().values())))
-        self.log.say(f"training C={t.num_classes:,} D={self.cfg.model.embedding_dim} on {self.comm.size} "
-                     f"worker(s), global batch {p.global_batch}, steps {p.start_step}..{p.total_steps}"
-                     + (f", {p.steps_per_epoch} per epoch" if p.steps_per_epoch else ""))
+            self.metrics.set_fc_shard(
+                fc.num_local_classes,
+                sum(v.shape.num_elements() * v.dtype.size for v in (fc.weight, *t.fc_opt.state().values())),
+            )
+        self.log.say(
+            f"training C={t.num_classes:,} D={self.cfg.model.embedding_dim} on {self.comm.size} "
+            f"worker(s), global batch {p.global_batch}, steps {p.start_step}..{p.total_steps}"
+            + (f", {p.steps_per_epoch} per epoch" if p.steps_per_epoch else "")
+        )
 
     def run(self, batches) -> None:
         t = self.trainer
@@ -339,8 +354,12 @@ class _Loop:
         if self.saved_step != step:
             self.checkpoint(step)
         self.evaluate(step)
-        return {"step": step, "loss": self.result.loss if self.result else None,
-                "eval": self.eval_results, "checkpoint": self.last_ckpt}
+        return {
+            "step": step,
+            "loss": self.result.loss if self.result else None,
+            "eval": self.eval_results,
+            "checkpoint": self.last_ckpt,
+        }
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -356,11 +375,18 @@ class _Loop:
         if self.metrics is None:
             return
         self._count_corrupt()
-        self.metrics.observe_step(step=step, samples=self.cfg.train.batch_size, loss=r.loss,
-                                  accuracy=r.accuracy, lr=float(self.trainer.learning_rate(step)),
-                                  lam=current_lambda(self.trainer.fc.margin, step),
-                                  epoch=self.epochs_done(), step_seconds=t2 - t0,
-                                  data_wait_seconds=t1 - t0, comm_seconds=r.comm_seconds)
+        self.metrics.observe_step(
+            step=step,
+            samples=self.cfg.train.batch_size,
+            loss=r.loss,
+            accuracy=r.accuracy,
+            lr=float(self.trainer.learning_rate(step)),
+            lam=current_lambda(self.trainer.fc.margin, step),
+            epoch=self.epochs_done(),
+            step_seconds=t2 - t0,
+            data_wait_seconds=t1 - t0,
+            comm_seconds=r.comm_seconds,
+        )
 
     def _count_corrupt(self) -> None:
         corrupt = self._corrupt_records()
@@ -378,7 +404,8 @@ class _Loop:
             raise TrainingError(
                 f"non-finite loss ({r.loss}) or gradient at step {step}: stopping. Nothing "
                 f"of this step was applied; the last checkpoint ({self.last_ckpt or 'none yet'}) is kept. "
-                "Lower optim.lr, set optim.clip_norm, or set train.nonfinite: skip")
+                "Lower optim.lr, set optim.clip_norm, or set train.nonfinite: skip"
+            )
         self.log.say(f"step {step}: non-finite loss ({r.loss}), step skipped ({p.skipped} so far)")
         limit = math.ceil(cfg.max_skipped_share * self.plan.total_steps)
         if p.skipped_in_a_row > cfg.max_skipped_in_a_row or p.skipped > limit:
@@ -387,7 +414,8 @@ class _Loop:
                 f"train.max_skipped_in_a_row={cfg.max_skipped_in_a_row} in a row or "
                 f"train.max_skipped_share={cfg.max_skipped_share:g} of {self.plan.total_steps} steps "
                 f"({limit}); stopping. The last checkpoint ({self.last_ckpt or 'none yet'}) is kept. "
-                "Lower optim.lr, set optim.clip_norm, or check the data")
+                "Lower optim.lr, set optim.clip_norm, or check the data"
+            )
 
     # --- duties ----------------------------------------------------------------------------------
     def progress(self, step: int) -> None:
@@ -399,14 +427,25 @@ class _Loop:
         self.window_t, self.window_samples = now, 0
         lr = float(t.learning_rate(step))
         corrupt = self._corrupt_records_all() if self.cfg.data.skip_corrupt else 0
-        self.log.say(f"step {step}/{self.plan.total_steps} epoch {int(self.epoch)} | loss {r.loss:.4f} "
-                     f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {self._eta(step, now)}"
-                     + (f" | {corrupt:,} corrupt records skipped" if corrupt else ""))
-        self.log.record({"step": step, "epoch": int(self.epoch), "loss": r.loss,
-                         "accuracy": r.accuracy, "lr": lr, "samples_per_sec": round(rate, 2),
-                         "grad_norm": r.grad_norm, "nonfinite_steps": t.position.skipped,
-                         "samples": t.position.samples,
-                         **({"corrupt_records": corrupt} if self.cfg.data.skip_corrupt else {})})
+        self.log.say(
+            f"step {step}/{self.plan.total_steps} epoch {int(self.epoch)} | loss {r.loss:.4f} "
+            f"acc {r.accuracy:.3f} | lr {lr:.4g} | {rate:,.1f} samples/s | ETA {self._eta(step, now)}"
+            + (f" | {corrupt:,} corrupt records skipped" if corrupt else "")
+        )
+        self.log.record(
+            {
+                "step": step,
+                "epoch": int(self.epoch),
+                "loss": r.loss,
+                "accuracy": r.accuracy,
+                "lr": lr,
+                "samples_per_sec": round(rate, 2),
+                "grad_norm": r.grad_norm,
+                "nonfinite_steps": t.position.skipped,
+                "samples": t.position.samples,
+                **({"corrupt_records": corrupt} if self.cfg.data.skip_corrupt else {}),
+            }
+        )
 
     def _eta(self, step: int, now: float) -> str:
         """Time left at the pace of the steps after the first (which includes compiling)."""
@@ -446,13 +485,22 @@ class _Loop:
         cfg, results = self.cfg, {}
         if self.comm.rank == 0 and self.sets:
             model = self.trainer.model
-            results = evaluate.evaluate(lambda x: model(x, training=False).numpy(), self.sets,
-                                        batch_size=cfg.eval.batch_size, folds=cfg.eval.folds,
-                                        far=cfg.eval.far, flip=cfg.eval.flip)
+            results = evaluate.evaluate(
+                lambda x: model(x, training=False).numpy(),
+                self.sets,
+                batch_size=cfg.eval.batch_size,
+                folds=cfg.eval.folds,
+                far=cfg.eval.far,
+                flip=cfg.eval.flip,
+            )
             self.log.say(f"eval step {step}: {evaluate.summary_line(results, cfg.eval.far)}")
             # the report's schema names TAR by its FAR
-            self.log.record({"step": step, "eval": {name: {**r, f"tar@far={cfg.eval.far:g}": r["tar"]}
-                                                    for name, r in results.items()}})
+            self.log.record(
+                {
+                    "step": step,
+                    "eval": {name: {**r, f"tar@far={cfg.eval.far:g}": r["tar"]} for name, r in results.items()},
+                }
+            )
             if self.metrics is not None:
                 for name, r in results.items():
                     tar = {cfg.eval.far: r["tar"]} if r["tar"] is not None else {}
@@ -461,14 +509,17 @@ class _Loop:
         self.eval_results = results
 
     def _resume_note(self) -> str:
-        return ("A resume (checkpoint.resume: auto) starts from "
-                + (self.last_ckpt or "the beginning (no checkpoint yet)"))
+        return "A resume (checkpoint.resume: auto) starts from " + (
+            self.last_ckpt or "the beginning (no checkpoint yet)"
+        )
 
     def stopped(self) -> str:
         """What a worker ended by SIGTERM says (from the watcher thread: no TensorFlow calls)."""
-        return (f"worker {self.comm.rank}: terminated (SIGTERM) at step {self.steps}: the launcher "
-                "ends every worker when one fails (its output names the worker), or the job was "
-                f"cancelled. {self._resume_note()}")
+        return (
+            f"worker {self.comm.rank}: terminated (SIGTERM) at step {self.steps}: the launcher "
+            "ends every worker when one fails (its output names the worker), or the job was "
+            f"cancelled. {self._resume_note()}"
+        )
 
     def peer_lost(self, error: Exception) -> Exception:
         """A collective failed: a peer stopped (killed, crashed, lost its host) or this worker's
@@ -481,7 +532,8 @@ class _Loop:
         return TrainingError(
             f"worker {self.comm.rank}: lost contact with a peer worker at step {step} (it exited, was "
             f"killed or its host went away; the launcher's output names it): the job cannot go on. "
-            f"{self._resume_note()}")
+            f"{self._resume_note()}"
+        )
 
 
 def _open(cfg: Config, comm, start_epoch: int):
@@ -489,13 +541,23 @@ def _open(cfg: Config, comm, start_epoch: int):
     from pipelines.threads import cores_per_worker
 
     if len(cfg.data.train) != 1:
-        raise SystemExit(f"data.train: one dataset (a directory, manifest, shard file or glob) is "
-                         f"supported, got {len(cfg.data.train)}: {cfg.data.train}")
-    return open_dataset(cfg.data.train[0], cfg.train.batch_size, rank=comm.rank, size=comm.size,
-                        image_size=(cfg.data.image_size, cfg.data.image_size),
-                        shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, start_epoch=start_epoch,
-                        skip_corrupt=cfg.data.skip_corrupt, flip=cfg.data.flip,
-                        threads=cores_per_worker(comm.local_size))
+        raise SystemExit(
+            f"data.train: one dataset (a directory, manifest, shard file or glob) is "
+            f"supported, got {len(cfg.data.train)}: {cfg.data.train}"
+        )
+    return open_dataset(
+        cfg.data.train[0],
+        cfg.train.batch_size,
+        rank=comm.rank,
+        size=comm.size,
+        image_size=(cfg.data.image_size, cfg.data.image_size),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed,
+        start_epoch=start_epoch,
+        skip_corrupt=cfg.data.skip_corrupt,
+        flip=cfg.data.flip,
+        threads=cores_per_worker(comm.local_size),
+    )
 
 
 def _metrics(cfg: Config, comm):
@@ -504,6 +566,13 @@ def _metrics(cfg: Config, comm):
     from launch.version import version
     from monitoring.exporter import TrainingMetrics
 
-    return TrainingMetrics(job=cfg.monitoring.job, rank=comm.rank, local_rank=comm.local_rank,
-                           world_size=comm.size, bind=cfg.monitoring.bind, base_port=cfg.monitoring.port,
-                           pushgateway=cfg.monitoring.pushgateway, version=version())
+    return TrainingMetrics(
+        job=cfg.monitoring.job,
+        rank=comm.rank,
+        local_rank=comm.local_rank,
+        world_size=comm.size,
+        bind=cfg.monitoring.bind,
+        base_port=cfg.monitoring.port,
+        pushgateway=cfg.monitoring.pushgateway,
+        version=version(),
+    )

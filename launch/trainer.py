@@ -12,11 +12,12 @@ A skipped step (a non-finite loss: the verdict is the same on every worker) appl
 state a forward pass changes outside the optimizers (batch-norm statistics, RNG and sampler states)
 is put back, and only the data position and the skip count move.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -44,7 +45,7 @@ class StepResult:
     accuracy: float
     applied: bool
     grad_norm: float
-    comm_seconds: float   # in the backbone-gradient allreduce, waiting for the slowest worker included
+    comm_seconds: float  # in the backbone-gradient allreduce, waiting for the slowest worker included
     overflow: bool = False  # mixed_float16: the scaled backward overflowed; backbone step skipped
 
 
@@ -55,6 +56,7 @@ class Position:
     samples: global samples taken from the data, skipped batches included: the data position, valid
     at any world size (optimizer steps are not, once the global batch changes).
     """
+
     samples: int = 0
     skipped: int = 0
     skipped_in_a_row: int = 0
@@ -73,9 +75,15 @@ class Trainer:
     float32 already.
     """
 
-    def __init__(self, config: Config, comm: cluster_lib.Cluster | None = None, *,
-                 num_classes: int | None = None, log: Callable[[str], None] | None = None,
-                 augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        comm: cluster_lib.Cluster | None = None,
+        *,
+        num_classes: int | None = None,
+        log: Callable[[str], None] | None = None,
+        augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    ):
         self.config = config
         self.augment = augment
         self.comm = comm or cluster_lib.init()
@@ -85,24 +93,40 @@ class Trainer:
         if self.num_classes < 1:
             raise TrainingError("the number of classes is unknown: set data.num_classes or open a dataset")
         # No global seed: every initializer and RNG is seeded explicitly from cfg.seed.
-        self.model = build_backbone(cfg.model.backbone, cfg.data.image_size, cfg.model.embedding_dim,
-                                    cfg.model.dropout, seed=cfg.seed, batch_norm=cfg.model.batch_norm,
-                                    precision=cfg.model.precision)
+        self.model = build_backbone(
+            cfg.model.backbone,
+            cfg.data.image_size,
+            cfg.model.embedding_dim,
+            cfg.model.dropout,
+            seed=cfg.seed,
+            batch_norm=cfg.model.batch_norm,
+            precision=cfg.model.precision,
+        )
         self.loss_scale = LossScale() if cfg.model.precision == "mixed_float16" else None
         self.fc = partitioned_fc.PartitionedFC(
-            self.num_classes, cfg.model.embedding_dim, cfg.loss.margin(), self.comm, seed=cfg.seed,
-            sample_rate=cfg.fc.sample_rate, chunk_size=cfg.fc.chunk_size,
-            compute_dtype=cfg.fc.compute_dtype, param_dtype=cfg.fc.param_dtype)
+            self.num_classes,
+            cfg.model.embedding_dim,
+            cfg.loss.margin(),
+            self.comm,
+            seed=cfg.seed,
+            sample_rate=cfg.fc.sample_rate,
+            chunk_size=cfg.fc.chunk_size,
+            compute_dtype=cfg.fc.compute_dtype,
+            param_dtype=cfg.fc.param_dtype,
+        )
         o = cfg.optim
         if o.name == "sgd":
-            self.fc_opt = shard_opt.SGD(self.fc.weight, momentum=o.momentum, nesterov=o.nesterov,
-                                        weight_decay=o.weight_decay)
+            self.fc_opt = shard_opt.SGD(
+                self.fc.weight, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            )
             self.opt = keras.optimizers.SGD(learning_rate=o.lr, momentum=o.momentum, nesterov=o.nesterov)
         else:
-            self.fc_opt = shard_opt.AdamW(self.fc.weight, beta_1=o.betas[0], beta_2=o.betas[1],
-                                          epsilon=o.eps, weight_decay=o.weight_decay)
-            self.opt = keras.optimizers.AdamW(learning_rate=o.lr, beta_1=o.betas[0], beta_2=o.betas[1],
-                                              epsilon=o.eps, weight_decay=o.weight_decay)
+            self.fc_opt = shard_opt.AdamW(
+                self.fc.weight, beta_1=o.betas[0], beta_2=o.betas[1], epsilon=o.eps, weight_decay=o.weight_decay
+            )
+            self.opt = keras.optimizers.AdamW(
+                learning_rate=o.lr, beta_1=o.betas[0], beta_2=o.betas[1], epsilon=o.eps, weight_decay=o.weight_decay
+            )
         self.opt.build(self.model.trainable_variables)
         # model.variables: weights, batch-norm statistics and the dropout RNG state (checkpointed).
         # Same seed everywhere already; the broadcast makes "identical replicas" a fact, not a hope.
@@ -128,9 +152,15 @@ class Trainer:
 
     def learning_rate(self, step) -> tf.Tensor:
         o = self.config.optim
-        return learning_rate(step, lr=o.lr, total_steps=max(self.total_steps, 1),
-                             warmup_steps=o.warmup_steps, schedule=o.schedule, power=o.power,
-                             min_lr=o.min_lr)
+        return learning_rate(
+            step,
+            lr=o.lr,
+            total_steps=max(self.total_steps, 1),
+            warmup_steps=o.warmup_steps,
+            schedule=o.schedule,
+            power=o.power,
+            min_lr=o.min_lr,
+        )
 
     def train_step(self, images, labels) -> StepResult:
         loss, acc, applied, fc_applied, norm, comm_s = self._step_fn(images, labels)
@@ -144,7 +174,8 @@ class Trainer:
             raise TrainingError(
                 f"step {self.step}: the loss ({float(loss)}) is finite but the backbone's gradient is "
                 f"not (norm {float(norm)}): the class rows were updated and the backbone was not, so "
-                "the step cannot be skipped; stopping. Lower optim.lr or check the data")
+                "the step cannot be skipped; stopping. Lower optim.lr or check the data"
+            )
         self._advance(bool(applied), overflow)
         return StepResult(float(loss), float(acc), bool(applied), float(norm), float(comm_s), overflow)
 
@@ -231,16 +262,30 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------------
     def fc_state(self) -> ckpt.FCState:
-        return ckpt.FCState(self.fc.class_range, self.fc.weight, self.fc_opt.state(),
-                            self.fc.sampler, self.fc.margin.state())
+        return ckpt.FCState(
+            self.fc.class_range, self.fc.weight, self.fc_opt.state(), self.fc.sampler, self.fc.margin.state()
+        )
 
     def save(self, meta: dict | None = None) -> str:
         cfg = self.config
-        info = {"num_classes": self.num_classes, "embedding_dim": cfg.model.embedding_dim,
-                "config": cfg.to_dict(), **self.position.meta(), **(meta or {})}
+        info = {
+            "num_classes": self.num_classes,
+            "embedding_dim": cfg.model.embedding_dim,
+            "config": cfg.to_dict(),
+            **self.position.meta(),
+            **(meta or {}),
+        }
         t0 = time.perf_counter()
-        path = ckpt.save(cfg.checkpoint_dir, self.step, self.comm, self.fc_state(),
-                         self.model.variables, self._optimizer_variables(), info, keep=cfg.checkpoint.keep)
+        path = ckpt.save(
+            cfg.checkpoint_dir,
+            self.step,
+            self.comm,
+            self.fc_state(),
+            self.model.variables,
+            self._optimizer_variables(),
+            info,
+            keep=cfg.checkpoint.keep,
+        )
         self.last_checkpoint_seconds = time.perf_counter() - t0
         return path
 
@@ -271,16 +316,18 @@ class Trainer:
 
     def restore(self, path: str, *, verified: bool = False) -> dict:
         """Load `path` (verified first unless `resume_path` just did) into every variable."""
-        manifest = ckpt.restore(path, self.comm, self.fc_state(), self.model.variables,
-                                self._optimizer_variables(), verified=verified)
+        manifest = ckpt.restore(
+            path, self.comm, self.fc_state(), self.model.variables, self._optimizer_variables(), verified=verified
+        )
         self.fc.step.assign(int(manifest["step"]))
         self.position = restored_position(manifest)
         return manifest
 
     def embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         """[N, H, W, 3] in [-1, 1] -> [N, D] raw embeddings (inference mode)."""
-        out = [self.model(images[i:i + batch_size], training=False).numpy()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            self.model(images[i : i + batch_size], training=False).numpy() for i in range(0, len(images), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros([0, self.config.model.embedding_dim], np.float32)
 
 
@@ -289,7 +336,7 @@ class LossScale(tf.Module):
     halves after a step whose scaled gradient was not finite and doubles after `period` finite
     steps in a row."""
 
-    def __init__(self, initial: float = 2.0 ** 15, period: int = 2000):
+    def __init__(self, initial: float = 2.0**15, period: int = 2000):
         super().__init__(name="loss_scale")
         self.value = tf.Variable(initial, dtype=tf.float32, trainable=False, name="value")
         self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")

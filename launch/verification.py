@@ -17,32 +17,34 @@ exactly (every midpoint between observed distances) unless a grid is passed —
 pairs with an exact threshold instead of per fold with an interpolated one, so the reported FAR
 never exceeds the target.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class VerificationResult:
-    accuracy: float          # mean test accuracy over the folds
-    accuracy_std: float      # their standard deviation (population, as numpy's default)
-    threshold: float         # mean best threshold (squared L2 distance) over the folds
-    tar: float | None        # true accept rate at the FAR threshold; None when the set has fewer
-                             # than 1 / far_target different pairs (that FAR cannot be measured)
-    far: float               # the false accept rate actually reached there (<= far_target)
+    accuracy: float  # mean test accuracy over the folds
+    accuracy_std: float  # their standard deviation (population, as numpy's default)
+    threshold: float  # mean best threshold (squared L2 distance) over the folds
+    tar: float | None  # true accept rate at the FAR threshold; None when the set has fewer
+    # than 1 / far_target different pairs (that FAR cannot be measured)
+    far: float  # the false accept rate actually reached there (<= far_target)
     far_target: float
-    far_threshold: float     # the threshold of tar_at_far
+    far_threshold: float  # the threshold of tar_at_far
     num_pairs: int
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def flip_sum(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-             batch_size: int | None = None) -> np.ndarray:
+def flip_sum(
+    embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int | None = None
+) -> np.ndarray:
     """[N, H, W, C] images -> [N, D] embed_fn(images) + embed_fn(images flipped left-right).
 
     `embed_fn` maps a batch [b, H, W, C] to [b, D]; it is called on batches of `batch_size`
@@ -56,7 +58,7 @@ def flip_sum(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     step = batch_size or max(len(images), 1)
     out = []
     for start in range(0, len(images), step):
-        batch = images[start:start + step]
+        batch = images[start : start + step]
         out.append(np.asarray(embed_fn(batch), np.float64) + np.asarray(embed_fn(batch[:, :, ::-1, :]), np.float64))
     if not out:
         raise ValueError("no images")
@@ -98,8 +100,9 @@ def _check(distances: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     return d, s
 
 
-def best_threshold(distances: np.ndarray, issame: np.ndarray,
-                   thresholds: np.ndarray | None = None) -> tuple[float, float]:
+def best_threshold(
+    distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray | None = None
+) -> tuple[float, float]:
     """The threshold maximizing accuracy of `distance < threshold` on these pairs -> (threshold, accuracy).
 
     thresholds=None searches exactly: every midpoint between consecutive distinct distances, and
@@ -124,8 +127,9 @@ def accuracy_at(distances: np.ndarray, issame: np.ndarray, threshold: float) -> 
     return float(np.mean((d < threshold) == s))
 
 
-def kfold_accuracy(distances: np.ndarray, issame: np.ndarray, folds: int = 10,
-                   thresholds: np.ndarray | None = None) -> tuple[float, float, float]:
+def kfold_accuracy(
+    distances: np.ndarray, issame: np.ndarray, folds: int = 10, thresholds: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """k-fold accuracy with the threshold chosen on the other folds -> (mean, std, mean threshold)."""
     d, s = _check(distances, issame)
     if not 2 <= folds <= len(d):
@@ -158,8 +162,14 @@ def tar_at_far(distances: np.ndarray, issame: np.ndarray, far: float = 1e-3) -> 
     return float(np.mean(pos < threshold)), float(np.mean(neg < threshold)), threshold
 
 
-def evaluate_pairs(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, folds: int = 10,
-                   far: float = 1e-3, thresholds: np.ndarray | None = None) -> VerificationResult:
+def evaluate_pairs(
+    emb1: np.ndarray,
+    emb2: np.ndarray,
+    issame: np.ndarray,
+    folds: int = 10,
+    far: float = 1e-3,
+    thresholds: np.ndarray | None = None,
+) -> VerificationResult:
     """Pair embeddings [N, D], [N, D] and [N] booleans -> all the metrics of a verification set."""
     d = pair_distances(emb1, emb2)
     issame = np.asarray(issame)
@@ -167,8 +177,16 @@ def evaluate_pairs(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray, folds
     tar, far_reached, far_th = tar_at_far(d, issame, far)
     if not far_measurable(int(np.sum(~issame.astype(bool))), far):
         tar = None
-    return VerificationResult(accuracy=acc, accuracy_std=acc_std, threshold=th, tar=tar, far=far_reached,
-                              far_target=far, far_threshold=far_th, num_pairs=len(d))
+    return VerificationResult(
+        accuracy=acc,
+        accuracy_std=acc_std,
+        threshold=th,
+        tar=tar,
+        far=far_reached,
+        far_target=far,
+        far_threshold=far_th,
+        num_pairs=len(d),
+    )
 
 
 def far_measurable(different_pairs: int, far: float) -> bool:

@@ -1,5 +1,6 @@
 """The installed package's version (no imports of ours: the CLI, the trainer and the exporter
 read it)."""
+
 from __future__ import annotations
 
 from importlib import metadata

@@ -2,6 +2,7 @@
 
 Imports neither launch/ nor pipelines/: the training loop creates a `TrainingMetrics` and feeds it.
 """
+
 from monitoring.exporter import PortInUseError, TrainingMetrics
 
 __all__ = ["PortInUseError", "TrainingMetrics"]

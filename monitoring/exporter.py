@@ -8,6 +8,7 @@ The training loop calls `observe_step` once per step with plain Python numbers i
 only updates in-memory values under prometheus-client's locks (a few microseconds, see
 docs/monitoring.md). Serving and pushing happen on background threads.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,26 @@ LABELS = ("job", "rank", "host")
 
 # Seconds, 1 ms .. 10 min: a step is milliseconds on a GPU and seconds to minutes with millions of
 # classes on CPUs; waits and collectives span the same range.
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0, 120.0, 300.0, 600.0)
+STEP_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 # Checkpoints: 100 ms (a small model on local disk) .. 30 min (a large FC to object storage).
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -65,10 +84,20 @@ class TrainingMetrics:
       ValueError: a port outside 1..65535 or a pushgateway URL that is not http(s)://host[:port].
     """
 
-    def __init__(self, *, job: str = "pfc", rank: int = 0, local_rank: int = 0, world_size: int = 1,
-                 host: str | None = None, bind: str = "0.0.0.0", base_port: int = 0,
-                 pushgateway: str | None = None, push_interval_s: float = 30.0,
-                 version: str = "unknown") -> None:
+    def __init__(
+        self,
+        *,
+        job: str = "pfc",
+        rank: int = 0,
+        local_rank: int = 0,
+        world_size: int = 1,
+        host: str | None = None,
+        bind: str = "0.0.0.0",
+        base_port: int = 0,
+        pushgateway: str | None = None,
+        push_interval_s: float = 30.0,
+        version: str = "unknown",
+    ) -> None:
         if base_port < 0:
             raise ValueError(f"monitoring base_port must be >= 0 (0 disables), got {base_port}")
         if pushgateway is not None:
@@ -86,11 +115,11 @@ class TrainingMetrics:
         if base_port:
             self.port = base_port + local_rank
             if self.port > 65535:
-                raise ValueError(f"monitoring port base_port {base_port} + local_rank {local_rank} = "
-                                 f"{self.port} is above 65535")
+                raise ValueError(
+                    f"monitoring port base_port {base_port} + local_rank {local_rank} = {self.port} is above 65535"
+                )
             try:
-                self._server, self._server_thread = start_http_server(self.port, addr=bind,
-                                                                      registry=self.registry)
+                self._server, self._server_thread = start_http_server(self.port, addr=bind, registry=self.registry)
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     raise PortInUseError(
@@ -120,14 +149,16 @@ class TrainingMetrics:
             return Histogram(name, doc, LABELS, buckets=buckets, registry=r).labels(*lv)
 
         Info("pfc", "Static facts about this worker (value 1).", LABELS, registry=r).labels(*lv).info(
-            {"version": str(version), "world_size": str(world_size), "local_rank": str(local_rank)})
+            {"version": str(version), "world_size": str(world_size), "local_rank": str(local_rank)}
+        )
         gauge("pfc_start_time_seconds", "Unix time at which this worker's exporter started.").set(time.time())
 
         self._samples = counter("pfc_samples", "Training samples processed by this worker.")
         self._steps = counter("pfc_steps", "Training steps completed by this worker.")
         self._global_step = gauge("pfc_global_step", "The training step just completed (survives restarts).")
-        self._last_step_time = gauge("pfc_last_step_timestamp_seconds",
-                                     "Unix time of the last completed step (exporter start before the first).")
+        self._last_step_time = gauge(
+            "pfc_last_step_timestamp_seconds", "Unix time of the last completed step (exporter start before the first)."
+        )
         self._last_step_time.set(time.time())
         self._loss = gauge("pfc_loss", "Training loss of the last step (NaN/Inf if it was not finite).")
         self._accuracy = gauge("pfc_batch_accuracy", "Top-1 accuracy of the last training batch, 0..1.")
@@ -135,35 +166,57 @@ class TrainingMetrics:
         self._lam = gauge("pfc_margin_lambda", "Margin lambda (SphereFace annealing) of the last step.")
         self._epoch = gauge("pfc_epoch", "Current epoch (fractional: steps done / steps per epoch).")
         self._step_s = histogram("pfc_step_seconds", "Wall time of one training step.", STEP_BUCKETS)
-        self._wait_s = histogram("pfc_data_wait_seconds",
-                                 "Time a step waited for its input batch.", STEP_BUCKETS)
-        self._comm_s = histogram("pfc_collective_seconds",
-                                 "Time a step spent in collectives (allreduce/allgather), waits for "
-                                 "slower workers included.", STEP_BUCKETS)
-        self._ckpt_s = histogram("pfc_checkpoint_write_seconds", "Time to write one checkpoint.",
-                                 CHECKPOINT_BUCKETS)
+        self._wait_s = histogram("pfc_data_wait_seconds", "Time a step waited for its input batch.", STEP_BUCKETS)
+        self._comm_s = histogram(
+            "pfc_collective_seconds",
+            "Time a step spent in collectives (allreduce/allgather), waits for slower workers included.",
+            STEP_BUCKETS,
+        )
+        self._ckpt_s = histogram("pfc_checkpoint_write_seconds", "Time to write one checkpoint.", CHECKPOINT_BUCKETS)
         self._ckpt_step = gauge("pfc_last_checkpoint_step", "Step of the last checkpoint written (-1: none yet).")
         self._ckpt_step.set(-1)
-        self._ckpt_time = gauge("pfc_last_checkpoint_timestamp_seconds",
-                                "Unix time of the last checkpoint written (exporter start before the first).")
+        self._ckpt_time = gauge(
+            "pfc_last_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint written (exporter start before the first).",
+        )
         self._ckpt_time.set(time.time())
         self._corrupt = counter("pfc_corrupt_records_skipped", "Input records skipped as corrupt.")
         self._nonfinite = counter("pfc_nonfinite_steps", "Steps whose loss or gradients were not finite.")
         self._push_failures = counter("pfc_push_failures", "Failed pushes to the Pushgateway.")
         gauge("pfc_resident_memory_bytes", "Resident memory (RSS) of this worker process.").set_function(
-            resident_memory_bytes)
+            resident_memory_bytes
+        )
         self._fc_bytes = gauge("pfc_fc_shard_bytes", "Bytes of this worker's FC shard (weights + optimizer slots).")
         self._fc_classes = gauge("pfc_fc_shard_classes", "Classes (FC rows) owned by this worker.")
-        self._eval = Gauge("pfc_verification_accuracy", "Verification accuracy per evaluation set, 0..1.",
-                           LABELS + ("set",), registry=r)
-        self._tar = Gauge("pfc_verification_tar", "Verification true-accept rate at a false-accept rate.",
-                          LABELS + ("set", "far"), registry=r)
+        self._eval = Gauge(
+            "pfc_verification_accuracy",
+            "Verification accuracy per evaluation set, 0..1.",
+            LABELS + ("set",),
+            registry=r,
+        )
+        self._tar = Gauge(
+            "pfc_verification_tar",
+            "Verification true-accept rate at a false-accept rate.",
+            LABELS + ("set", "far"),
+            registry=r,
+        )
 
     # ---- called by the training loop -------------------------------------------------------------
 
-    def observe_step(self, *, step: int, samples: int, loss: float, accuracy: float, lr: float, lam: float,
-                     epoch: float, step_seconds: float, data_wait_seconds: float = 0.0,
-                     comm_seconds: float = 0.0) -> None:
+    def observe_step(
+        self,
+        *,
+        step: int,
+        samples: int,
+        loss: float,
+        accuracy: float,
+        lr: float,
+        lam: float,
+        epoch: float,
+        step_seconds: float,
+        data_wait_seconds: float = 0.0,
+        comm_seconds: float = 0.0,
+    ) -> None:
         """Record one completed step. Pass Python numbers (fetch tensors once, for logging and this)."""
         self._samples.inc(samples)
         self._steps.inc()
@@ -207,8 +260,13 @@ class TrainingMetrics:
     def push(self) -> bool:
         """Push all metrics now (replacing this worker's group). Returns False after logging a failure."""
         try:
-            push_to_gateway(self._gateway, job=self.job, registry=self.registry,
-                            grouping_key={"rank": str(self.rank), "host": self.host}, timeout=10)
+            push_to_gateway(
+                self._gateway,
+                job=self.job,
+                registry=self.registry,
+                grouping_key={"rank": str(self.rank), "host": self.host},
+                timeout=10,
+            )
             return True
         except OSError as e:  # URLError is an OSError: an unreachable gateway must not stop training
             self._push_failures.inc()

@@ -8,6 +8,7 @@ API is queried. Storage is a temporary directory removed by `stop()`.
         prom.wait_until('count(pfc_steps_total) == 2')
         prom.query('pfc_steps_total')   # [{"metric": {...}, "value": [t, "12"]}, ...]
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_config(targets: Sequence[str], scrape_interval: str, evaluation_interval: str,
-                  config: Path = SHIPPED_CONFIG) -> dict:
+def render_config(
+    targets: Sequence[str], scrape_interval: str, evaluation_interval: str, config: Path = SHIPPED_CONFIG
+) -> dict:
     """The shipped config with the `pfc` job's targets replaced and rule files made absolute."""
     cfg = yaml.safe_load(config.read_text())
     cfg["global"].update(scrape_interval=scrape_interval, evaluation_interval=evaluation_interval)
@@ -56,13 +58,22 @@ def render_config(targets: Sequence[str], scrape_interval: str, evaluation_inter
 class LocalPrometheus:
     """A Prometheus server process scraping `targets`; use as a context manager or call start()/stop()."""
 
-    def __init__(self, targets: Sequence[str], *, port: int | None = None, scrape_interval: str = "1s",
-                 evaluation_interval: str = "1s", config: Path = SHIPPED_CONFIG,
-                 binary: str | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        port: int | None = None,
+        scrape_interval: str = "1s",
+        evaluation_interval: str = "1s",
+        config: Path = SHIPPED_CONFIG,
+        binary: str | None = None,
+    ) -> None:
         self.binary = binary or shutil.which("prometheus") or "/usr/bin/prometheus"
         if not Path(self.binary).exists():
-            raise PrometheusError(f"Prometheus server binary {self.binary} not found: `make test-tools` "
-                                  f"(as root) installs Debian's prometheus package")
+            raise PrometheusError(
+                f"Prometheus server binary {self.binary} not found: `make test-tools` "
+                f"(as root) installs Debian's prometheus package"
+            )
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cfg = render_config(targets, scrape_interval, evaluation_interval, Path(config))
@@ -75,9 +86,16 @@ class LocalPrometheus:
         cfg_path.write_text(yaml.safe_dump(self._cfg, sort_keys=False))
         self._log = open(self._dir / "server.log", "wb")
         self._proc = subprocess.Popen(
-            [self.binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={self._dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                self.binary,
+                f"--config.file={cfg_path}",
+                f"--storage.tsdb.path={self._dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -116,8 +134,9 @@ class LocalPrometheus:
             raise PrometheusError(f"query {expr!r} gave a {data['resultType']}, expected an instant vector")
         return data["result"]
 
-    def wait_until(self, expr: str, predicate: Callable[[list[dict]], bool] = bool,
-                   timeout: float = 30.0, poll: float = 0.5) -> list[dict]:
+    def wait_until(
+        self, expr: str, predicate: Callable[[list[dict]], bool] = bool, timeout: float = 30.0, poll: float = 0.5
+    ) -> list[dict]:
         """Query `expr` until `predicate(result)` holds; return that result."""
         deadline = time.monotonic() + timeout
         while True:
@@ -125,8 +144,10 @@ class LocalPrometheus:
             if predicate(result):
                 return result
             if time.monotonic() > deadline:
-                raise PrometheusError(f"after {timeout}s, {expr!r} still gives {result}; targets: "
-                                      f"{[(t['scrapeUrl'], t['health'], t['lastError']) for t in self.api('targets')['activeTargets']]}")
+                raise PrometheusError(
+                    f"after {timeout}s, {expr!r} still gives {result}; targets: "
+                    f"{[(t['scrapeUrl'], t['health'], t['lastError']) for t in self.api('targets')['activeTargets']]}"
+                )
             time.sleep(poll)
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
 """`PartitionedFC`: the model-parallel classification layer and its exact margin loss."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,10 +18,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class FCStep(NamedTuple):
     """What `PartitionedFC.train_step` returns."""
-    loss: tf.Tensor            # [] mean loss over the global batch, the same on every worker
-    accuracy: tf.Tensor        # [] top-1 accuracy over the global batch
-    d_embeddings: tf.Tensor    # [B_r, D] dloss/d(local embeddings); SUM backbone grads over workers
-    applied: tf.Tensor         # [] bool: False when the loss was not finite and nothing was updated
+
+    loss: tf.Tensor  # [] mean loss over the global batch, the same on every worker
+    accuracy: tf.Tensor  # [] top-1 accuracy over the global batch
+    d_embeddings: tf.Tensor  # [B_r, D] dloss/d(local embeddings); SUM backbone grads over workers
+    applied: tf.Tensor  # [] bool: False when the loss was not finite and nothing was updated
 
 
 class PartitionedFC(tf.Module):
@@ -60,10 +62,19 @@ class PartitionedFC(tf.Module):
         per identity. Updates are computed in float32 and rounded once when stored.
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, margin: margins_lib.Margin | None = None,
-                 cluster: cluster_lib.Cluster | None = None, seed: int = 0, sample_rate: float = 1.0,
-                 chunk_size: int | None = None, compute_dtype: str = "float32",
-                 param_dtype: str = "float32", name: str | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: margins_lib.Margin | None = None,
+        cluster: cluster_lib.Cluster | None = None,
+        seed: int = 0,
+        sample_rate: float = 1.0,
+        chunk_size: int | None = None,
+        compute_dtype: str = "float32",
+        param_dtype: str = "float32",
+        name: str | None = None,
+    ):
         super().__init__(name=name or "partitioned_fc")
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -98,10 +109,10 @@ class PartitionedFC(tf.Module):
             self.sampler: tf.random.Generator | None = None
             self.sampled_index: tf.Variable | None = None
             if self.sample_rate < 1.0:
-                self.sampler = tf.random.Generator.from_seed(
-                    self.seed * 1_000_003 + self.class_range[0], alg="philox")
-                self.sampled_index = tf.Variable(tf.zeros([0], tf.int32), trainable=False,
-                                                 shape=tf.TensorShape([None]), name="sampled_index")
+                self.sampler = tf.random.Generator.from_seed(self.seed * 1_000_003 + self.class_range[0], alg="philox")
+                self.sampled_index = tf.Variable(
+                    tf.zeros([0], tf.int32), trainable=False, shape=tf.TensorShape([None]), name="sampled_index"
+                )
         init_rows(self.weight, self.class_range[0], self.seed)
 
     @property
@@ -109,13 +120,19 @@ class PartitionedFC(tf.Module):
         return self.class_range[1] - self.class_range[0]
 
     def get_config(self) -> dict:
-        return {"num_classes": self.num_classes, "embedding_dim": self.embedding_dim,
-                "margin": self.margin.get_config(), "seed": self.seed, "sample_rate": self.sample_rate,
-                "chunk_size": self.chunk_size, "compute_dtype": self.compute_dtype,
-                "param_dtype": self.param_dtype}
+        return {
+            "num_classes": self.num_classes,
+            "embedding_dim": self.embedding_dim,
+            "margin": self.margin.get_config(),
+            "seed": self.seed,
+            "sample_rate": self.sample_rate,
+            "chunk_size": self.chunk_size,
+            "compute_dtype": self.compute_dtype,
+            "param_dtype": self.param_dtype,
+        }
 
     @classmethod
-    def from_config(cls, config: dict, cluster: cluster_lib.Cluster | None = None) -> "PartitionedFC":
+    def from_config(cls, config: dict, cluster: cluster_lib.Cluster | None = None) -> PartitionedFC:
         config = dict(config)
         config["margin"] = margins_lib.from_config(config["margin"])
         return cls(cluster=cluster, **config)
@@ -128,8 +145,15 @@ class PartitionedFC(tf.Module):
         # or a gather of the sampled rows, whose gradient is then IndexedSlices).
         weight = tf.convert_to_tensor(self.weight) if index is None else tf.gather(self.weight, index)
         per_sample, correct = sharded_softmax.sharded_cross_entropy(
-            self.cluster, x_all, weight, local_label, self.margin, self._step(step),
-            chunk_size=self.chunk_size, compute_dtype=tf.as_dtype(self.compute_dtype))
+            self.cluster,
+            x_all,
+            weight,
+            local_label,
+            self.margin,
+            self._step(step),
+            chunk_size=self.chunk_size,
+            compute_dtype=tf.as_dtype(self.compute_dtype),
+        )
         loss = tf.reduce_mean(per_sample)
         if return_accuracy:
             return loss, tf.reduce_mean(correct)
@@ -151,12 +175,18 @@ class PartitionedFC(tf.Module):
         index, local_label = self._select_rows(local_label)
         source = sharded_softmax.RowSource(self.weight, index)
         fwd = sharded_softmax.forward(
-            self.cluster, x_all, source, local_label, self.margin, self._step(step),
-            chunk_size=self.chunk_size, compute_dtype=tf.as_dtype(self.compute_dtype))
+            self.cluster,
+            x_all,
+            source,
+            local_label,
+            self.margin,
+            self._step(step),
+            chunk_size=self.chunk_size,
+            compute_dtype=tf.as_dtype(self.compute_dtype),
+        )
         loss = tf.reduce_mean(fwd.loss)
         finite = tf.math.is_finite(loss)
-        sink = sharded_softmax.RowUpdates(self.weight, optimizer.slots(), optimizer.rule,
-                                          tf.cast(lr, tf.float32))
+        sink = sharded_softmax.RowUpdates(self.weight, optimizer.slots(), optimizer.rule, tf.cast(lr, tf.float32))
 
         def run_backward():
             d_loss = tf.fill(tf.shape(fwd.loss), 1.0 / tf.cast(tf.size(fwd.loss), tf.float32))
@@ -175,15 +205,19 @@ class PartitionedFC(tf.Module):
         """-> the global batch [B, D] float32 and each label's row in this shard [B] (-1: not here)."""
         x, y = self._validate_local(embeddings, labels)
         comm = self.cluster
-        x_all = comm.allgather(x)                                  # [B, D]
-        y_all = comm.allgather(y)                                  # [B]
+        x_all = comm.allgather(x)  # [B, D]
+        y_all = comm.allgather(y)  # [B]
         b_local = tf.shape(y)[0]
         checks = [
             tf.debugging.assert_equal(
-                tf.shape(y_all)[0], comm.size * b_local,
-                message=(f"workers disagree on the local batch size: worker {comm.rank} has "
-                         f"a batch whose size times the world size ({comm.size}) is not the "
-                         "global batch; every worker must pass the same B_r")),
+                tf.shape(y_all)[0],
+                comm.size * b_local,
+                message=(
+                    f"workers disagree on the local batch size: worker {comm.rank} has "
+                    f"a batch whose size times the world size ({comm.size}) is not the "
+                    "global batch; every worker must pass the same B_r"
+                ),
+            ),
             _assert_labels_in_range(y_all, self.num_classes),
         ]
         with tf.control_dependencies(checks):
@@ -198,8 +232,7 @@ class PartitionedFC(tf.Module):
             return None, local_label
         index = self._sample(local_label)
         self.sampled_index.assign(index)
-        return index, tf.where(local_label >= 0,
-                               tf.searchsorted(index, local_label, out_type=tf.int32), -1)
+        return index, tf.where(local_label >= 0, tf.searchsorted(index, local_label, out_type=tf.int32), -1)
 
     def _sample(self, local_label: tf.Tensor) -> tf.Tensor:
         """[B] local labels (-1: not owned) -> [K] sorted local rows: all positives + random negatives."""
@@ -207,8 +240,7 @@ class PartitionedFC(tf.Module):
         owned = tf.boolean_mask(local_label, local_label >= 0)
         positive = tf.scatter_nd(owned[:, None], tf.ones_like(owned), [rows]) > 0
         scores = tf.where(positive, 2.0, self.sampler.uniform([rows]))  # positives sort first
-        k = tf.maximum(max(1, int(self.sample_rate * rows)),
-                       tf.reduce_sum(tf.cast(positive, tf.int32)))
+        k = tf.maximum(max(1, int(self.sample_rate * rows)), tf.reduce_sum(tf.cast(positive, tf.int32)))
         return tf.sort(tf.math.top_k(scores, k, sorted=False).indices)
 
     def _validate_local(self, embeddings, labels):
@@ -227,8 +259,10 @@ class PartitionedFC(tf.Module):
         if tf.executing_eagerly():  # precise, early message before any collective
             bad = np.flatnonzero((y.numpy() < 0) | (y.numpy() >= self.num_classes))
             if bad.size:
-                raise ValueError(f"label {int(y.numpy()[bad[0]])} at local batch position {bad[0]} "
-                                 f"is outside [0, {self.num_classes})")
+                raise ValueError(
+                    f"label {int(y.numpy()[bad[0]])} at local batch position {bad[0]} "
+                    f"is outside [0, {self.num_classes})"
+                )
         # Softmax statistics are float32 whatever the backbone's dtype; the gradient casts back.
         return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
 
@@ -237,5 +271,11 @@ def _assert_labels_in_range(labels: tf.Tensor, num_classes: int):
     bad = (labels < 0) | (labels >= num_classes)
     return tf.debugging.Assert(
         tf.logical_not(tf.reduce_any(bad)),
-        [f"labels must be in [0, {num_classes}); offending values:", tf.boolean_mask(labels, bad),
-         "at global batch positions:", tf.where(bad)[:, 0]], summarize=8)
+        [
+            f"labels must be in [0, {num_classes}); offending values:",
+            tf.boolean_mask(labels, bad),
+            "at global batch positions:",
+            tf.where(bad)[:, 0],
+        ],
+        summarize=8,
+    )

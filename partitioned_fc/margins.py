@@ -7,6 +7,7 @@ logits are never touched. All functions are elementwise on `[B]` tensors and kee
 gradients at cos θ = ±1; no `acos` sits in a gradient path except through `_acos`, whose
 derivative is floored the same way as `_sin_from_cos`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ def _sin_floor(dtype: tf.DType) -> float:
     produces, so the floor changes no derivative except at exactly |cos θ| = 1, where the true one
     is infinite. Margins are evaluated in float32 or float64 only.
     """
-    eps = 2.0 ** -52 if dtype == tf.float64 else 2.0 ** -23
+    eps = 2.0**-52 if dtype == tf.float64 else 2.0**-23
     return 0.5 * math.sqrt(eps)
 
 
@@ -115,7 +116,7 @@ def _lambda_at(lambda_, step) -> tf.Tensor:
     return tf.constant(float(lambda_), tf.float32)
 
 
-def current_lambda(margin: "Margin", step) -> float:
+def current_lambda(margin: Margin, step) -> float:
     """The annealing weight λ a margin uses at `step` (0 for margins without one)."""
     lambda_ = getattr(margin, "lambda_", None)
     return 0.0 if lambda_ is None else float(_lambda_at(lambda_, step))
@@ -171,13 +172,13 @@ class Margin:
         """A per-sample term [B] added to the loss (MagFace's regularizer), or None."""
         return None
 
-    def negative_rule(self) -> "NegativeRule | None":
+    def negative_rule(self) -> NegativeRule | None:
         """What this margin does to non-target logits (None: nothing)."""
         if self.interclass_filtering_threshold > 0:
             return NegativeRule(filter_above=float(self.interclass_filtering_threshold))
         return None
 
-    def negative_context(self, target_cos: tf.Tensor, k: tf.Tensor) -> "NegativeContext":
+    def negative_context(self, target_cos: tf.Tensor, k: tf.Tensor) -> NegativeContext:
         """[B] every sample's cos θ_y (zeros unless `needs_target_cos`), [B] k -> the rule's inputs.
         A margin with running statistics advances them here: once per training call."""
         return NegativeContext(k, tf.zeros_like(k), tf.zeros([], k.dtype))
@@ -187,8 +188,10 @@ class Margin:
         return {}
 
     def get_config(self) -> dict:
-        return {"name": self.name, **{f.name: _plain(getattr(self, f.name))
-                                      for f in dataclasses.fields(self) if f.init}}
+        return {
+            "name": self.name,
+            **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init},
+        }
 
 
 def _plain(value):
@@ -211,9 +214,10 @@ def _check_threshold(value: Any) -> None:
 # --------------------------------------------------------------------------------------------
 class NegativeContext(NamedTuple):
     """Per-sample inputs of a `NegativeRule`, the same on every worker."""
-    k: tf.Tensor           # [B] the logit factor: f_j = k·cos θ_j
+
+    k: tf.Tensor  # [B] the logit factor: f_j = k·cos θ_j
     hard_above: tf.Tensor  # [B] CurricularFace: negatives with cos θ_j above this are hard
-    t: tf.Tensor           # [] CurricularFace's running t
+    t: tf.Tensor  # [] CurricularFace's running t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +228,7 @@ class NegativeRule:
     filter_above: negatives with cos θ_j > filter_above get logit 0 and no gradient (inter-class
     filtering; applied last, so it wins over the curricular rule). A pure function of its inputs.
     """
+
     curricular: bool = False
     filter_above: float | None = None
 
@@ -481,9 +486,14 @@ class AdaFace(Margin):
             if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)!r}")
         with tf.init_scope():
-            object.__setattr__(self, "_stats", {
-                "batch_mean": tf.Variable(20.0, trainable=False, name="adaface_batch_mean"),
-                "batch_std": tf.Variable(100.0, trainable=False, name="adaface_batch_std")})
+            object.__setattr__(
+                self,
+                "_stats",
+                {
+                    "batch_mean": tf.Variable(20.0, trainable=False, name="adaface_batch_mean"),
+                    "batch_std": tf.Variable(100.0, trainable=False, name="adaface_batch_std"),
+                },
+            )
 
     @property
     def logit_scale(self) -> float:
@@ -561,15 +571,32 @@ class MagFace(Margin):
         return k * tf.where(cos > tf.cos(math.pi - m), cos_tm, past)
 
     def extra_loss(self, context):
-        return self.lambda_g * (context / self.u_a ** 2 + 1.0 / context)
+        return self.lambda_g * (context / self.u_a**2 + 1.0 / context)
 
 
 _REGISTRY: dict[str, type[Margin]] = {
-    cls.name: cls for cls in (Softmax, NormFace, LSoftmax, ASoftmax, AMSoftmax, CosFace, ArcFace,
-                              CombinedMargin, CurricularFace, AdaFace, MagFace)
+    cls.name: cls
+    for cls in (
+        Softmax,
+        NormFace,
+        LSoftmax,
+        ASoftmax,
+        AMSoftmax,
+        CosFace,
+        ArcFace,
+        CombinedMargin,
+        CurricularFace,
+        AdaFace,
+        MagFace,
+    )
 }
-_ALIASES = {"sphereface": "asoftmax", "l-softmax": "lsoftmax", "a-softmax": "asoftmax",
-            "am-softmax": "amsoftmax", "modified_softmax": "normface"}
+_ALIASES = {
+    "sphereface": "asoftmax",
+    "l-softmax": "lsoftmax",
+    "a-softmax": "asoftmax",
+    "am-softmax": "amsoftmax",
+    "modified_softmax": "normface",
+}
 
 
 def available() -> list[str]:
@@ -616,12 +643,10 @@ def logit_factor(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor | None = None) 
 
 def target_cos(x: tf.Tensor, w_rows: tf.Tensor) -> tf.Tensor:
     """[B, D] embeddings, [B, D] their label rows -> [B] cos θ_y, clipped to [-1, 1]."""
-    return clip_cos(tf.reduce_sum(tf.math.l2_normalize(x, axis=1) *
-                                  tf.math.l2_normalize(w_rows, axis=1), axis=1))
+    return clip_cos(tf.reduce_sum(tf.math.l2_normalize(x, axis=1) * tf.math.l2_normalize(w_rows, axis=1), axis=1))
 
 
-def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0,
-                           context=None) -> tf.Tensor:
+def target_logit_from_rows(margin: Margin, x: tf.Tensor, w_rows: tf.Tensor, step=0, context=None) -> tf.Tensor:
     """[B, D] embeddings, [B, D] their label rows W_y (raw, unnormalized), the margin's
     `batch_context` of this batch (where it has one) -> [B] f'_y."""
     return margin.target_logit(target_cos(x, w_rows), logit_factor(margin, x, w_rows), step, context)

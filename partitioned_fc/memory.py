@@ -6,6 +6,7 @@ arenas (its mmap threshold rises to the largest block freed), so without a trim 
 resident next to the shard: measured about 40 B per class row at D = 512, i.e. 0.4 GiB at 10M
 classes. `malloc_trim(0)` returns every free page of every arena.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -9,6 +9,7 @@ gradient reduction: gradients come straight from the layer's backward.
 The update rules are pure functions of float32 tensors; the classes hold the state variables (in
 the layer's `param_dtype`) and gather / scatter the rows.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -24,8 +25,7 @@ def sgd_update(w, g, m, lr, momentum: float, nesterov: bool, weight_decay: float
     return w - lr * step, m
 
 
-def adamw_update(w, g, m, v, t, lr, beta_1: float, beta_2: float, epsilon: float,
-                 weight_decay: float):
+def adamw_update(w, g, m, v, t, lr, beta_1: float, beta_2: float, epsilon: float, weight_decay: float):
     """AdamW (decoupled decay) with a per-row step count t [k] (float32, already incremented).
 
     Per-row bias correction: a row sampled for the first time at global step 10⁴ is corrected as
@@ -68,8 +68,12 @@ class ShardOptimizer(tf.Module):
     def apply_rows(self, rows: tf.Tensor | None, grad: tf.Tensor, lr):
         """rows [k] int32 unique shard rows (None: all, in order), grad [k, D], lr [] -> an op."""
         slots = self.slots()
-        w, new = self.rule(_read(self.weight, rows), tf.cast(grad, tf.float32),
-                           tuple(_read(v, rows) for v in slots), tf.cast(lr, tf.float32))
+        w, new = self.rule(
+            _read(self.weight, rows),
+            tf.cast(grad, tf.float32),
+            tuple(_read(v, rows) for v in slots),
+            tf.cast(lr, tf.float32),
+        )
         return tf.group([_write(v, rows, x) for v, x in zip((self.weight, *slots), (w, *new))])
 
     def apply_gradient(self, grad, lr):
@@ -105,8 +109,14 @@ def _write(var: tf.Variable, rows, values):
 class SGD(ShardOptimizer):
     """SGD with (optionally Nesterov) momentum and coupled weight decay, sparse over rows."""
 
-    def __init__(self, weight: tf.Variable, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0, name: str | None = None):
+    def __init__(
+        self,
+        weight: tf.Variable,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        name: str | None = None,
+    ):
         super().__init__(weight, weight_decay, name=name or "shard_sgd")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -118,23 +128,28 @@ class SGD(ShardOptimizer):
         return () if self.velocity is None else (self.velocity,)
 
     def rule(self, w, g, slots, lr):
-        w, m = sgd_update(w, g, slots[0] if slots else None, lr, self.momentum, self.nesterov,
-                          self.weight_decay)
+        w, m = sgd_update(w, g, slots[0] if slots else None, lr, self.momentum, self.nesterov, self.weight_decay)
         return w, () if m is None else (m,)
 
     def state(self):
         return {"momentum": self.velocity} if self.velocity is not None else {}
 
     def get_config(self):
-        return {"name": "sgd", "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay}
+        return {"name": "sgd", "momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
 
 class AdamW(ShardOptimizer):
     """AdamW with per-row moments and per-row step counts, sparse over rows."""
 
-    def __init__(self, weight: tf.Variable, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.0, name: str | None = None):
+    def __init__(
+        self,
+        weight: tf.Variable,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        weight_decay: float = 0.0,
+        name: str | None = None,
+    ):
         super().__init__(weight, weight_decay, name=name or "shard_adamw")
         for key, b in (("beta_1", beta_1), ("beta_2", beta_2)):
             if not 0.0 <= b < 1.0:
@@ -145,8 +160,7 @@ class AdamW(ShardOptimizer):
         self.m = self._slot("m")
         self.v = self._slot("v")
         with self.name_scope:
-            self.count = tf.Variable(tf.zeros([self.weight.shape[0]], tf.int32), trainable=False,
-                                     name="count")
+            self.count = tf.Variable(tf.zeros([self.weight.shape[0]], tf.int32), trainable=False, name="count")
 
     def slots(self):
         return self.m, self.v, self.count
@@ -154,16 +168,20 @@ class AdamW(ShardOptimizer):
     def rule(self, w, g, slots, lr):
         m, v, count = slots
         t = count + 1.0
-        w, m, v = adamw_update(w, g, m, v, t, lr, self.beta_1, self.beta_2, self.epsilon,
-                               self.weight_decay)
+        w, m, v = adamw_update(w, g, m, v, t, lr, self.beta_1, self.beta_2, self.epsilon, self.weight_decay)
         return w, (m, v, t)
 
     def state(self):
         return {"m": self.m, "v": self.v, "count": self.count}
 
     def get_config(self):
-        return {"name": "adamw", "beta_1": self.beta_1, "beta_2": self.beta_2,
-                "epsilon": self.epsilon, "weight_decay": self.weight_decay}
+        return {
+            "name": "adamw",
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "weight_decay": self.weight_decay,
+        }
 
 
 def get(name: str, weight: tf.Variable, **params) -> ShardOptimizer:

@@ -1,4 +1,5 @@
 """The dense single-device reference: the same math with the whole `[B, C]` logits in memory."""
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -42,8 +43,7 @@ def dense_logits(embeddings, labels, full_weight, margin: margins_lib.Margin, st
     return logits, target
 
 
-def dense_loss(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0,
-               return_accuracy: bool = False):
+def dense_loss(embeddings, labels, full_weight, margin: margins_lib.Margin, step=0, return_accuracy: bool = False):
     """Mean margin softmax loss over the batch: [B, D], [B], [C, D] -> scalar (, accuracy)."""
     plain, logits, target, extra = _dense(embeddings, labels, full_weight, margin, step)
     per_sample = tf.reduce_logsumexp(logits, axis=1) - target

@@ -25,10 +25,11 @@ run in `compute_dtype`; logits, softmax statistics and gradients are float32.
 The target logit f'_y goes through the margin on the autodiff tape (any margin, its exact
 derivative); everything `[B, C_r]` is differentiated by hand.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -65,19 +66,21 @@ class RowSource:
 @dataclasses.dataclass(frozen=True)
 class TargetPath:
     """The margin's part of the graph, differentiated by `tape`. All [B] unless noted."""
-    value: tf.Tensor           # f'_y where this worker owns the label, else 0
-    local_label: tf.Tensor     # the label's position among the rows taking part, -1 elsewhere
-    x: tf.Tensor               # [B, D] the raw global batch
-    x_feat: tf.Tensor          # [B, D] normalized or raw, as the margin wants
-    w_rows: tf.Tensor          # [B, D] the label rows (float32)
-    cos: tf.Tensor             # cos θ_y where this worker owns the label, else 0
-    extra: tf.Tensor | None    # the margin's extra loss term where owned, else 0 (MagFace)
-    tape: tf.GradientTape      # persistent: the backward asks it twice
+
+    value: tf.Tensor  # f'_y where this worker owns the label, else 0
+    local_label: tf.Tensor  # the label's position among the rows taking part, -1 elsewhere
+    x: tf.Tensor  # [B, D] the raw global batch
+    x_feat: tf.Tensor  # [B, D] normalized or raw, as the margin wants
+    w_rows: tf.Tensor  # [B, D] the label rows (float32)
+    cos: tf.Tensor  # cos θ_y where this worker owns the label, else 0
+    extra: tf.Tensor | None  # the margin's extra loss term where owned, else 0 (MagFace)
+    tape: tf.GradientTape  # persistent: the backward asks it twice
 
 
 @dataclasses.dataclass(frozen=True)
 class Negatives:
     """The margin's rule for the non-target logits and its per-sample inputs (margins.NegativeRule)."""
+
     rule: margins_lib.NegativeRule
     ctx: margins_lib.NegativeContext
 
@@ -85,11 +88,12 @@ class Negatives:
 @dataclasses.dataclass(frozen=True)
 class KeptLogits:
     """The forward's exponentials, kept: e [B, n] = exp(f' − m), m [B] the row max they used."""
+
     e: tf.Tensor
     m: tf.Tensor
     block: int = BACKWARD_BLOCK
 
-    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         coeff = d_loss * tf.exp(self.m - fwd.lse)  # e · coeff = softmax · d_loss
         return _kept_grads(self.e, pos, coeff, fwd.x_s, weight, rows, block_label, normalize)
@@ -99,44 +103,55 @@ class KeptLogits:
 class KeptPlainLogits:
     """The forward's plain logits z [B, n], kept where the margin rewrites negatives: the backward
     needs df/dz of its rule at z (`Negatives`), which the exponentials no longer tell."""
+
     z: tf.Tensor
     block: int = BACKWARD_BLOCK
 
-    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         neg = fwd.negatives
-        return _kept_plain_grads(self.z, pos, fwd.lse, d_loss, fwd.x_s, weight, rows, block_label,
-                                 normalize, neg.rule, neg.ctx)
+        return _kept_plain_grads(
+            self.z, pos, fwd.lse, d_loss, fwd.x_s, weight, rows, block_label, normalize, neg.rule, neg.ctx
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamedLogits:
     """Nothing kept: each block of `block` rows recomputes its logits from the global lse."""
+
     block: int
 
-    def grads(self, fwd: "Forward", weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         del pos
         rule, ctx = _rule_and_ctx(fwd.negatives)
-        return _streamed_grads(fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize,
-                               rule, ctx)
+        return _streamed_grads(fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize, rule, ctx)
 
 
 @dataclasses.dataclass(frozen=True)
 class Forward:
     """What the backward needs from the forward. All [B] unless noted."""
+
     loss: tf.Tensor
     correct: tf.Tensor
     lse: tf.Tensor
     target: TargetPath
-    x_s: tf.Tensor                         # [B, D] scale · x_feat in compute dtype
+    x_s: tf.Tensor  # [B, D] scale · x_feat in compute dtype
     logits: KeptLogits | KeptPlainLogits | StreamedLogits
-    negatives: Negatives | None            # the margin's rule for non-target logits, if any
+    negatives: Negatives | None  # the margin's rule for non-target logits, if any
 
 
-def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tensor,
-            margin: margins_lib.Margin, step=0, *, chunk_size: int | None = None,
-            compute_dtype: tf.DType = tf.float32) -> Forward:
+def forward(
+    comm: Cluster,
+    x: tf.Tensor,
+    source: RowSource,
+    local_label: tf.Tensor,
+    margin: margins_lib.Margin,
+    step=0,
+    *,
+    chunk_size: int | None = None,
+    compute_dtype: tf.DType = tf.float32,
+) -> Forward:
     """Per-sample loss and top-1 correctness over all C classes, this worker holding some rows.
 
     x:           [B, D] float32, the global batch of raw embeddings (replicated on every worker).
@@ -152,11 +167,13 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     with tf.name_scope("fc_forward"):  # names the kernels in a profile (launch/bench_profile.py)
         if chunk_size is None:
             s_loc, m_loc, plain_max, plain_t, kept = _kept_forward(
-                x_s, source.weight, source.index, target.value, local_label, normalize, rule, ctx)
+                x_s, source.weight, source.index, target.value, local_label, normalize, rule, ctx
+            )
             logits = KeptLogits(kept, m_loc) if rule is None else KeptPlainLogits(kept)
         else:
             s_loc, m_loc, plain_max, plain_t = _streamed_forward(
-                x_s, source, target.value, local_label, normalize, chunk_size, rule, ctx)
+                x_s, source, target.value, local_label, normalize, chunk_size, rule, ctx
+            )
             logits = StreamedLogits(chunk_size)
     maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
     m = maxes[0]
@@ -166,8 +183,15 @@ def forward(comm: Cluster, x: tf.Tensor, source: RowSource, local_label: tf.Tens
     sums = comm.allreduce_sum(tf.stack([s_loc * tf.exp(m_loc - m), target.value, plain_t] + extra))
     lse = m + tf.math.log(sums[0])
     loss = lse - sums[1] + (sums[3] if extra else 0.0)
-    return Forward(loss=loss, correct=tf.cast(sums[2] >= maxes[1], tf.float32), lse=lse,
-                   target=target, x_s=x_s, logits=logits, negatives=negatives)
+    return Forward(
+        loss=loss,
+        correct=tf.cast(sums[2] >= maxes[1], tf.float32),
+        lse=lse,
+        target=target,
+        x_s=x_s,
+        logits=logits,
+        negatives=negatives,
+    )
 
 
 def _negatives(comm: Cluster, margin: margins_lib.Margin, target: TargetPath) -> Negatives | None:
@@ -206,8 +230,7 @@ def _target_path(x, source, local_label, margin, step) -> TargetPath:
     return TargetPath(value, local_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), extra, tape)
 
 
-def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink", state,
-             margin: margins_lib.Margin):
+def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: RowSink, state, margin: margins_lib.Margin):
     """d_loss [B] -> (dL/dx [B, D] this shard's share, final sink state).
 
     Every row taking part gets its gradient through `sink`, once, in blocks.
@@ -227,8 +250,11 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: "RowSink"
         return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize)
 
     _, dx_s, state = tf.while_loop(
-        lambda c, *_: c < _num_chunks(source, block), body,
-        (tf.constant(0), tf.zeros_like(target.x, tf.float32), state), parallel_iterations=1)
+        lambda c, *_: c < _num_chunks(source, block),
+        body,
+        (tf.constant(0), tf.zeros_like(target.x, tf.float32), state),
+        parallel_iterations=1,
+    )
     return _dx(fwd, margin, d_t, dx_s, d_loss), state
 
 
@@ -239,8 +265,7 @@ def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: m
     d_t, dw_rows = _target_grads(fwd, d_loss)
     normalize = margin.normalize_weights
     with tf.name_scope("fc_grads"):
-        dx_s, pw = fwd.logits.grads(fwd, source.weight, source.index, None, target.local_label,
-                                    d_loss, normalize)
+        dx_s, pw = fwd.logits.grads(fwd, source.weight, source.index, None, target.local_label, d_loss, normalize)
     with tf.name_scope("fc_row_grad"):
         g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize)
     return _dx(fwd, margin, d_t, dx_s, d_loss), g
@@ -276,6 +301,7 @@ class RowSink:
     """Consumes one block: `sink(state, rows [k], pw [k, D], block_label [B], dw_rows [B, D],
     normalize) -> state`; pw is the gradient through the logits before the radial correction.
     `block`: rows per block it wants (None: the logits' own block size)."""
+
     block: int | None = None
 
 
@@ -308,8 +334,9 @@ class RowUpdates(RowSink):
 
     def __call__(self, count, rows, pw, block_label, dw_rows, normalize):
         with tf.name_scope("fc_update"):
-            w, slots = _update_kernel(pw, self.weight, self.slots, rows, block_label, dw_rows,
-                                      self.lr, self.rule, normalize)
+            w, slots = _update_kernel(
+                pw, self.weight, self.slots, rows, block_label, dw_rows, self.lr, self.rule, normalize
+            )
             writes = [_scatter(var, rows, v) for var, v in zip((self.weight, *self.slots), (w, *slots))]
         with tf.control_dependencies(writes):
             return count + 1
@@ -323,19 +350,27 @@ def _scatter(var: tf.Variable, rows, values):
 # --------------------------------------------------------------------------------------------
 # The tape form
 # --------------------------------------------------------------------------------------------
-def sharded_cross_entropy(comm: Cluster, x: tf.Tensor, weight: tf.Tensor, local_label: tf.Tensor,
-                          margin: margins_lib.Margin, step=0, *, chunk_size: int | None = None,
-                          compute_dtype: tf.DType = tf.float32):
+def sharded_cross_entropy(
+    comm: Cluster,
+    x: tf.Tensor,
+    weight: tf.Tensor,
+    local_label: tf.Tensor,
+    margin: margins_lib.Margin,
+    step=0,
+    *,
+    chunk_size: int | None = None,
+    compute_dtype: tf.DType = tf.float32,
+):
     """Differentiable form for autodiff tapes: [B, D], [C_r, D], [B] -> (loss [B], correct [B]).
 
     Gradients: w.r.t. weight exact (dense, in weight's dtype); w.r.t. x this shard's share (the
     allgather's gradient sums them over workers).
     """
+
     @tf.custom_gradient
     def _ce(x, w):
         source = RowSource(w)
-        fwd = forward(comm, x, source, local_label, margin, step, chunk_size=chunk_size,
-                      compute_dtype=compute_dtype)
+        fwd = forward(comm, x, source, local_label, margin, step, chunk_size=chunk_size, compute_dtype=compute_dtype)
 
         def grad(d_loss, d_correct):
             del d_correct  # correctness is a step function: no gradient
@@ -378,15 +413,17 @@ def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size, r
     def body(c, s, m, pmax, pt):
         start, pos = _chunk_bounds(source, c, chunk_size)
         ll = _chunk_label(local_label, start, tf.shape(pos)[0])
-        s_c, m_c, pmax_c, pt_c = _streamed_stats(x_s, source.weight, source.rows(pos), target, ll,
-                                                 normalize, rule, ctx)
+        s_c, m_c, pmax_c, pt_c = _streamed_stats(x_s, source.weight, source.rows(pos), target, ll, normalize, rule, ctx)
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
         return c + 1, s, m_new, tf.maximum(pmax, pmax_c), pt + pt_c
 
     _, s, m, pmax, pt = tf.while_loop(
-        lambda c, *_: c < _num_chunks(source, chunk_size), body,
-        (tf.constant(0), tf.zeros([b]), neg_inf, neg_inf, tf.zeros([b])), parallel_iterations=1)
+        lambda c, *_: c < _num_chunks(source, chunk_size),
+        body,
+        (tf.constant(0), tf.zeros([b]), neg_inf, neg_inf, tf.zeros([b])),
+        parallel_iterations=1,
+    )
     return s, m, pmax, pt
 
 
@@ -455,7 +492,7 @@ def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
     is_t = _target_mask(local_label, tf.shape(w)[0])
     dz = tf.where(is_t, tf.zeros_like(p), p)
     if normalize:
-        dz = dz * _inv_norm(tf.cast(w, tf.float32))[None, :]   # through z = (x_s·w_j) / |w_j|
+        dz = dz * _inv_norm(tf.cast(w, tf.float32))[None, :]  # through z = (x_s·w_j) / |w_j|
     dz = tf.cast(dz, x_s.dtype)
     dx = tf.matmul(dz, tf.cast(w, x_s.dtype))
     dw = tf.matmul(dz, x_s, transpose_a=True)
@@ -471,8 +508,7 @@ def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, normalize: bool):
 
 
 @tf.function(jit_compile=True)
-def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, normalize: bool, rule,
-                      ctx):
+def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, normalize: bool, rule, ctx):
     """Kept plain logits z [B, n], this block's positions pos [k] -> as `_kept_grads`."""
     p = _softmax_of_negatives(_block_columns(z, pos), lse, d_loss, rule, ctx)
     return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
@@ -500,8 +536,7 @@ def _row_grad(pw, w, local_label, dw_rows, normalize: bool):
         # d/dw_j of (x·w_j)/|w_j| = (I − ŵ_j ŵ_jᵀ) · pw_j
         pw = pw - (tf.reduce_sum(pw * w, axis=1) * tf.square(_inv_norm(w)))[:, None] * w
     hit = local_label >= 0
-    return tf.tensor_scatter_nd_add(pw, tf.where(hit, local_label, 0)[:, None],
-                                    tf.where(hit[:, None], dw_rows, 0.0))
+    return tf.tensor_scatter_nd_add(pw, tf.where(hit, local_label, 0)[:, None], tf.where(hit[:, None], dw_rows, 0.0))
 
 
 # Their own kernels: XLA fuses a row reduction placed after a matmul into the matmul and loses the

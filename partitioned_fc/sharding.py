@@ -3,6 +3,7 @@
 Split (docs/margins.md, the same as InsightFace and PLSC): worker r owns the contiguous rows
 [start_r, start_r + C_r) with C_r = C // N + (r < C % N) and start_r = r·(C // N) + min(r, C % N).
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -22,8 +23,10 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     if num_classes < world_size:
-        raise ValueError(f"num_classes={num_classes} is smaller than the world size {world_size}: "
-                         "every worker must own at least one class")
+        raise ValueError(
+            f"num_classes={num_classes} is smaller than the world size {world_size}: "
+            "every worker must own at least one class"
+        )
     base, rem = divmod(num_classes, world_size)
     start = rank * base + min(rank, rem)
     return start, start + base + (1 if rank < rem else 0)
@@ -54,7 +57,7 @@ def init_rows(variable: tf.Variable, start: int, seed: int, stddev: float = INIT
             b_start = b * block
             values = tf.random.stateless_normal([block, dim], seed=[seed, b], stddev=stddev, dtype=tf.float32)
             lo, hi = max(start, b_start), min(end, b_start + block)
-            yield lo - start, values[lo - b_start:hi - b_start]
+            yield lo - start, values[lo - b_start : hi - b_start]
 
     write_rows(variable, blocks())
 

@@ -3,6 +3,7 @@
 Used by `pfc data inspect`. Unlike the training reader it does not stop at the first problem: it
 lists every bad record by file and record index, and compares counts with the manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,9 @@ class Report:
     manifest: schema.Manifest
     files: list[str]
     records: int = 0
-    label_counts: np.ndarray | None = None        # int64 [num_classes]
+    label_counts: np.ndarray | None = None  # int64 [num_classes]
     bad: list[BadRecord] = dataclasses.field(default_factory=list)
-    problems: list[str] = dataclasses.field(default_factory=list)   # count mismatches
+    problems: list[str] = dataclasses.field(default_factory=list)  # count mismatches
 
     @property
     def ok(self) -> bool:
@@ -40,19 +41,25 @@ class Report:
     def summary(self) -> str:
         m, counts = self.manifest, self.label_counts
         present = counts[counts > 0]
-        lines = [f"dataset     {self.directory}",
-                 f"shards      {len(self.files)} read of {len(m.shards)} in the manifest",
-                 f"records     {self.records} read ({m.num_examples} in the manifest)",
-                 f"classes     {m.num_classes} in the manifest, {present.size} with images",
-                 f"image size  {m.image_size[0]}x{m.image_size[1]}"]
+        lines = [
+            f"dataset     {self.directory}",
+            f"shards      {len(self.files)} read of {len(m.shards)} in the manifest",
+            f"records     {self.records} read ({m.num_examples} in the manifest)",
+            f"classes     {m.num_classes} in the manifest, {present.size} with images",
+            f"image size  {m.image_size[0]}x{m.image_size[1]}",
+        ]
         if present.size:
-            lines.append(f"per class   min {present.min()}  median {int(np.median(present))}  "
-                         f"mean {present.mean():.1f}  max {present.max()}  "
-                         f"(classes without images: {m.num_classes - present.size})")
+            lines.append(
+                f"per class   min {present.min()}  median {int(np.median(present))}  "
+                f"mean {present.mean():.1f}  max {present.max()}  "
+                f"(classes without images: {m.num_classes - present.size})"
+            )
         if m.verification:
             lines.append(f"verification {', '.join(m.verification)}")
         lines += [f"PROBLEM {p}" for p in self.problems] + [f"CORRUPT {b}" for b in self.bad]
-        lines.append("ok" if self.ok else f"FAILED: {len(self.bad)} bad record(s), {len(self.problems)} other problem(s)")
+        lines.append(
+            "ok" if self.ok else f"FAILED: {len(self.bad)} bad record(s), {len(self.problems)} other problem(s)"
+        )
         return "\n".join(lines)
 
 
@@ -106,5 +113,3 @@ def _check_record(serialized: bytes, num_classes: int, decode: bool, report: Rep
         except tf.errors.InvalidArgumentError as e:
             return f"undecodable JPEG ({schema.first_line(e)})"
     return None
-
-

@@ -12,11 +12,12 @@ Every file is decoded once before anything is written, so one run names every un
 square first (`fit="crop"`, the default: no distortion, the face in the middle is kept) or padded
 to one with black (`fit="pad"`: nothing is cut off).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pipelines import images, schema, writer
 
@@ -35,16 +36,17 @@ def scan(src: str) -> tuple[list[str], list[tuple[str, int]]]:
     """-> (class names, [(file path, label)]) in a fixed order."""
     if not os.path.isdir(src):
         raise schema.DataError(f"{src}: not a directory")
-    classes = sorted(d for d in os.listdir(src)
-                     if not d.startswith(".") and os.path.isdir(os.path.join(src, d)))
+    classes = sorted(d for d in os.listdir(src) if not d.startswith(".") and os.path.isdir(os.path.join(src, d)))
     if not classes:
         raise schema.DataError(f"{src}: no identity sub-folders (expected SRC/<identity>/<image files>)")
     items = []
     for label, name in enumerate(classes):
         folder = os.path.join(src, name)
-        files = sorted(f for f in os.listdir(folder)
-                       if not f.startswith(".") and f.lower().endswith(EXTENSIONS)
-                       and os.path.isfile(os.path.join(folder, f)))
+        files = sorted(
+            f
+            for f in os.listdir(folder)
+            if not f.startswith(".") and f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+        )
         if not files:
             raise schema.DataError(f"{folder}: identity folder has no image files ({', '.join(EXTENSIONS)})")
         items.extend((os.path.join(folder, f), label) for f in files)
@@ -66,21 +68,33 @@ def check(items: list[tuple[str, int]]) -> list[Bad]:
 def bad_files_error(src: str, bad: list[Bad]) -> schema.DataError:
     named = "; ".join(f"{b.file} ({b.reason})" for b in bad[:_LISTED])
     more = f"; and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
-    return schema.DataError(f"{src}: {len(bad)} file(s) cannot be read as images: {named}{more}. "
-                            "Fix or remove them, or pass --skip-bad to write the others (the skipped "
-                            "files are listed in the manifest)")
+    return schema.DataError(
+        f"{src}: {len(bad)} file(s) cannot be read as images: {named}{more}. "
+        "Fix or remove them, or pass --skip-bad to write the others (the skipped "
+        "files are listed in the manifest)"
+    )
 
 
-def shard_records(classes: list[str], items: list[tuple[str, int]], shard: int, num_shards: int,
-                  size: tuple[int, int], fit: str) -> Iterator[writer.Record]:
+def shard_records(
+    classes: list[str], items: list[tuple[str, int]], shard: int, num_shards: int, size: tuple[int, int], fit: str
+) -> Iterator[writer.Record]:
     for path, label in items[shard::num_shards]:
         with open(path, "rb") as f:
             jpeg, _ = images.as_jpeg(f.read(), path, size, fit=fit)
         yield writer.Record(jpeg, label, name=classes[label], source=path)
 
 
-def convert(src: str, out_dir: str, num_shards: int, *, size: int = DEFAULT_SIZE, fit: str = "crop",
-            skip_bad: bool = False, resume: bool = True, log=None) -> schema.Manifest:
+def convert(
+    src: str,
+    out_dir: str,
+    num_shards: int,
+    *,
+    size: int = DEFAULT_SIZE,
+    fit: str = "crop",
+    skip_bad: bool = False,
+    resume: bool = True,
+    log=None,
+) -> schema.Manifest:
     """SRC/<identity>/<images> -> sharded TFRecords of size x size JPEGs + manifest.
 
     Every file is checked first: undecodable ones are all named in one DataError, or with
@@ -98,10 +112,17 @@ def convert(src: str, out_dir: str, num_shards: int, *, size: int = DEFAULT_SIZE
     items = [it for it in items if it[0] not in left_out]
     empty = sorted({classes[label] for label in range(len(classes))} - {classes[label] for _, label in items})
     if empty:
-        raise schema.DataError(f"{os.path.join(src, empty[0])}: every image of this identity is "
-                               f"unreadable ({len(empty)} such identities)")
-    return writer.write_sharded(out_dir, num_shards,
-                                lambda k: shard_records(classes, items, k, num_shards, (size, size), fit),
-                                num_classes=len(classes), image_size=(size, size), resume=resume,
-                                job={"images": os.path.abspath(src), "files": len(items), "fit": fit},
-                                log=log, skipped=[{"file": b.file, "reason": b.reason} for b in bad])
+        raise schema.DataError(
+            f"{os.path.join(src, empty[0])}: every image of this identity is unreadable ({len(empty)} such identities)"
+        )
+    return writer.write_sharded(
+        out_dir,
+        num_shards,
+        lambda k: shard_records(classes, items, k, num_shards, (size, size), fit),
+        num_classes=len(classes),
+        image_size=(size, size),
+        resume=resume,
+        job={"images": os.path.abspath(src), "files": len(items), "fit": fit},
+        log=log,
+        skipped=[{"file": b.file, "reason": b.reason} for b in bad],
+    )

@@ -14,10 +14,11 @@ The plan (which faces, styles, classes and splits) is a function of the font fil
 every image of a sample is a function of the plan and the sample's numbers, so the same seed and
 font files give the same bytes. docs/data.md describes the choices and their defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -25,19 +26,23 @@ from pipelines import glyph_images, typefaces
 from pipelines.typefaces import Face, FontError
 
 DEFAULT_MIN_FACES = 10
-MIN_COVERAGE = 0.05   # found (not named) faces drawing less of the candidates are left out
+MIN_COVERAGE = 0.05  # found (not named) faces drawing less of the candidates are left out
 CLASS_SETS = ("gb2312-1", "all")
 SEEN_BIN = "verification_seen_faces.bin"
 UNSEEN_BIN = "verification_unseen_faces.bin"
 CLOSED_DIR = "closed"
 DESCRIPTION = "fonts.json"
-_PROBE_STRIDE = 120   # every 120th GB2312 level-1 character: 32 probes for the twin check
+_PROBE_STRIDE = 120  # every 120th GB2312 level-1 character: 32 probes for the twin check
 
 
 def gb2312_level1() -> list[str]:
     """The 3,755 characters of GB2312 level 1 (rows 16-55), in GB2312 order."""
-    return [bytes([row, cell]).decode("gb2312") for row in range(0xB0, 0xD8) for cell in range(0xA1, 0xFF)
-            if not (row == 0xD7 and cell > 0xF9)]
+    return [
+        bytes([row, cell]).decode("gb2312")
+        for row in range(0xB0, 0xD8)
+        for cell in range(0xA1, 0xFF)
+        if not (row == 0xD7 and cell > 0xF9)
+    ]
 
 
 def candidates(class_set: str) -> list[str]:
@@ -52,21 +57,22 @@ def candidates(class_set: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class FontsConfig:
     """What `pfc data fonts` makes; docs/data.md gives the reasons for the defaults."""
+
     size: int = 112
-    per_style: int = 4                 # training samples per (character, style)
-    min_faces: int | None = None       # styles a character needs; None: DEFAULT_MIN_FACES or fewer
+    per_style: int = 4  # training samples per (character, style)
+    min_faces: int | None = None  # styles a character needs; None: DEFAULT_MIN_FACES or fewer
     classes: str = "gb2312-1"
-    unseen_classes: float = 0.1        # share of the characters held out of training
-    unseen_faces: float = 0.2          # share of the styles held out (whole families)
-    pairs: int = 6000                  # per verification set, half genuine
-    closed_per_style: int = 1          # closed-set samples per (training character, unseen style)
+    unseen_classes: float = 0.1  # share of the characters held out of training
+    unseen_faces: float = 0.2  # share of the styles held out (whole families)
+    pairs: int = 6000  # per verification set, half genuine
+    closed_per_style: int = 1  # closed-set samples per (training character, unseen style)
     shards: int = 8
     seed: int = 0
     jpeg_quality: int = 90
-    max_classes: int | None = None     # keep only the first N classes (small runs, the demo)
-    max_faces: int | None = None       # keep only the first N styles in name order (the demo)
+    max_classes: int | None = None  # keep only the first N classes (small runs, the demo)
+    max_faces: int | None = None  # keep only the first N styles in name order (the demo)
 
-    def validate(self) -> "FontsConfig":
+    def validate(self) -> FontsConfig:
         for name in ("per_style", "pairs", "shards", "closed_per_style"):
             if getattr(self, name) < 1:
                 raise FontError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -86,6 +92,7 @@ class FontsConfig:
 @dataclasses.dataclass(frozen=True)
 class Style:
     """Faces drawing near-identical glyphs; `covers`: the characters at least one of them draws."""
+
     faces: tuple[int, ...]
     family: int
     covers: frozenset[str]
@@ -94,11 +101,12 @@ class Style:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything but the pixels: faces, styles, classes (label order) and the two splits."""
+
     faces: tuple[Face, ...]
     face_covers: tuple[frozenset[str], ...]
     styles: tuple[Style, ...]
     min_faces: int
-    classes: tuple[str, ...]            # training characters; label = index
+    classes: tuple[str, ...]  # training characters; label = index
     unseen_chars: tuple[str, ...]
     train_styles: tuple[int, ...]
     unseen_styles: tuple[int, ...]
@@ -132,6 +140,7 @@ def load_faces(files: Sequence[str] | None, dirs: Sequence[str]) -> tuple[list[F
 
 def _existing(path: str) -> str:
     import os
+
     if not os.path.isfile(path):
         raise FontError(f"{path}: no such font file")
     return path
@@ -149,8 +158,10 @@ def face_coverage(faces: Sequence[Face], chars: Sequence[str], explicit: bool):
         cover = typefaces.coverage(src, [c for c in chars if ord(c) in src.cmap])
         if len(cover) < (1 if explicit else MIN_COVERAGE * len(chars)):
             if explicit:
-                raise FontError(f"{face.path}: face {face.index} ({face.label}) draws none of the "
-                                f"{len(chars)} candidate CJK characters")
+                raise FontError(
+                    f"{face.path}: face {face.index} ({face.label}) draws none of the "
+                    f"{len(chars)} candidate CJK characters"
+                )
             continue
         kept.append(face)
         sources.append(src)
@@ -167,20 +178,25 @@ def make_styles(faces, sources, covers) -> tuple[Style, ...]:
     groups = typefaces.twin_groups(sources, covers, gb2312_level1()[::_PROBE_STRIDE])
     families = typefaces.family_groups(faces, groups)
     family_of = {s: fam for fam, members in enumerate(families) for s in members}
-    return tuple(Style(tuple(g), family_of[i], frozenset().union(*(covers[f] for f in g)))
-                 for i, g in enumerate(groups))
+    return tuple(
+        Style(tuple(g), family_of[i], frozenset().union(*(covers[f] for f in g))) for i, g in enumerate(groups)
+    )
 
 
 def effective_min_faces(requested: int | None, num_styles: int) -> tuple[int, str | None]:
     """The default lowers to the styles at hand (and says so); an explicit M must fit."""
     if requested is None:
         if num_styles < DEFAULT_MIN_FACES:
-            return num_styles, (f"only {num_styles} styles among the chosen faces: --min-faces lowered "
-                                f"from its default {DEFAULT_MIN_FACES} to {num_styles}")
+            return num_styles, (
+                f"only {num_styles} styles among the chosen faces: --min-faces lowered "
+                f"from its default {DEFAULT_MIN_FACES} to {num_styles}"
+            )
         return DEFAULT_MIN_FACES, None
     if requested > num_styles:
-        raise FontError(f"--min-faces {requested} is larger than the number of distinct styles "
-                        f"({num_styles}) among the chosen faces")
+        raise FontError(
+            f"--min-faces {requested} is larger than the number of distinct styles "
+            f"({num_styles}) among the chosen faces"
+        )
     return requested, None
 
 
@@ -188,8 +204,9 @@ def choose_unseen_styles(styles: Sequence[Style], share: float, seed: int) -> li
     """Whole families, in a seeded order, until about `share` of the styles are unseen."""
     families = sorted({s.family for s in styles})
     if len(families) < 2:
-        raise FontError("the chosen faces form one family: an open-set split needs at least two "
-                        "(pass faces of another typeface)")
+        raise FontError(
+            "the chosen faces form one family: an open-set split needs at least two (pass faces of another typeface)"
+        )
     sizes = {fam: sum(1 for s in styles if s.family == fam) for fam in families}
     target = max(1, round(share * len(styles)))
     unseen: list[int] = []
@@ -215,7 +232,7 @@ def split_chars(chars: Sequence[str], share: float, seed: int) -> tuple[list[str
 def make_plan(cfg: FontsConfig, faces: Sequence[Face], sources, covers) -> Plan:
     styles = make_styles(faces, sources, covers)
     if cfg.max_faces is not None:
-        styles = tuple(sorted(styles, key=lambda s: faces[s.faces[0]].label)[:cfg.max_faces])
+        styles = tuple(sorted(styles, key=lambda s: faces[s.faces[0]].label)[: cfg.max_faces])
     notes = []
     m, note = effective_min_faces(cfg.min_faces, len(styles))
     notes += [note] if note else []
@@ -223,7 +240,7 @@ def make_plan(cfg: FontsConfig, faces: Sequence[Face], sources, covers) -> Plan:
     for s in styles:
         for c in s.covers:
             counts[c] = counts.get(c, 0) + 1
-    chars = [c for c in candidates(cfg.classes) if counts.get(c, 0) >= m][:cfg.max_classes]
+    chars = [c for c in candidates(cfg.classes) if counts.get(c, 0) >= m][: cfg.max_classes]
     unseen_styles = choose_unseen_styles(styles, cfg.unseen_faces, cfg.seed)
     train_styles = [i for i in range(len(styles)) if i not in unseen_styles]
     train, unseen = split_chars(chars, cfg.unseen_classes, cfg.seed)
@@ -231,12 +248,22 @@ def make_plan(cfg: FontsConfig, faces: Sequence[Face], sources, covers) -> Plan:
     if without:
         notes.append(f"{len(without)} characters drawn only by unseen styles left out of training")
         train = [c for c in train if c not in without]
-    return Plan(tuple(faces), tuple(covers), styles, m, tuple(train), tuple(unseen),
-                tuple(train_styles), tuple(unseen_styles), tuple(notes))
+    return Plan(
+        tuple(faces),
+        tuple(covers),
+        styles,
+        m,
+        tuple(train),
+        tuple(unseen),
+        tuple(train_styles),
+        tuple(unseen_styles),
+        tuple(notes),
+    )
 
 
-def build_plan(cfg: FontsConfig, files: Sequence[str] | None = None,
-               dirs: Sequence[str] = typefaces.DEFAULT_FONT_DIRS) -> tuple[Plan, list]:
+def build_plan(
+    cfg: FontsConfig, files: Sequence[str] | None = None, dirs: Sequence[str] = typefaces.DEFAULT_FONT_DIRS
+) -> tuple[Plan, list]:
     """(plan, glyph sources by face index) from font files or the system's font directories."""
     cfg.validate()
     faces, explicit = load_faces(files, dirs)
@@ -250,6 +277,7 @@ def build_plan(cfg: FontsConfig, files: Sequence[str] | None = None,
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One image to render: character, face, label (-1 outside training) and its seed words."""
+
     ch: str
     face: int
     label: int
@@ -290,8 +318,10 @@ def pair_samples(plan: Plan, cfg: FontsConfig, styles: Sequence[int], tag: int) 
     rng = np.random.default_rng([cfg.seed, 3, tag])
     chars = [c for c in plan.unseen_chars if plan.styles_with(c, styles)]
     if len(chars) < 2:
-        raise FontError(f"fewer than two unseen characters are drawn by the styles of set {tag}: "
-                        "lower --min-faces or raise --unseen-classes")
+        raise FontError(
+            f"fewer than two unseen characters are drawn by the styles of set {tag}: "
+            "lower --min-faces or raise --unseen-classes"
+        )
     samples, same, per_fold = [], [], cfg.pairs // 20
 
     def sample(ch: str, style: int, n: int) -> Sample:
@@ -300,8 +330,11 @@ def pair_samples(plan: Plan, cfg: FontsConfig, styles: Sequence[int], tag: int) 
     for _ in range(10):
         for genuine in (True, False):
             for _ in range(per_fold):
-                a, b = (chars[int(rng.integers(len(chars)))],) * 2 if genuine else \
-                    [chars[i] for i in rng.choice(len(chars), 2, replace=False)]
+                a, b = (
+                    (chars[int(rng.integers(len(chars)))],) * 2
+                    if genuine
+                    else [chars[i] for i in rng.choice(len(chars), 2, replace=False)]
+                )
                 sa = plan.styles_with(a, styles)
                 sb = plan.styles_with(b, styles)
                 s1 = sa[int(rng.integers(len(sa)))]
@@ -339,11 +372,13 @@ class Renderer:
         self.processes = processes
         self._pool = None
 
-    def __enter__(self) -> "Renderer":
+    def __enter__(self) -> Renderer:
         if self.processes > 1:
             import multiprocessing
+
             self._pool = multiprocessing.get_context("spawn").Pool(
-                self.processes, initializer=_init_worker, initargs=self.args)
+                self.processes, initializer=_init_worker, initargs=self.args
+            )
         else:
             _init_worker(*self.args)
         return self
@@ -354,7 +389,7 @@ class Renderer:
             self._pool.join()
 
     def images(self, samples: Sequence[Sample], chunk: int = 256) -> Iterator[bytes]:
-        chunks = [samples[i:i + chunk] for i in range(0, len(samples), chunk)]
+        chunks = [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
         mapped = self._pool.imap(_render_chunk, chunks) if self._pool else map(_render_chunk, chunks)
         for images in mapped:
             yield from images
@@ -365,17 +400,30 @@ class Renderer:
 # ------------------------------------------------------------------------------------------
 def describe(plan: Plan, cfg: FontsConfig) -> dict:
     """fonts.json: what was rendered from what, so a record's face and character can be traced."""
+
     def style(i: int) -> dict:
         s = plan.styles[i]
-        return {"faces": [plan.faces[f].key for f in s.faces], "family": s.family,
-                "name": plan.faces[s.faces[0]].label, "characters": len(s.covers)}
+        return {
+            "faces": [plan.faces[f].key for f in s.faces],
+            "family": s.family,
+            "name": plan.faces[s.faces[0]].label,
+            "characters": len(s.covers),
+        }
 
-    return {"config": dataclasses.asdict(cfg), "min_faces": plan.min_faces, "notes": list(plan.notes),
-            "faces": [{"key": f.key, "path": f.path, "index": f.index, "family": f.family,
-                       "subfamily": f.subfamily} for f in plan.faces],
-            "styles": [style(i) for i in range(len(plan.styles))],
-            "train_styles": list(plan.train_styles), "unseen_styles": list(plan.unseen_styles),
-            "classes": "".join(plan.classes), "unseen_characters": "".join(plan.unseen_chars)}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "min_faces": plan.min_faces,
+        "notes": list(plan.notes),
+        "faces": [
+            {"key": f.key, "path": f.path, "index": f.index, "family": f.family, "subfamily": f.subfamily}
+            for f in plan.faces
+        ],
+        "styles": [style(i) for i in range(len(plan.styles))],
+        "train_styles": list(plan.train_styles),
+        "unseen_styles": list(plan.unseen_styles),
+        "classes": "".join(plan.classes),
+        "unseen_characters": "".join(plan.unseen_chars),
+    }
 
 
 def source_text(plan: Plan, sample: Sample) -> str:
@@ -384,8 +432,9 @@ def source_text(plan: Plan, sample: Sample) -> str:
 
 
 def summary(plan: Plan) -> str:
-    return (f"{len(plan.faces)} faces in {len(plan.styles)} styles "
-            f"({len(plan.train_styles)} for training, {len(plan.unseen_styles)} unseen), "
-            f"{len(plan.classes)} training characters, {len(plan.unseen_chars)} unseen, "
-            f"min faces {plan.min_faces}")
-
+    return (
+        f"{len(plan.faces)} faces in {len(plan.styles)} styles "
+        f"({len(plan.train_styles)} for training, {len(plan.unseen_styles)} unseen), "
+        f"{len(plan.classes)} training characters, {len(plan.unseen_chars)} unseen, "
+        f"min faces {plan.min_faces}"
+    )

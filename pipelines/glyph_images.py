@@ -5,6 +5,7 @@ comes from a numpy Generator seeded by the caller, so the same seed and font fil
 pixels and, through the same JPEG encoder, the same bytes. Imports no TensorFlow, so the dataset
 writer's worker processes start quickly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,25 +19,27 @@ from pipelines import typefaces
 @dataclasses.dataclass(frozen=True)
 class Augment:
     """Ranges of the per-sample augmentation (fractions are of the image side)."""
-    rotate_deg: float = 4.0           # uniform in [-r, r]
-    shear: float = 0.08               # horizontal shear factor in [-s, s]
-    scale: tuple[float, float] = (0.85, 1.05)   # em size relative to 0.8 x side
-    shift: float = 0.05               # centre offset, each axis
-    stroke_p: float = 0.5             # probability of thickening or thinning strokes by ~1/112 side
-    blur: float = 0.01                # Gaussian radius up to blur x side
-    noise: float = 8.0                # pixel noise std up to this (0..255 scale)
-    ink: tuple[float, float] = (0.0, 90.0)          # ink grey level
-    paper: tuple[float, float] = (165.0, 255.0)     # background grey level
-    tint: float = 20.0                # per-channel colour offset up to this
+
+    rotate_deg: float = 4.0  # uniform in [-r, r]
+    shear: float = 0.08  # horizontal shear factor in [-s, s]
+    scale: tuple[float, float] = (0.85, 1.05)  # em size relative to 0.8 x side
+    shift: float = 0.05  # centre offset, each axis
+    stroke_p: float = 0.5  # probability of thickening or thinning strokes by ~1/112 side
+    blur: float = 0.01  # Gaussian radius up to blur x side
+    noise: float = 8.0  # pixel noise std up to this (0..255 scale)
+    ink: tuple[float, float] = (0.0, 90.0)  # ink grey level
+    paper: tuple[float, float] = (165.0, 255.0)  # background grey level
+    tint: float = 20.0  # per-channel colour offset up to this
 
     @classmethod
-    def none(cls) -> "Augment":
+    def none(cls) -> Augment:
         return cls(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, (0.0, 0.0), (255.0, 255.0), 0.0)
 
 
 def _affine(ink, size: int, aug: Augment, rng: np.random.Generator):
     """Ink [h, w] -> PIL 'L' [size, size]: centred, shifted, rotated and sheared about the centre."""
     from PIL import Image
+
     canvas = Image.fromarray(typefaces.centre(ink, size))
     angle = np.deg2rad(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
     shear = rng.uniform(-aug.shear, aug.shear)
@@ -46,13 +49,15 @@ def _affine(ink, size: int, aug: Augment, rng: np.random.Generator):
     a, b, d, e = c, s + shear * c, -s, c - shear * s
     tx = mid - a * (mid + dx) - b * (mid + dy)
     ty = mid - d * (mid + dx) - e * (mid + dy)
-    return canvas.transform((size, size), Image.Transform.AFFINE, (a, b, tx, d, e, ty),
-                            resample=Image.Resampling.BILINEAR)
+    return canvas.transform(
+        (size, size), Image.Transform.AFFINE, (a, b, tx, d, e, ty), resample=Image.Resampling.BILINEAR
+    )
 
 
 def _stroke(img, size: int, aug: Augment, rng: np.random.Generator):
     """Thicker or thinner strokes: a 3x3 max or min filter, at sizes where one pixel is subtle."""
     from PIL import ImageFilter
+
     u = rng.uniform()
     if size < 48 or u >= aug.stroke_p:
         return img
@@ -69,10 +74,12 @@ def _paint(mask: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarr
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render(source: typefaces.GlyphSource, ch: str, size: int, rng: np.random.Generator,
-           aug: Augment = Augment()) -> np.ndarray:
+def render(
+    source: typefaces.GlyphSource, ch: str, size: int, rng: np.random.Generator, aug: Augment = Augment()
+) -> np.ndarray:
     """One sample of `ch` in `source`'s face: uint8 [size, size, 3]."""
     from PIL import ImageFilter
+
     em = max(4, round(0.8 * size * rng.uniform(*aug.scale)))
     img = _stroke(_affine(source.ink(ch, em), size, aug, rng), size, aug, rng)
     radius = rng.uniform(0.0, aug.blur * size)
@@ -84,6 +91,7 @@ def render(source: typefaces.GlyphSource, ch: str, size: int, rng: np.random.Gen
 def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
     """RGB uint8 [H, W, 3] -> baseline JPEG bytes (4:2:0, no metadata: deterministic)."""
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=quality, optimize=False)
     return buf.getvalue()

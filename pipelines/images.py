@@ -1,4 +1,5 @@
 """Image bytes as the schema stores them: JPEG, 3 channels, checked by decoding."""
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -35,8 +36,9 @@ def fit_square(img: tf.Tensor, fit: str) -> tf.Tensor:
     return tf.image.resize_with_crop_or_pad(img, side, side)
 
 
-def as_jpeg(data: bytes, where: str, size: tuple[int, int] | None = None,
-            quality: int = 95, fit: str = "crop") -> tuple[bytes, tuple[int, int]]:
+def as_jpeg(
+    data: bytes, where: str, size: tuple[int, int] | None = None, quality: int = 95, fit: str = "crop"
+) -> tuple[bytes, tuple[int, int]]:
     """Check that `data` decodes; return (JPEG bytes, (height, width)).
 
     JPEGs of the wanted size pass through byte for byte; other formats (PNG, BMP, GIF) and other

@@ -17,11 +17,12 @@ record 0 as a header whose label array holds [first identity record, end]: image
 keys 1 .. label[0]-1; an image's class is its label (or its first label when it is an array).
 Without that header (flag 0) every indexed record is an image. `property` is "num_classes,h,w".
 """
+
 from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -46,11 +47,11 @@ def unpack(data: bytes, where: str = "record") -> tuple[IRHeader, bytes]:
     if len(data) < _IR.size:
         raise schema.DataError(f"{where}: {len(data)} bytes, shorter than the {_IR.size}-byte image header")
     flag, label, id_, id2 = _IR.unpack_from(data)
-    rest = data[_IR.size:]
+    rest = data[_IR.size :]
     if flag > 0:
         if len(rest) < 4 * flag:
             raise schema.DataError(f"{where}: header announces {flag} labels, record too short")
-        label, rest = np.frombuffer(rest[:4 * flag], "<f4").copy(), rest[4 * flag:]
+        label, rest = np.frombuffer(rest[: 4 * flag], "<f4").copy(), rest[4 * flag :]
     return IRHeader(flag, label, id_, id2), rest
 
 
@@ -92,8 +93,7 @@ class RecordFile:
 
     def _read_exact(self, pos: int, n: int, where: str) -> bytes:
         if pos + n > self._size:
-            raise schema.DataError(f"{where}: truncated at byte {pos} (record needs {n} bytes, "
-                                   f"file has {self._size})")
+            raise schema.DataError(f"{where}: truncated at byte {pos} (record needs {n} bytes, file has {self._size})")
         self._f.seek(pos)
         return self._f.read(n)
 
@@ -110,8 +110,10 @@ class FaceRecords:
             end = int(np.asarray(header.label).ravel()[0])
             missing = [k for k in range(1, end) if k not in self.file.offsets]
             if missing:
-                raise schema.DataError(f"{self.file.idx_path}: header record says images are keys 1..{end - 1} "
-                                       f"but key {missing[0]} is not indexed")
+                raise schema.DataError(
+                    f"{self.file.idx_path}: header record says images are keys 1..{end - 1} "
+                    f"but key {missing[0]} is not indexed"
+                )
             self.keys = list(range(1, end))
         else:
             self.keys = sorted(self.file.offsets)
@@ -146,9 +148,16 @@ def convert(rec_path: str, out_dir: str, num_shards: int, *, resume: bool = True
         num_classes = 1 + max(data.image(k)[0] for k in data.keys)
     if size is None:
         _, size = images.as_jpeg(data.image(data.keys[0])[1], f"{rec_path} key {data.keys[0]}")
-    return writer.write_sharded(out_dir, num_shards, lambda k: shard_records(data, k, num_shards, size),
-                                num_classes=num_classes, image_size=size, resume=resume,
-                                job={"mxrec": rec_path, "images": len(data.keys)}, log=log)
+    return writer.write_sharded(
+        out_dir,
+        num_shards,
+        lambda k: shard_records(data, k, num_shards, size),
+        num_classes=num_classes,
+        image_size=size,
+        resume=resume,
+        job={"mxrec": rec_path, "images": len(data.keys)},
+        log=log,
+    )
 
 
 def _sibling(rec_path: str, suffix: str, replace_name: bool = False) -> str:

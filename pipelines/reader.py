@@ -56,13 +56,14 @@ each stage is a module-level function of it, testable alone: `file_blocks` (step
 them: `strict_batches` (default) and `tolerant_batches` (skip_corrupt). TensorFlow internals
 (`map_inline`, the op's dataset class) live in `pipelines.tf_compat`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -86,6 +87,7 @@ class ShardPlan:
     File i holds records[i] records (the manifest's count); the worker keeps record indices
     first[i], first[i] + stride, ... (own[i] records).
     """
+
     files: tuple[str, ...]
     records: tuple[int, ...]
     first: tuple[int, ...]
@@ -118,10 +120,12 @@ def plan_shards(files: list[str], counts: list[int], rank: int, size: int, batch
     if steps == 0:
         worst = totals.index(min(totals))
         raise schema.DataError(
-            f"worker {worst} of {size} gets {min(totals)} records, fewer than one batch of {batch_size}")
+            f"worker {worst} of {size} gets {min(totals)} records, fewer than one batch of {batch_size}"
+        )
     f, records, first, own = for_rank(rank)
-    return ShardPlan(tuple(f), tuple(records), tuple(first), tuple(own), 1 if len(files) >= size else size,
-                     len(files) < size, steps)
+    return ShardPlan(
+        tuple(f), tuple(records), tuple(first), tuple(own), 1 if len(files) >= size else size, len(files) < size, steps
+    )
 
 
 def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
@@ -145,16 +149,17 @@ def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
         matches = [path]
     directories = {storage.dirname(m) for m in matches}
     if len(directories) != 1:
-        raise schema.DataError(f"{path}: files from several directories {sorted(directories)}; "
-                               "a dataset is one directory with one manifest")
+        raise schema.DataError(
+            f"{path}: files from several directories {sorted(directories)}; "
+            "a dataset is one directory with one manifest"
+        )
     directory = directories.pop()
     manifest = schema.Manifest.load(directory)
     count = dict(zip(manifest.shards, manifest.examples_per_shard))
     wanted = {storage.basename(m) for m in matches}
     for name in sorted(wanted):
         if name not in count:
-            raise schema.DataError(f"{storage.join(directory, name)}: not listed in "
-                                   f"{schema.manifest_path(directory)}")
+            raise schema.DataError(f"{storage.join(directory, name)}: not listed in {schema.manifest_path(directory)}")
     names = [s for s in manifest.shards if s in wanted]
     return directory, manifest, [storage.join(directory, s) for s in names], [count[s] for s in names]
 
@@ -162,12 +167,13 @@ def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
 @dataclasses.dataclass
 class Pipeline:
     """A training input pipeline and what the training loop needs to know about it."""
-    dataset: tf.data.Dataset           # (images [B,H,W,3] uint8, labels [B] int64, epoch [] int64)
+
+    dataset: tf.data.Dataset  # (images [B,H,W,3] uint8, labels [B] int64, epoch [] int64)
     manifest: schema.Manifest
     plan: ShardPlan
-    corrupt_records: tf.Variable       # int64 []: records skipped so far (skip_corrupt=True)
+    corrupt_records: tf.Variable  # int64 []: records skipped so far (skip_corrupt=True)
     image_size: tuple[int, int]
-    seed: int                          # this worker's augmentation seed (seed and rank)
+    seed: int  # this worker's augmentation seed (seed and rank)
     flip: bool
 
     @property
@@ -192,7 +198,8 @@ def augment(images: tf.Tensor, seed: int, step, *, flip: bool = True) -> tf.Tens
     """
     if flip:
         coin = tf.random.stateless_uniform(
-            tf.shape(images)[:1], seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)]))
+            tf.shape(images)[:1], seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])
+        )
         # In uint8 (a quarter of the bytes), mirrored as [B*H, W, 3] (tf.reverse is several times
         # faster on 3-D), and picked by a gather: tf.where with a [B, 1, 1, 1] condition took
         # 3x longer than all the rest (measured).
@@ -203,10 +210,22 @@ def augment(images: tf.Tensor, seed: int, step, *, flip: bool = True) -> tf.Tens
     return tf.cast(images, tf.float32) / 127.5 - 1.0
 
 
-def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
-                 image_size: tuple[int, int] | None = None, shuffle_buffer: int = 4096, seed: int = 0,
-                 flip: bool = True, epochs: int | None = None, start_epoch: int = 0,
-                 skip_corrupt: bool = False, cycle_length: int = 16, threads: int | None = None) -> Pipeline:
+def open_dataset(
+    path: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    size: int = 1,
+    image_size: tuple[int, int] | None = None,
+    shuffle_buffer: int = 4096,
+    seed: int = 0,
+    flip: bool = True,
+    epochs: int | None = None,
+    start_epoch: int = 0,
+    skip_corrupt: bool = False,
+    cycle_length: int = 16,
+    threads: int | None = None,
+) -> Pipeline:
     """Build this worker's training pipeline (see the module docstring).
 
     path: dataset directory, its manifest.json, a shard file or a glob (local, s3://, gs://, hdfs://).
@@ -228,14 +247,30 @@ def open_dataset(path: str, batch_size: int, *, rank: int = 0, size: int = 1,
     plan = plan_shards(files, counts, rank, size, batch_size)
     if plan.record_level:
         _warn_record_level(path, files, size)
-    ctx = reader_context(manifest, plan, batch_size, image_size=image_size, shuffle_buffer=shuffle_buffer,
-                         seed=seed, rank=rank, skip_corrupt=skip_corrupt, cycle_length=cycle_length,
-                         threads=threads)
+    ctx = reader_context(
+        manifest,
+        plan,
+        batch_size,
+        image_size=image_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        rank=rank,
+        skip_corrupt=skip_corrupt,
+        cycle_length=cycle_length,
+        threads=threads,
+    )
     last = start_epoch + epochs if epochs is not None else 2**62
     epochs_ds = tf.data.Dataset.range(start_epoch, last)
     dataset = (tolerant_batches if skip_corrupt else strict_batches)(ctx, epochs_ds).prefetch(2)
-    return Pipeline(dataset.with_options(_options(threads)), manifest, plan, ctx.corrupt_records,
-                    ctx.image_size, ctx.base_seed, flip)
+    return Pipeline(
+        dataset.with_options(_options(threads)),
+        manifest,
+        plan,
+        ctx.corrupt_records,
+        ctx.image_size,
+        ctx.base_seed,
+        flip,
+    )
 
 
 def make_dataset(path: str, batch_size: int, **kwargs) -> tf.data.Dataset:
@@ -248,9 +283,12 @@ def _warn_record_level(path: str, files: list[str], size: int) -> None:
     key = (tuple(files), size)
     if key not in _warned_record_level:
         _warned_record_level.add(key)
-        warnings.warn(f"{path}: {len(files)} shard file(s) for {size} workers; falling back to "
-                      "record-level sharding (every worker reads every file and keeps 1 record "
-                      f"in {size}). Write at least {size} shards to read less.", stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(files)} shard file(s) for {size} workers; falling back to "
+            "record-level sharding (every worker reads every file and keeps 1 record "
+            f"in {size}). Write at least {size} shards to read less.",
+            stacklevel=3,
+        )
 
 
 def _options(threads: int | None) -> tf.data.Options:
@@ -266,22 +304,24 @@ def _options(threads: int | None) -> tf.data.Options:
 # ---------------------------------------------------------------------------------------------
 # What every stage reads: one frozen record per pipeline.
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReaderContext:
     """What the stages of one pipeline share, built once by `reader_context`. (The two variables
     are the pipeline's only state: their values change as it runs, never which they are.)"""
+
     plan: ShardPlan
     batch_size: int
-    image_size: tuple[int, int]      # (H, W) of the decoded images
-    stored_size: tuple[int, int]     # (H, W) the writer stored (the manifest's)
+    image_size: tuple[int, int]  # (H, W) of the decoded images
+    stored_size: tuple[int, int]  # (H, W) the writer stored (the manifest's)
     num_classes: int
-    shuffle_buffer: int              # 0: windows stay in read order
-    window_batches: int              # batches per window (permuted and handed on together)
-    base_seed: int                   # this worker's seed, from (seed, rank)
-    cycle: int                       # files open at once
-    cores: int                       # batches decoded at once
-    remote: bool                     # object storage: one background reader per open file
-    read_buffer: int                 # bytes per read of a file
+    shuffle_buffer: int  # 0: windows stay in read order
+    window_batches: int  # batches per window (permuted and handed on together)
+    base_seed: int  # this worker's seed, from (seed, rank)
+    cycle: int  # files open at once
+    cores: int  # batches decoded at once
+    remote: bool  # object storage: one background reader per open file
+    read_buffer: int  # bytes per read of a file
     skip_corrupt: bool
     decode_batch: Callable[[tf.Tensor], tf.Tensor]  # JPEGs string [batch_size] -> uint8 [batch_size, H, W, 3]
     decode_image: Callable[[tf.Tensor], tf.Tensor]  # one JPEG string [] -> uint8 [H, W, 3]
@@ -289,7 +329,7 @@ class ReaderContext:
     # index on, 2: more records than the manifest lists. Written where it is found (reading
     # runs ahead of decoding), raised by the next batch's check.
     faults: tf.Variable
-    corrupt_records: tf.Variable     # int64 []: records skipped so far (skip_corrupt)
+    corrupt_records: tf.Variable  # int64 []: records skipped so far (skip_corrupt)
 
     @property
     def window(self) -> int:
@@ -302,10 +342,19 @@ class ReaderContext:
         return self.plan.steps_per_epoch
 
 
-def reader_context(manifest: schema.Manifest, plan: ShardPlan, batch_size: int, *,
-                   image_size: tuple[int, int] | None = None, shuffle_buffer: int = 4096, seed: int = 0,
-                   rank: int = 0, skip_corrupt: bool = False, cycle_length: int = 16,
-                   threads: int | None = None) -> ReaderContext:
+def reader_context(
+    manifest: schema.Manifest,
+    plan: ShardPlan,
+    batch_size: int,
+    *,
+    image_size: tuple[int, int] | None = None,
+    shuffle_buffer: int = 4096,
+    seed: int = 0,
+    rank: int = 0,
+    skip_corrupt: bool = False,
+    cycle_length: int = 16,
+    threads: int | None = None,
+) -> ReaderContext:
     """The context of worker `rank`'s pipeline over `plan` (arguments as for `open_dataset`)."""
     size_hw = tuple(image_size or manifest.image_size)
     counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_records")
@@ -317,8 +366,12 @@ def reader_context(manifest: schema.Manifest, plan: ShardPlan, batch_size: int, 
     # readers cost CPU per block, measured); object storage by one background reader per file.
     remote = storage.is_url(plan.files[0])
     return ReaderContext(
-        plan=plan, batch_size=batch_size, image_size=size_hw, stored_size=tuple(manifest.image_size),
-        num_classes=manifest.num_classes, shuffle_buffer=shuffle_buffer,
+        plan=plan,
+        batch_size=batch_size,
+        image_size=size_hw,
+        stored_size=tuple(manifest.image_size),
+        num_classes=manifest.num_classes,
+        shuffle_buffer=shuffle_buffer,
         # Records travel in windows of whole batches: the reading thread then wakes once per
         # window rather than once per batch (fewer thread switches on the decoders' cores), and
         # the windows are cut into batches without a copy.
@@ -326,14 +379,22 @@ def reader_context(manifest: schema.Manifest, plan: ShardPlan, batch_size: int, 
         # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds
         # derived from it fit in int64 for any seed.
         base_seed=(seed * 1_000_003 + rank) % (2**31 - 1),
-        cycle=max(1, min(cycle_length, len(plan.files))), cores=threads or os.cpu_count() or 1,
+        cycle=max(1, min(cycle_length, len(plan.files))),
+        cores=threads or os.cpu_count() or 1,
         # Bytes per read: object storage answers each read with a request, so larger ones there.
-        remote=remote, read_buffer=1 << 20 if remote else 1 << 18, skip_corrupt=skip_corrupt,
-        decode_batch=decode_batch, decode_image=decode_image, faults=faults, corrupt_records=counter)
+        remote=remote,
+        read_buffer=1 << 20 if remote else 1 << 18,
+        skip_corrupt=skip_corrupt,
+        decode_batch=decode_batch,
+        decode_image=decode_image,
+        faults=faults,
+        corrupt_records=counter,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Stages: files -> tagged blocks -> an epoch's windows -> batches, decoded and checked.
+
 
 def file_blocks(ctx: ReaderContext, fidx: tf.Tensor, count: bool) -> tf.data.Dataset:
     """File `fidx` (int64 []) of the plan -> blocks (tags [n], JPEGs [n], labels [n]) of this
@@ -385,7 +446,8 @@ def file_order(n_files: int, base_seed: int, epoch) -> tf.Tensor:
     """The order a worker reads its n_files files in, in an epoch: int64 [n_files], a permutation
     seeded by (base_seed, epoch) (`Pipeline.seed` is base_seed)."""
     return tf.random.experimental.stateless_shuffle(
-        tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)]))
+        tf.range(n_files, dtype=tf.int64), seed=tf.stack([tf.constant(base_seed, tf.int64), tf.cast(epoch, tf.int64)])
+    )
 
 
 def epoch_windows(ctx: ReaderContext, epoch, count: bool, trim: bool) -> tf.data.Dataset:
@@ -393,8 +455,12 @@ def epoch_windows(ctx: ReaderContext, epoch, count: bool, trim: bool) -> tf.data
     (the last one shorter), each permuted as a whole when shuffling. trim: each window cut to
     the records the epoch's batches use (`_used`); the others are read, never decoded."""
     ds = tf.data.Dataset.from_tensor_slices(file_order(len(ctx.plan.files), ctx.base_seed, epoch)).interleave(
-        lambda f: file_blocks(ctx, f, count), cycle_length=ctx.cycle, block_length=1,
-        num_parallel_calls=ctx.cycle if ctx.remote else None, deterministic=True if ctx.remote else None)
+        lambda f: file_blocks(ctx, f, count),
+        cycle_length=ctx.cycle,
+        block_length=1,
+        num_parallel_calls=ctx.cycle if ctx.remote else None,
+        deterministic=True if ctx.remote else None,
+    )
     ds = ds.rebatch(ctx.window)
     if ctx.shuffle_buffer <= 0 and not trim:
         return ds  # in read order, whole: nothing to arrange, so no copy
@@ -411,16 +477,18 @@ def _arrange_window(ctx: ReaderContext, epoch_seed, trim: bool, k, window):
     order = tf.range(n)
     if ctx.shuffle_buffer > 0:
         order = tf.random.experimental.stateless_shuffle(
-            order, seed=tf.random.experimental.stateless_fold_in(epoch_seed, k))
+            order, seed=tf.random.experimental.stateless_fold_in(epoch_seed, k)
+        )
     if trim:
-        order = order[:_used(ctx, k, n)]
+        order = order[: _used(ctx, k, n)]
     return tuple(tf.gather(t, order) for t in window)
 
 
 def _used(ctx: ReaderContext, k, n):
     """Records of window k (of n records) in the epoch's steps_per_epoch batches: whole batches only."""
-    return tf.clip_by_value((ctx.steps - k * ctx.window_batches) * ctx.batch_size, 0,
-                            n // ctx.batch_size * ctx.batch_size)
+    return tf.clip_by_value(
+        (ctx.steps - k * ctx.window_batches) * ctx.batch_size, 0, n // ctx.batch_size * ctx.batch_size
+    )
 
 
 def epoch_batches(ctx: ReaderContext, epoch, count: bool) -> tf.data.Dataset:
@@ -432,8 +500,12 @@ def epoch_batches(ctx: ReaderContext, epoch, count: bool) -> tf.data.Dataset:
 def decode_each(ctx: ReaderContext, tags, jpegs, labels) -> tf.data.Dataset:
     """Record by record: one element (images [m, H, W, 3], labels [m], tags [m]) of the m <= n
     records that decode, in order."""
-    ds = tf.data.Dataset.from_tensor_slices((tags, jpegs, labels)).map(
-        lambda t, j, y: (ctx.decode_image(j), y, t)).ignore_errors().batch(ctx.batch_size)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((tags, jpegs, labels))
+        .map(lambda t, j, y: (ctx.decode_image(j), y, t))
+        .ignore_errors()
+        .batch(ctx.batch_size)
+    )
     empty = (tf.zeros([0, *ctx.image_size, 3], tf.uint8), tf.zeros([0], tf.int64), tf.zeros([0], tf.int64))
     return ds.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
 
@@ -441,17 +513,31 @@ def decode_each(ctx: ReaderContext, tags, jpegs, labels) -> tf.data.Dataset:
 # ---------------------------------------------------------------------------------------------
 # Checks: each returns the ops (asserts, counter updates) a batch depends on.
 
+
 def file_checks(ctx: ReaderContext) -> list[tf.Operation]:
     """No file fault found so far (`ctx.faults`), else one naming the first such file."""
     f = ctx.faults.read_value()
     files = tf.constant(ctx.plan.files)
     j, k = _first(tf.equal(f[:, 0], 1)), _first(tf.equal(f[:, 0], 2))
-    return [_assert(tf.reduce_all(f[:, 0] != 1), [
-                "pfc-data: corrupt record in file", files[j], "at record index", f[j, 1], ":", f[j, 2],
+    return [
+        _assert(
+            tf.reduce_all(f[:, 0] != 1),
+            [
+                "pfc-data: corrupt record in file",
+                files[j],
+                "at record index",
+                f[j, 1],
+                ":",
+                f[j, 2],
                 "record(s) unreadable from there (bad CRC, truncated or unreadable file); repair the file "
-                "or read with skip_corrupt=True"]),
-            _assert(tf.reduce_all(f[:, 0] != 2), [
-                "pfc-data: file", files[k], "has more records than its manifest lists:", f[k, 1]])]
+                "or read with skip_corrupt=True",
+            ],
+        ),
+        _assert(
+            tf.reduce_all(f[:, 0] != 2),
+            ["pfc-data: file", files[k], "has more records than its manifest lists:", f[k, 1]],
+        ),
+    ]
 
 
 def batch_checks(ctx: ReaderContext, labels, tags) -> list[tf.Operation]:
@@ -460,9 +546,21 @@ def batch_checks(ctx: ReaderContext, labels, tags) -> list[tf.Operation]:
     ops = file_checks(ctx)
     bad = (labels < 0) | (labels >= ctx.num_classes)
     j = _first(bad)
-    ops.append(_assert(tf.logical_not(tf.reduce_any(bad)), [
-        "pfc-data: label", _at(labels, j), "outside [0,", ctx.num_classes, ") in file",
-        tf.constant(ctx.plan.files)[_file_of(_at(tags, j))], "at record index", _index_of(_at(tags, j))]))
+    ops.append(
+        _assert(
+            tf.logical_not(tf.reduce_any(bad)),
+            [
+                "pfc-data: label",
+                _at(labels, j),
+                "outside [0,",
+                ctx.num_classes,
+                ") in file",
+                tf.constant(ctx.plan.files)[_file_of(_at(tags, j))],
+                "at record index",
+                _index_of(_at(tags, j)),
+            ],
+        )
+    )
     return ops
 
 
@@ -472,10 +570,16 @@ def name_missing(ctx: ReaderContext, tags, out) -> tf.Operation:
     missing = tf.size(tags) - tf.size(out)
     padded = tf.concat([out, tf.fill([missing], tf.constant(-1, tf.int64))], axis=0)
     j = _first(tf.not_equal(tags, padded))  # the first record that did not decode
-    return _assert(tf.equal(missing, 0), [
-        "pfc-data: corrupt record in file", tf.constant(ctx.plan.files)[_file_of(_at(tags, j))],
-        "at record index", _index_of(_at(tags, j)), ": unparsable Example or undecodable image; repair "
-        "the file or read with skip_corrupt=True"])
+    return _assert(
+        tf.equal(missing, 0),
+        [
+            "pfc-data: corrupt record in file",
+            tf.constant(ctx.plan.files)[_file_of(_at(tags, j))],
+            "at record index",
+            _index_of(_at(tags, j)),
+            ": unparsable Example or undecodable image; repair the file or read with skip_corrupt=True",
+        ],
+    )
 
 
 def count_missing(ctx: ReaderContext, tags, out) -> tf.Operation:
@@ -486,6 +590,7 @@ def count_missing(ctx: ReaderContext, tags, out) -> tf.Operation:
 
 # ---------------------------------------------------------------------------------------------
 # Strict mode (the default): a bad record raises, naming it.
+
 
 def strict_batches(ctx: ReaderContext, epochs_ds: tf.data.Dataset) -> tf.data.Dataset:
     """(images [B, H, W, 3] uint8, labels [B] int64, epoch [] int64) batches of the epochs in
@@ -516,8 +621,9 @@ def _end_of_epoch(ctx: ReaderContext) -> tf.data.Dataset:
     with tf.init_scope():  # (eager, also when open_dataset is called inside a tf.function)
         blank = tf.io.encode_jpeg(tf.zeros([*ctx.stored_size, 3], tf.uint8)).numpy()
     b = ctx.batch_size
-    return tf.data.Dataset.from_tensors((
-        tf.fill([b], tf.constant(-1, tf.int64)), tf.fill([b], tf.constant(blank)), tf.zeros([b], tf.int64)))
+    return tf.data.Dataset.from_tensors(
+        (tf.fill([b], tf.constant(-1, tf.int64)), tf.fill([b], tf.constant(blank)), tf.zeros([b], tf.int64))
+    )
 
 
 def _numbered_windows(ctx: ReaderContext, epoch_end: tf.data.Dataset, epoch) -> tf.data.Dataset:
@@ -533,8 +639,9 @@ def _number_window(ctx: ReaderContext, epoch, k, window):
     tags, jpegs, labels = window
     n = tf.shape(tags, out_type=tf.int64)[0]
     # (a window cut to nothing has no first tag: _at gives 0)
-    numbers = tf.where(_at(tags, 0) < 0, tf.constant(-1, tf.int64),
-                       k * ctx.window_batches + tf.range(n) // ctx.batch_size)
+    numbers = tf.where(
+        _at(tags, 0) < 0, tf.constant(-1, tf.int64), k * ctx.window_batches + tf.range(n) // ctx.batch_size
+    )
     return tf.fill([n], tf.cast(epoch, tf.int64)), numbers, tags, jpegs, labels
 
 
@@ -560,10 +667,15 @@ def _check_batch(ctx: ReaderContext, last_i, batch):
     end = i < 0
     expected = last_i + 1
     # (fail closed: were an epoch's end batch ever lost, its end would go unchecked)
-    ordered = _assert(end | (i > last_i), ["pfc-data: internal error: the end of an epoch "
-                                           "was lost before batch", i, "of epoch", epoch])
-    gap = tf.cond(tf.where(end, last_i < ctx.steps - 1, i > expected),
-                  lambda: _name_bad_record(ctx, epoch, expected), lambda: tf.no_op())
+    ordered = _assert(
+        end | (i > last_i),
+        ["pfc-data: internal error: the end of an epoch was lost before batch", i, "of epoch", epoch],
+    )
+    gap = tf.cond(
+        tf.where(end, last_i < ctx.steps - 1, i > expected),
+        lambda: _name_bad_record(ctx, epoch, expected),
+        lambda: tf.no_op(),
+    )
     with tf.control_dependencies([ordered, gap, *batch_checks(ctx, labels, tags)]):
         no = tf.constant(-1, tf.int64)
         return tf.where(end, no, i), (tf.identity(images), tf.identity(labels), tf.where(end, no, epoch))
@@ -575,19 +687,34 @@ def _name_bad_record(ctx: ReaderContext, epoch, i) -> tf.Operation:
     records ran out, and a file fault says why.)"""
     k = i // ctx.window_batches
     none = (tf.zeros([0], tf.int64), tf.zeros([0], tf.string), tf.zeros([0], tf.int64))
-    tags, jpegs, labels = epoch_windows(ctx, epoch, True, trim=True).skip(k).take(1).concatenate(
-        tf.data.Dataset.from_tensors(none)).take(1).get_single_element()
+    tags, jpegs, labels = (
+        epoch_windows(ctx, epoch, True, trim=True)
+        .skip(k)
+        .take(1)
+        .concatenate(tf.data.Dataset.from_tensors(none))
+        .take(1)
+        .get_single_element()
+    )
     start = i % ctx.window_batches * ctx.batch_size
-    tags, jpegs, labels = (t[start:start + ctx.batch_size] for t in (tags, jpegs, labels))
+    tags, jpegs, labels = (t[start : start + ctx.batch_size] for t in (tags, jpegs, labels))
     _, _, out = decode_each(ctx, tags, jpegs, labels).get_single_element()
     with tf.control_dependencies([*file_checks(ctx), name_missing(ctx, tags, out)]):
         # every record decodes alone: still not silent
-        return _assert(False, ["pfc-data: batch", i, "of epoch", epoch, "failed to decode as "
-                               "a whole, though each of its records decodes alone"])
+        return _assert(
+            False,
+            [
+                "pfc-data: batch",
+                i,
+                "of epoch",
+                epoch,
+                "failed to decode as a whole, though each of its records decodes alone",
+            ],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # skip_corrupt mode: bad records are skipped and counted, epochs refilled to their steps.
+
 
 def tolerant_batches(ctx: ReaderContext, epochs_ds: tf.data.Dataset) -> tf.data.Dataset:
     """(images [B, H, W, 3] uint8, labels [B] int64, epoch [] int64) batches of the epochs in
@@ -608,18 +735,20 @@ def _tolerant_pass(ctx: ReaderContext, epoch, count: bool) -> tf.data.Dataset:
     record if that fails; the records that fail are skipped (`count`: and counted); batches
     refilled to batch_size."""
     ds = epoch_batches(ctx, epoch, count).interleave(
-        functools.partial(_decode_or_each, ctx), cycle_length=ctx.cores, block_length=1,
-        num_parallel_calls=ctx.cores, deterministic=True)
+        functools.partial(_decode_or_each, ctx),
+        cycle_length=ctx.cores,
+        block_length=1,
+        num_parallel_calls=ctx.cores,
+        deterministic=True,
+    )
     return ds.map(functools.partial(_checked, ctx, count)).rebatch(ctx.batch_size, drop_remainder=True)
 
 
 def _decode_or_each(ctx: ReaderContext, tags, jpegs, labels) -> tf.data.Dataset:
     """One element (images [m, H, W, 3], labels [m], out [m], tags [n]): the batch decoded
     whole (m = n), or else its records that decode alone (`decode_each`)."""
-    whole = tf.data.Dataset.from_tensors(jpegs).map(
-        lambda j: (ctx.decode_batch(j), labels, tags)).ignore_errors()
-    return whole.concatenate(decode_each(ctx, tags, jpegs, labels)).take(1).map(
-        lambda x, y, out: (x, y, out, tags))
+    whole = tf.data.Dataset.from_tensors(jpegs).map(lambda j: (ctx.decode_batch(j), labels, tags)).ignore_errors()
+    return whole.concatenate(decode_each(ctx, tags, jpegs, labels)).take(1).map(lambda x, y, out: (x, y, out, tags))
 
 
 def _checked(ctx: ReaderContext, count: bool, images, labels, out, tags):
@@ -636,8 +765,11 @@ def _refill(ctx: ReaderContext, epoch) -> tf.data.Dataset:
     """Passes over the epoch again, without counting: batches to top up the epoch. A pass that
     gives no batch at all (fewer readable records than one batch) raises."""
     marker = tf.data.Dataset.from_tensors((tf.zeros([0, *ctx.image_size, 3], tf.uint8), tf.zeros([0], tf.int64)))
-    one = _tolerant_pass(ctx, epoch, False).concatenate(marker).scan(
-        tf.constant(0, tf.int64), functools.partial(_count_refill, ctx))
+    one = (
+        _tolerant_pass(ctx, epoch, False)
+        .concatenate(marker)
+        .scan(tf.constant(0, tf.int64), functools.partial(_count_refill, ctx))
+    )
     return one.filter(lambda x, y: tf.size(y) > 0).repeat()
 
 
@@ -645,9 +777,16 @@ def _count_refill(ctx: ReaderContext, n, batch):
     """The scan over one refill pass: n, the records it gave so far; raises at its end marker
     (an empty batch) when it gave none."""
     images, labels = batch
-    ok = _assert(tf.logical_or(tf.size(labels) > 0, n > 0), [
-        "pfc-data: this worker's files hold fewer readable records than one batch of",
-        ctx.batch_size, "(", ctx.corrupt_records.read_value(), "corrupt records skipped so far)"])
+    ok = _assert(
+        tf.logical_or(tf.size(labels) > 0, n > 0),
+        [
+            "pfc-data: this worker's files hold fewer readable records than one batch of",
+            ctx.batch_size,
+            "(",
+            ctx.corrupt_records.read_value(),
+            "corrupt records skipped so far)",
+        ],
+    )
     with tf.control_dependencies([ok]):
         return n + tf.size(labels, out_type=tf.int64), (tf.identity(images), tf.identity(labels))
 
@@ -673,9 +812,9 @@ def reader_error(error: BaseException) -> str | None:
     start = text.find("[" + READER_TAG)
     if start < 0:
         return None
-    line = text[start + 1:].split("\n")[0]
-    line = line[:line.rfind("]")] if "]" in line else line
-    return " ".join(p.strip() for p in line[len(READER_TAG):].split("] [")).replace(" : ", ": ")
+    line = text[start + 1 :].split("\n")[0]
+    line = line[: line.rfind("]")] if "]" in line else line
+    return " ".join(p.strip() for p in line[len(READER_TAG) :].split("] [")).replace(" : ", ": ")
 
 
 def _assert(condition, data):

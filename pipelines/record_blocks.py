@@ -27,6 +27,7 @@ process at a time, under a file lock; the library appears under its final name o
 It binds to the C++ ABI of that TensorFlow: loading it and wrapping its output as a dataset go
 through `pipelines.tf_compat`, which names the TensorFlow versions it was checked with.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -58,8 +59,10 @@ def library_path() -> str:
     for directory in (_HERE, os.path.join(os.path.expanduser("~"), ".cache", "partitioned-fc")):
         if os.path.exists(os.path.join(directory, name)) or _writable(directory):
             return os.path.join(directory, name)
-    raise RuntimeError(f"pipelines.record_blocks: neither {_HERE} nor ~/.cache/partitioned-fc is writable "
-                       "to build the record reader in")
+    raise RuntimeError(
+        f"pipelines.record_blocks: neither {_HERE} nor ~/.cache/partitioned-fc is writable "
+        "to build the record reader in"
+    )
 
 
 def _writable(directory: str) -> bool:
@@ -81,19 +84,23 @@ def build() -> str:
         if os.path.exists(path):
             return path
         directory, name = os.path.split(path)
-        fd, tmp = tempfile.mkstemp(prefix=name[:-len(".so")] + ".", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=name[: -len(".so")] + ".", suffix=".tmp", dir=directory)
         os.close(fd)
         cmd = [*shlex.split(cxx), _SOURCE, "-o", tmp, *_flags()]
         try:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True)
             except FileNotFoundError:
-                raise RuntimeError(f"pipelines.record_blocks: no C++ compiler '{cxx}' to build the record reader "
-                                   f"({_SOURCE}); install g++ (or set CXX) and run "
-                                   "`python -m pipelines.record_blocks`") from None
+                raise RuntimeError(
+                    f"pipelines.record_blocks: no C++ compiler '{cxx}' to build the record reader "
+                    f"({_SOURCE}); install g++ (or set CXX) and run "
+                    "`python -m pipelines.record_blocks`"
+                ) from None
             if proc.returncode != 0:
-                raise RuntimeError(f"pipelines.record_blocks: building the record reader failed: "
-                                   f"{shlex.join(cmd)}\n{proc.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"pipelines.record_blocks: building the record reader failed: "
+                    f"{shlex.join(cmd)}\n{proc.stderr[-4000:]}"
+                )
             # Readable by every user (mkstemp made it the owner's alone): an image built as root
             # runs as another user.
             os.chmod(tmp, 0o755)
@@ -117,14 +124,22 @@ class RecordBlocks(tf_compat.DatasetSource):
 
     def __init__(self, filename, block_records: int, buffer_size: int = 1 << 18):
         variant = _load().pfc_record_block_dataset(
-            tf.convert_to_tensor(filename, tf.string), tf.constant(block_records, tf.int64),
-            tf.constant(buffer_size, tf.int64), image_key=schema.IMAGE_KEY, label_key=schema.LABEL_KEY)
+            tf.convert_to_tensor(filename, tf.string),
+            tf.constant(block_records, tf.int64),
+            tf.constant(buffer_size, tf.int64),
+            image_key=schema.IMAGE_KEY,
+            label_key=schema.LABEL_KEY,
+        )
         super().__init__(variant)
 
     @property
     def element_spec(self):
-        return (tf.TensorSpec([], tf.int64), tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64),
-                tf.TensorSpec([], tf.bool))
+        return (
+            tf.TensorSpec([], tf.int64),
+            tf.TensorSpec([None], tf.string),
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([], tf.bool),
+        )
 
 
 if __name__ == "__main__":

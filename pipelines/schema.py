@@ -17,6 +17,7 @@ Layout of a dataset directory (local or object storage):
 
 The manifest holds what readers would otherwise have to count: see `Manifest`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,11 +55,11 @@ def shard_name(prefix: str, index: int, total: int) -> str:
 
 def encode_example(image: bytes, label: int, name: str = "", source: str = "") -> bytes:
     """Serialize one record (a `tf.train.Example`) in this schema."""
+
     def _bytes(v: bytes):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
-    feature = {IMAGE_KEY: _bytes(image),
-               LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
+    feature = {IMAGE_KEY: _bytes(image), LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
     if name:
         feature[NAME_KEY] = _bytes(name.encode("utf-8"))
     if source:
@@ -68,8 +69,7 @@ def encode_example(image: bytes, label: int, name: str = "", source: str = "") -
 
 def feature_spec(with_identity: bool = False) -> dict:
     """The `tf.io.parse_*_example` spec; the optional keys default to ''."""
-    spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-            LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
+    spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string), LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
     if with_identity:
         spec[NAME_KEY] = tf.io.FixedLenFeature([], tf.string, default_value="")
         spec[SOURCE_KEY] = tf.io.FixedLenFeature([], tf.string, default_value="")
@@ -88,6 +88,7 @@ class Manifest:
     skipped: source files a converter left out as unreadable (`pfc convert images --skip-bad`),
     each {"file": path, "reason": why}.
     """
+
     num_classes: int
     image_size: tuple[int, int]
     shards: list[str]
@@ -100,8 +101,9 @@ class Manifest:
     def num_examples(self) -> int:
         return sum(self.examples_per_shard)
 
-    def validate(self, where: str = "manifest") -> "Manifest":
+    def validate(self, where: str = "manifest") -> Manifest:
         """Raise ManifestError naming `where` and the bad field; return self when valid."""
+
         def bad(msg):
             raise ManifestError(f"{where}: {msg}")
 
@@ -128,8 +130,9 @@ class Manifest:
             if not isinstance(name, str) or not name or "/" in name:
                 bad(f"verification file name {name!r} must be a plain file name")
         if not isinstance(self.skipped, list) or not all(
-                isinstance(x, dict) and set(x) == {"file", "reason"} for x in self.skipped):
-            bad("skipped must be a list of {\"file\": ..., \"reason\": ...} objects")
+            isinstance(x, dict) and set(x) == {"file", "reason"} for x in self.skipped
+        ):
+            bad('skipped must be a list of {"file": ..., "reason": ...} objects')
         return self
 
     def to_json(self) -> str:
@@ -138,7 +141,7 @@ class Manifest:
         return json.dumps(d, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -149,8 +152,11 @@ class Manifest:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ManifestError(f"{where}: unknown keys {unknown}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(d))
         if missing:
             raise ManifestError(f"{where}: missing keys {missing}")
@@ -164,7 +170,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, path: str) -> "Manifest":
+    def load(cls, path: str) -> Manifest:
         """Load from a dataset directory or from the manifest file itself."""
         path = manifest_path(path)
         storage.prepare(path)
@@ -172,8 +178,10 @@ class Manifest:
             with tf.io.gfile.GFile(path, "rb") as f:
                 text = f.read().decode("utf-8")
         except tf.errors.NotFoundError:
-            raise ManifestError(f"{path}: manifest not found (a dataset directory needs "
-                                f"{MANIFEST_NAME}; write datasets with `pfc data synth` or `pfc convert`)") from None
+            raise ManifestError(
+                f"{path}: manifest not found (a dataset directory needs "
+                f"{MANIFEST_NAME}; write datasets with `pfc data synth` or `pfc convert`)"
+            ) from None
         except (tf.errors.OpError, UnicodeDecodeError) as e:
             raise ManifestError(f"{path}: cannot read manifest: {first_line(e)}") from None
         return cls.from_json(text, where=path)

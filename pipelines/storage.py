@@ -8,6 +8,7 @@ tensorflow-io's S3 file system aborts the interpreter at exit (tensorflow/io #20
 method called", exit code 134) even after all work succeeded. A process that touched object
 storage therefore ends with `exit_process(code)`: flush, then `os._exit`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,10 +41,12 @@ def prepare(path: str) -> str:
     if not s:
         return path
     if s not in _URL_SCHEMES:
-        raise ValueError(f"{path}: unsupported URL scheme '{s}://' (supported: "
-                         + ", ".join(f"{x}://" for x in _URL_SCHEMES) + ")")
+        raise ValueError(
+            f"{path}: unsupported URL scheme '{s}://' (supported: " + ", ".join(f"{x}://" for x in _URL_SCHEMES) + ")"
+        )
     _used_object_storage = True
     import tensorflow_io  # noqa: F401  (registers s3://, hdfs://, ... with tf.io.gfile)
+
     return path
 
 

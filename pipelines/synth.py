@@ -12,10 +12,11 @@ so a model has something to learn. The verification set uses
 identities the training set does not contain (numbers >= identities), as LFW does for real face
 training: genuine pairs are two views of one held-out identity, impostor pairs views of two.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -32,10 +33,10 @@ class SynthConfig:
     images_per_identity: int
     size: int = 112
     seed: int = 0
-    verification_pairs: int = 200     # genuine pairs; as many impostor pairs
+    verification_pairs: int = 200  # genuine pairs; as many impostor pairs
     jpeg_quality: int = 90
 
-    def validate(self) -> "SynthConfig":
+    def validate(self) -> SynthConfig:
         for name in ("identities", "images_per_identity", "size", "verification_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -48,10 +49,12 @@ def _identity_params(seed: int, identity: int) -> dict:
     rng = np.random.default_rng([seed, 1, identity])
     angle = rng.uniform(0, 2 * np.pi, _WAVES)
     freq = rng.uniform(1.5, 4.0, _WAVES)
-    return {"base": rng.uniform(0.3, 0.7, 3),
-            "k": np.stack([np.cos(angle), np.sin(angle)], 1) * freq[:, None] * 2 * np.pi,  # [W, 2]
-            "phase": rng.uniform(0, 2 * np.pi, _WAVES),
-            "amp": rng.normal(0, 0.18, (_WAVES, 3))}
+    return {
+        "base": rng.uniform(0.3, 0.7, 3),
+        "k": np.stack([np.cos(angle), np.sin(angle)], 1) * freq[:, None] * 2 * np.pi,  # [W, 2]
+        "phase": rng.uniform(0, 2 * np.pi, _WAVES),
+        "amp": rng.normal(0, 0.18, (_WAVES, 3)),
+    }
 
 
 def render(seed: int, identity: int, view: int, size: int) -> np.ndarray:
@@ -62,10 +65,10 @@ def render(seed: int, identity: int, view: int, size: int) -> np.ndarray:
     rot, scale = rng.uniform(-0.35, 0.35), rng.uniform(0.9, 1.1)
     c, s = np.cos(rot) * scale, np.sin(rot) * scale
     u = (np.arange(size) + 0.5) / size - 0.5
-    x, y = np.meshgrid(u, u)                                        # [S, S], centred coordinates
+    x, y = np.meshgrid(u, u)  # [S, S], centred coordinates
     xs, ys = c * x - s * y + shift[0], s * x + c * y + shift[1]
     waves = np.cos(xs[..., None] * p["k"][:, 0] + ys[..., None] * p["k"][:, 1] + p["phase"])  # [S,S,W]
-    img = p["base"] + waves @ p["amp"]                              # [S, S, 3]
+    img = p["base"] + waves @ p["amp"]  # [S, S, 3]
     img = (img - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.08, 0.08)
     img = img + rng.normal(0, 0.06, img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -80,8 +83,12 @@ def shard_records(cfg: SynthConfig, shard: int, num_shards: int) -> Iterator[wri
     k = cfg.images_per_identity
     for g in range(shard, cfg.identities * k, num_shards):
         identity, view = divmod(g, k)
-        yield writer.Record(encode_jpeg(render(cfg.seed, identity, view, cfg.size), cfg.jpeg_quality),
-                            identity, name=f"synth-{identity:07d}", source=f"synth:{identity}/{view}")
+        yield writer.Record(
+            encode_jpeg(render(cfg.seed, identity, view, cfg.size), cfg.jpeg_quality),
+            identity,
+            name=f"synth-{identity:07d}",
+            source=f"synth:{identity}/{view}",
+        )
 
 
 def verification_pairs(cfg: SynthConfig) -> tuple[list[bytes], list[bool]]:
@@ -97,7 +104,7 @@ def verification_pairs(cfg: SynthConfig) -> tuple[list[bytes], list[bool]]:
     pool = max(p, 2)  # held-out identities for impostors (two at least, so a pair can differ)
     for i in range(p):
         a = int(rng.integers(pool))
-        b = (a + 1 + int(rng.integers(pool - 1))) % pool          # never a itself
+        b = (a + 1 + int(rng.integers(pool - 1))) % pool  # never a itself
         a, b = n + a, n + b
         images.append(encode_jpeg(render(cfg.seed, a, views + 2 + i, cfg.size), cfg.jpeg_quality))
         images.append(encode_jpeg(render(cfg.seed, b, views + 3 + i, cfg.size), cfg.jpeg_quality))
@@ -112,7 +119,14 @@ def write_synth(out_dir: str, cfg: SynthConfig, num_shards: int, *, resume: bool
     tf.io.gfile.makedirs(out_dir)
     images, same = verification_pairs(cfg)
     verification.save_bin(storage.join(out_dir, VERIFICATION_NAME), images, same)
-    return writer.write_sharded(out_dir, num_shards, lambda k: shard_records(cfg, k, num_shards),
-                                num_classes=cfg.identities, image_size=(cfg.size, cfg.size),
-                                resume=resume, verification=[VERIFICATION_NAME],
-                                job={"synth": dataclasses.asdict(cfg)}, log=log)
+    return writer.write_sharded(
+        out_dir,
+        num_shards,
+        lambda k: shard_records(cfg, k, num_shards),
+        num_classes=cfg.identities,
+        image_size=(cfg.size, cfg.size),
+        resume=resume,
+        verification=[VERIFICATION_NAME],
+        job={"synth": dataclasses.asdict(cfg)},
+        log=log,
+    )

@@ -17,9 +17,10 @@ tests/test_pipelines_record_blocks.py and tests/test_pipelines_reader.py (the la
 the inline functions still are inline in the dataset's graph) and the reader benchmark
 (docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow.python.data.ops import dataset_ops, map_op
@@ -34,7 +35,8 @@ def check_version(version: str) -> None:
             f"pipelines.tf_compat: TensorFlow {version} is installed, but the reader's use of TensorFlow "
             f"internals was checked with TensorFlow {', '.join(SUPPORTED)} only. Install the pinned version "
             "(`make setup`, or pip install tensorflow-cpu==2.17.1), or port pipelines/tf_compat.py to this "
-            "version as its docstring describes.")
+            "version as its docstring describes."
+        )
 
 
 check_version(tf.__version__)
@@ -56,8 +58,14 @@ def map_inline(ds: tf.data.Dataset, fn: Callable, parallel: int | None = None) -
     """
     if parallel is None:
         return map_op._MapDataset(ds, fn, use_inter_op_parallelism=False, preserve_cardinality=True)
-    return map_op._ParallelMapDataset(ds, fn, num_parallel_calls=parallel, deterministic=True,
-                                      use_inter_op_parallelism=False, preserve_cardinality=True)
+    return map_op._ParallelMapDataset(
+        ds,
+        fn,
+        num_parallel_calls=parallel,
+        deterministic=True,
+        use_inter_op_parallelism=False,
+        preserve_cardinality=True,
+    )
 
 
 def load_op_library(path: str):

@@ -1,5 +1,6 @@
 """How many threads a worker's input pipeline gets. No TensorFlow here: `pfc` sizes its
 allocator from it before TensorFlow loads (launch/host_memory.py)."""
+
 from __future__ import annotations
 
 import os

@@ -11,19 +11,19 @@ Coverage: a face contains a character when its cmap maps it to a glyph other tha
 and that glyph renders with ink and differs from the face's missing-glyph box (some fonts map
 characters they do not draw to a box or to an empty outline).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
 DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
-PROBE_SIZE = 32          # pixels: coverage and twin checks
+PROBE_SIZE = 32  # pixels: coverage and twin checks
 # Two faces are twins (one style) when at least TWIN_SHARE of the probe characters both draw come
 # out the same: ink IoU >= SAME_IOU once each glyph is scaled to the same box (so a font that
 # differs only in its em scale or advance widths matches). Measured on Debian's CJK fonts
@@ -32,8 +32,8 @@ PROBE_SIZE = 32          # pixels: coverage and twin checks
 # IPA Gothic, VL Gothic / VL PGothic, Droid Sans Fallback / WenQuanYi Micro Hei).
 SAME_IOU = 0.95
 TWIN_SHARE = 0.3
-INK_LEVEL = 128          # a pixel is ink at or above this coverage (0..255)
-_NOTDEF_PROBES = (0x10FFFD, 0xFFFF, 0xE000, 0xF8FF)   # code points fonts rarely map
+INK_LEVEL = 128  # a pixel is ink at or above this coverage (0..255)
+_NOTDEF_PROBES = (0x10FFFD, 0xFFFF, 0xE000, 0xF8FF)  # code points fonts rarely map
 
 
 class FontError(ValueError):
@@ -42,12 +42,14 @@ class FontError(ValueError):
 
 _FAMILY_WORDS = re.compile(
     r"\b(CN|HK|TW|MBE|JP|KR|SC|TC|Mono|Sharp|Thin|ExtraLight|Light|DemiLight|Regular|Book|Medium|"
-    r"SemiBold|DemiBold|Bold|ExtraBold|Black|Heavy)\b|\s+-\s+\w+$")
+    r"SemiBold|DemiBold|Bold|ExtraBold|Black|Heavy)\b|\s+-\s+\w+$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Face:
     """One face of a font file. `key` ("file.ttc#2") names it in manifests and messages."""
+
     path: str
     index: int
     family: str
@@ -70,6 +72,7 @@ class Face:
 def _open_fonts(path: str) -> list:
     """fontTools fonts of a file (one per face), lazily parsed; FontError naming the file."""
     from fontTools.ttLib import TTCollection, TTFont, TTLibError
+
     try:
         if path.lower().endswith((".ttc", ".otc")):
             return list(TTCollection(path, lazy=True).fonts)
@@ -94,8 +97,7 @@ def font_files(dirs: Iterable[str]) -> list[str]:
     found = set()
     for d in dirs:
         for root, _, files in os.walk(d):
-            found.update(os.path.realpath(os.path.join(root, f)) for f in files
-                         if f.lower().endswith(FONT_SUFFIXES))
+            found.update(os.path.realpath(os.path.join(root, f)) for f in files if f.lower().endswith(FONT_SUFFIXES))
     return sorted(p for p in found if os.path.isfile(p))
 
 
@@ -125,10 +127,12 @@ class GlyphSource:
 
     def font(self, em: int):
         from PIL import ImageFont
+
         if em not in self._fonts:
             try:
-                self._fonts[em] = ImageFont.truetype(self.face.path, em, index=self.face.index,
-                                                     layout_engine=ImageFont.Layout.BASIC)
+                self._fonts[em] = ImageFont.truetype(
+                    self.face.path, em, index=self.face.index, layout_engine=ImageFont.Layout.BASIC
+                )
             except OSError as e:
                 raise FontError(f"{self.face.path}: face {self.face.index} cannot be rendered ({e})") from None
         return self._fonts[em]
@@ -136,6 +140,7 @@ class GlyphSource:
     def ink(self, ch: str, em: int) -> np.ndarray:
         """The glyph's ink, uint8 [h, w] cropped to its bounding box ([0, 0] when empty)."""
         from PIL import Image
+
         mask = self.font(em).getmask(ch, mode="L")
         img = Image.frombytes("L", mask.size, bytes(mask)) if mask.size[0] * mask.size[1] else None
         if img is None or img.getbbox() is None:
@@ -178,20 +183,20 @@ def centre(ink: np.ndarray, size: int) -> np.ndarray:
     if not h or not w:
         return out
     top, left = (size - h) // 2, (size - w) // 2
-    src = ink[max(0, -top):h - max(0, top + h - size), max(0, -left):w - max(0, left + w - size)]
-    out[max(0, top):max(0, top) + src.shape[0], max(0, left):max(0, left) + src.shape[1]] = src
+    src = ink[max(0, -top) : h - max(0, top + h - size), max(0, -left) : w - max(0, left + w - size)]
+    out[max(0, top) : max(0, top) + src.shape[0], max(0, left) : max(0, left) + src.shape[1]] = src
     return out
 
 
 def fit(ink: np.ndarray, side: int) -> np.ndarray:
     """Scale an ink crop [h, w] so its longer side is `side` pixels (aspect kept)."""
     from PIL import Image
+
     h, w = ink.shape
     if not h or not w:
         return ink
     k = side / max(h, w)
-    return np.asarray(Image.fromarray(ink).resize((max(1, round(w * k)), max(1, round(h * k))),
-                                                  Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(ink).resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BOX))
 
 
 def coverage(source: GlyphSource, chars: Sequence[str]) -> frozenset[str]:
@@ -232,8 +237,12 @@ class _UnionFind:
         return sorted(out.values())
 
 
-def twin_groups(sources: Sequence[GlyphSource], covers: Sequence[frozenset[str]],
-                probes: Sequence[str], threshold: float = TWIN_SHARE) -> list[list[int]]:
+def twin_groups(
+    sources: Sequence[GlyphSource],
+    covers: Sequence[frozenset[str]],
+    probes: Sequence[str],
+    threshold: float = TWIN_SHARE,
+) -> list[list[int]]:
     """Indices of `sources` grouped into styles: faces that draw enough probes the same."""
     uf = _UnionFind(len(sources))
     for i in range(len(sources)):

@@ -8,6 +8,7 @@ Unpickling can run arbitrary code (a pickle may name any importable callable, e.
 so `load_pairs` uses an Unpickler that resolves only the few globals these files need and refuses
 everything else with an error naming the file and the global, before anything is called.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,11 +23,19 @@ from pipelines import schema, storage
 # numpy arrays and scalars (the reconstruct helpers of both numpy 1.x and 2.x module layouts).
 _ALLOWED = {
     ("_codecs", "encode"),
-    ("builtins", "bytearray"), ("builtins", "bytes"), ("builtins", "list"), ("builtins", "tuple"),
-    ("builtins", "bool"), ("__builtin__", "bytearray"), ("__builtin__", "bool"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("builtins", "bytearray"),
+    ("builtins", "bytes"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "bool"),
+    ("__builtin__", "bytearray"),
+    ("__builtin__", "bool"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
 }
 
 
@@ -39,7 +48,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise schema.DataError(
                 f"{self._where}: refusing to unpickle global {module}.{name} (a verification .bin "
-                "holds only byte strings and booleans; this file is corrupt or malicious)")
+                "holds only byte strings and booleans; this file is corrupt or malicious)"
+            )
         if module == "__builtin__":
             module = "builtins"
         return super().find_class(module, name)

@@ -6,14 +6,16 @@ An interrupted run leaves complete shards, maybe a stale temporary file, and no 
 the same job again with `resume=True` keeps the complete shards (counting their records) and
 writes the rest, and with `resume=False` rewrites everything. "The same job" is checked: a hidden
 `.PREFIX-job.json` records the job's description (source, sizes, seeds) and the layout, and a
-run with another description rewrites every shard instead of mixing old shards into a new set. Works on local paths and on object storage
-(tf.io.gfile; rename on S3 is copy + delete, still never a half-written final name).
+run with another description rewrites every shard instead of mixing old shards into a new set.
+Works on local paths and on object storage (tf.io.gfile; rename on S3 is copy + delete, still
+never a half-written final name).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import tensorflow as tf
 
@@ -23,17 +25,27 @@ from pipelines import schema, storage
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One image to write: JPEG bytes, label, optional identity name and source."""
+
     image: bytes
     label: int
     name: str = ""
     source: str = ""
 
 
-def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], Iterable[Record]], *,
-                  num_classes: int, image_size: tuple[int, int], prefix: str = "train",
-                  resume: bool = True, verification: list[str] | None = None, job: dict | None = None,
-                  log: Callable[[str], None] | None = None,
-                  skipped: list[dict] | None = None) -> schema.Manifest:
+def write_sharded(
+    out_dir: str,
+    num_shards: int,
+    shard_records: Callable[[int], Iterable[Record]],
+    *,
+    num_classes: int,
+    image_size: tuple[int, int],
+    prefix: str = "train",
+    resume: bool = True,
+    verification: list[str] | None = None,
+    job: dict | None = None,
+    log: Callable[[str], None] | None = None,
+    skipped: list[dict] | None = None,
+) -> schema.Manifest:
     """Write shards 0..num_shards-1 (`shard_records(k)` yields shard k's records), then the manifest.
 
     `shard_records(k)` must yield the same records on every call (resume relies on it); `job`
@@ -49,8 +61,10 @@ def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], 
     names = [schema.shard_name(prefix, k, num_shards) for k in range(num_shards)]
     _remove_other_layouts(out_dir, prefix, num_shards)
     job_path = storage.join(out_dir, f".{prefix}-job.json")
-    job_text = json.dumps({"job": job, "num_shards": num_shards, "num_classes": num_classes,
-                           "image_size": list(image_size)}, sort_keys=True)
+    job_text = json.dumps(
+        {"job": job, "num_shards": num_shards, "num_classes": num_classes, "image_size": list(image_size)},
+        sort_keys=True,
+    )
     if resume and not (tf.io.gfile.exists(job_path) and _read_text(job_path) == job_text):
         resume = False
         if log and tf.io.gfile.glob(storage.join(out_dir, f"{prefix}-*-of-*.tfrecord")):
@@ -69,9 +83,14 @@ def write_sharded(out_dir: str, num_shards: int, shard_records: Callable[[int], 
         counts.append(write_shard(path, shard_records(k), num_classes))
         if log:
             log(f"{path}: {counts[-1]} records")
-    manifest = schema.Manifest(num_classes=num_classes, image_size=tuple(image_size), shards=names,
-                               examples_per_shard=counts, verification=list(verification or []),
-                               skipped=list(skipped or []))
+    manifest = schema.Manifest(
+        num_classes=num_classes,
+        image_size=tuple(image_size),
+        shards=names,
+        examples_per_shard=counts,
+        verification=list(verification or []),
+        skipped=list(skipped or []),
+    )
     manifest.save(out_dir)
     return manifest
 
@@ -82,7 +101,7 @@ def write_shard(path: str, records: Iterable[Record], num_classes: int) -> int:
     n = 0
     try:
         with tf.io.TFRecordWriter(tmp) as w:
-            for n, r in enumerate(records, start=1):
+            for n, r in enumerate(records, start=1):  # noqa: B007 (n: the count, read after the loop)
                 if not 0 <= r.label < num_classes:
                     raise schema.DataError(f"{r.source or path}: label {r.label} outside [0, {num_classes})")
                 w.write(schema.encode_example(r.image, r.label, r.name, r.source))
@@ -99,8 +118,9 @@ def count_records(path: str) -> int:
     try:
         return int(tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     except tf.errors.OpError as e:
-        raise schema.DataError(f"{path}: unreadable shard ({schema.first_line(e)}); "
-                               "delete it or rewrite with resume off") from None
+        raise schema.DataError(
+            f"{path}: unreadable shard ({schema.first_line(e)}); delete it or rewrite with resume off"
+        ) from None
 
 
 def _read_text(path: str) -> str:

@@ -1,4 +1,5 @@
 """Shared test cases: global batches, margins, the class counts that split unevenly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,8 @@ def reset_state(margin) -> None:
     """Put a margin's running statistics at STATE_START: each comparison starts from one state."""
     for name, var in margin.state().items():
         var.assign(STATE_START[name])
+
+
 GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface", "adaface")  # also in tf.function
 SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered", "magface")  # also with Partial FC
 SAMPLE_RATE = 0.3
@@ -67,36 +70,139 @@ def global_batch(num_classes: int, world_size: int, seed: int = 0):
     backbone = rng.normal(size=(IN_DIM, DIM)).astype(np.float32)
     return inputs, labels.astype(np.int64), backbone
 
+
 # Chunked logits under an autodiff tape (the fused train step covers the rest).
-TAPE_CHUNK_MARGINS = ("arcface", "asoftmax_sched", "softmax", "normface", "curricularface",
-                      "arcface_filtered", "adaface", "magface")
+TAPE_CHUNK_MARGINS = (
+    "arcface",
+    "asoftmax_sched",
+    "softmax",
+    "normface",
+    "curricularface",
+    "arcface_filtered",
+    "adaface",
+    "magface",
+)
 
 # The fused train step: margin, sampling, chunking, optimizer, inside tf.function or eager.
 TRAIN_CASES = [
-    {"id": "arc_full_sgd", "margin": "arcface", "rate": 1.0, "chunk": None, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
-    {"id": "arc_chunk_sgd", "margin": "arcface", "rate": 1.0, "chunk": 3, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
-    {"id": "cos_pfc_chunk_nesterov", "margin": "cosface", "rate": SAMPLE_RATE, "chunk": 2, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.8, "nesterov": True, "weight_decay": 1e-3}},
-    {"id": "soft_pfc_adamw", "margin": "softmax", "rate": SAMPLE_RATE, "chunk": None, "graph": False,
-     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
-    {"id": "sphere_chunk_adamw", "margin": "asoftmax_sched", "rate": 1.0, "chunk": 4, "graph": True,
-     "opt": "adamw", "opt_params": {"beta_1": 0.8, "beta_2": 0.9, "weight_decay": 0.0}},
-    {"id": "arc_pfc_chunk_bf16", "margin": "arcface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},
-    {"id": "cos_fp16", "margin": "cosface", "rate": 1.0, "chunk": None, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "float16"},
-    {"id": "curricular_full_sgd", "margin": "curricularface", "rate": 1.0, "chunk": None, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9, "weight_decay": 5e-4}},
-    {"id": "curricular_pfc_chunk", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 2,
-     "graph": True, "opt": "sgd", "opt_params": {"momentum": 0.9}},
-    {"id": "arcfilt_chunk_adamw", "margin": "arcface_filtered", "rate": 1.0, "chunk": 3, "graph": False,
-     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
-    {"id": "adaface_pfc_chunk", "margin": "adaface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9}},
-    {"id": "magface_full_adamw", "margin": "magface", "rate": 1.0, "chunk": None, "graph": True,
-     "opt": "adamw", "opt_params": {"weight_decay": 0.01}},
-    {"id": "curricular_pfc_bf16", "margin": "curricularface", "rate": SAMPLE_RATE, "chunk": 3, "graph": True,
-     "opt": "sgd", "opt_params": {"momentum": 0.9}, "dtype": "bfloat16"},
+    {
+        "id": "arc_full_sgd",
+        "margin": "arcface",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "weight_decay": 5e-4},
+    },
+    {
+        "id": "arc_chunk_sgd",
+        "margin": "arcface",
+        "rate": 1.0,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "weight_decay": 5e-4},
+    },
+    {
+        "id": "cos_pfc_chunk_nesterov",
+        "margin": "cosface",
+        "rate": SAMPLE_RATE,
+        "chunk": 2,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.8, "nesterov": True, "weight_decay": 1e-3},
+    },
+    {
+        "id": "soft_pfc_adamw",
+        "margin": "softmax",
+        "rate": SAMPLE_RATE,
+        "chunk": None,
+        "graph": False,
+        "opt": "adamw",
+        "opt_params": {"weight_decay": 0.01},
+    },
+    {
+        "id": "sphere_chunk_adamw",
+        "margin": "asoftmax_sched",
+        "rate": 1.0,
+        "chunk": 4,
+        "graph": True,
+        "opt": "adamw",
+        "opt_params": {"beta_1": 0.8, "beta_2": 0.9, "weight_decay": 0.0},
+    },
+    {
+        "id": "arc_pfc_chunk_bf16",
+        "margin": "arcface",
+        "rate": SAMPLE_RATE,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+        "dtype": "bfloat16",
+    },
+    {
+        "id": "cos_fp16",
+        "margin": "cosface",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+        "dtype": "float16",
+    },
+    {
+        "id": "curricular_full_sgd",
+        "margin": "curricularface",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "weight_decay": 5e-4},
+    },
+    {
+        "id": "curricular_pfc_chunk",
+        "margin": "curricularface",
+        "rate": SAMPLE_RATE,
+        "chunk": 2,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+    },
+    {
+        "id": "arcfilt_chunk_adamw",
+        "margin": "arcface_filtered",
+        "rate": 1.0,
+        "chunk": 3,
+        "graph": False,
+        "opt": "adamw",
+        "opt_params": {"weight_decay": 0.01},
+    },
+    {
+        "id": "adaface_pfc_chunk",
+        "margin": "adaface",
+        "rate": SAMPLE_RATE,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+    },
+    {
+        "id": "magface_full_adamw",
+        "margin": "magface",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "adamw",
+        "opt_params": {"weight_decay": 0.01},
+    },
+    {
+        "id": "curricular_pfc_bf16",
+        "margin": "curricularface",
+        "rate": SAMPLE_RATE,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+        "dtype": "bfloat16",
+    },
 ]

@@ -1,5 +1,6 @@
 """Fixtures and test-session setup only; helpers the tests import live in helpers.py (and the
 other *_helpers.py modules)."""
+
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def synth_dataset(tmp_path_factory) -> Path:
     from pipelines.synth import SynthConfig, write_synth
 
     out = tmp_path_factory.mktemp("synth") / "data"
-    write_synth(str(out), SynthConfig(identities=40, images_per_identity=10, size=32,
-                                      verification_pairs=40), num_shards=2)
+    write_synth(
+        str(out), SynthConfig(identities=40, images_per_identity=10, size=32, verification_pairs=40), num_shards=2
+    )
     return out

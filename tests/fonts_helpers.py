@@ -4,15 +4,18 @@ A glyph is a few bars drawn from the code point and a design seed, `thickness` f
 two fonts with the same seed and thickness draw the same glyphs (twins); another thickness is
 another weight of the design; another seed another design.
 """
+
 from __future__ import annotations
 
 import random
 
 from pipelines import fonts
 
-REAL_FONTS = {"ukai": "/usr/share/fonts/truetype/arphic/ukai.ttc",
-              "microhei": "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-              "droid": "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"}
+REAL_FONTS = {
+    "ukai": "/usr/share/fonts/truetype/arphic/ukai.ttc",
+    "microhei": "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "droid": "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+}
 INSTALL_HINT = "run `make fonts-test` (as root: Debian's fonts-arphic-ukai, fonts-wqy-microhei)"
 
 
@@ -41,8 +44,17 @@ def _bars(pen, code: int, seed: int, thickness: int) -> None:
             _rect(pen, at, a, at + thickness, b)
 
 
-def build_font(path: str, family: str, style: str = "Regular", *, seed: int = 0, thickness: int = 60,
-               chars=None, empty=(), boxed=()) -> str:
+def build_font(
+    path: str,
+    family: str,
+    style: str = "Regular",
+    *,
+    seed: int = 0,
+    thickness: int = 60,
+    chars=None,
+    empty=(),
+    boxed=(),
+) -> str:
     """Write a TTF drawing `chars`; `empty` map to an outline-less glyph, `boxed` to a copy of .notdef."""
     from fontTools.fontBuilder import FontBuilder
     from fontTools.pens.ttGlyphPen import TTGlyphPen
@@ -77,7 +89,9 @@ def font_set(tmp_path) -> dict[str, str]:
     """Four fonts: a design in two regions (twins), its bold weight, and a second design."""
     d = tmp_path / "fonts"
     d.mkdir(exist_ok=True)
-    return {"cn": build_font(str(d / "synth-cn.ttf"), "Synth Sans CN", seed=1),
-            "tw": build_font(str(d / "synth-tw.ttf"), "Synth Sans TW", seed=1),
-            "bold": build_font(str(d / "synth-bold.ttf"), "Synth Sans", "Bold", seed=1, thickness=140),
-            "other": build_font(str(d / "other.ttf"), "Other Serif", seed=2)}
+    return {
+        "cn": build_font(str(d / "synth-cn.ttf"), "Synth Sans CN", seed=1),
+        "tw": build_font(str(d / "synth-tw.ttf"), "Synth Sans TW", seed=1),
+        "bold": build_font(str(d / "synth-bold.ttf"), "Synth Sans", "Bold", seed=1, thickness=140),
+        "other": build_font(str(d / "other.ttf"), "Other Serif", seed=2),
+    }

@@ -1,4 +1,5 @@
 """Shared by the monitoring tests: PromQL metric-name extraction, a fed exporter, port helpers."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring import TrainingMetrics
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-             "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -30,7 +44,7 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r"\boffset\s+\w+", " ", e)
     names = set()
     for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", e):
-        if re.match(r"\s*\(", e[m.end():]) or m.group().lower() in _KEYWORDS:
+        if re.match(r"\s*\(", e[m.end() :]) or m.group().lower() in _KEYWORDS:
             continue
         names.add(m.group())
     return names
@@ -66,12 +80,32 @@ def scrape(port: int) -> dict[str, list]:
 def feed(m: TrainingMetrics, steps: int = 3) -> None:
     """Calls every recording method at least once, so every series of the exporter exists."""
     for i in range(steps):
-        m.observe_step(step=i + 1, samples=32, loss=2.0 - 0.1 * i, accuracy=0.1 * i, lr=0.1, lam=5.0,
-                       epoch=0.01 * (i + 1), step_seconds=0.2, data_wait_seconds=0.004, comm_seconds=0.03)
+        m.observe_step(
+            step=i + 1,
+            samples=32,
+            loss=2.0 - 0.1 * i,
+            accuracy=0.1 * i,
+            lr=0.1,
+            lam=5.0,
+            epoch=0.01 * (i + 1),
+            step_seconds=0.2,
+            data_wait_seconds=0.004,
+            comm_seconds=0.03,
+        )
     m.observe_checkpoint(step=steps, seconds=1.5)
     m.observe_eval("lfw", 0.97, {1e-3: 0.91})
     m.count_corrupt(2)
     m.count_nonfinite()
-    m.observe_step(step=steps + 1, samples=32, loss=1.5, accuracy=0.5, lr=0.1, lam=5.0, epoch=0.05,
-                   step_seconds=0.2, data_wait_seconds=0.004, comm_seconds=0.03)
+    m.observe_step(
+        step=steps + 1,
+        samples=32,
+        loss=1.5,
+        accuracy=0.5,
+        lr=0.1,
+        lam=5.0,
+        epoch=0.05,
+        step_seconds=0.2,
+        data_wait_seconds=0.004,
+        comm_seconds=0.03,
+    )
     m.set_fc_shard(classes=1000, nbytes=1000 * 512 * 4 * 3)

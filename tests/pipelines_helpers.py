@@ -1,4 +1,5 @@
 """Small datasets built directly with the writer, and byte-level surgery on TFRecord files."""
+
 from __future__ import annotations
 
 import struct
@@ -16,8 +17,9 @@ def jpeg(seed: int, size: int = SIZE) -> bytes:
     return tf.io.encode_jpeg(img, quality=95).numpy()
 
 
-def write_indexed(out: str, counts: list[int], *, size: int = SIZE, bad_image: set[int] = frozenset(),
-                  num_classes: int | None = None):
+def write_indexed(
+    out: str, counts: list[int], *, size: int = SIZE, bad_image: set[int] = frozenset(), num_classes: int | None = None
+):
     """Shard k holds counts[k] records; record g (global, in shard order) has label g, so labels
     identify records. Records in `bad_image` carry bytes that are not an image."""
     total = sum(counts)
@@ -28,8 +30,7 @@ def write_indexed(out: str, counts: list[int], *, size: int = SIZE, bad_image: s
             img = b"this is not a jpeg" if g in bad_image else jpeg(g, size)
             yield writer.Record(img, int(g), source=f"rec{g}")
 
-    return writer.write_sharded(out, len(counts), records, num_classes=num_classes or total,
-                                image_size=(size, size))
+    return writer.write_sharded(out, len(counts), records, num_classes=num_classes or total, image_size=(size, size))
 
 
 def record_offsets(path: str) -> list[tuple[int, int]]:
@@ -55,7 +56,7 @@ def truncate_in(path: str, record: int) -> None:
     """Cut the file in the middle of `record`."""
     off, n = record_offsets(path)[record]
     b = open(path, "rb").read()
-    open(path, "wb").write(b[:off + 12 + n // 2])
+    open(path, "wb").write(b[: off + 12 + n // 2])
 
 
 def replace_record(path: str, record: int, data: bytes) -> None:

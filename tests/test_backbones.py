@@ -1,4 +1,5 @@
 """launch.backbones: shapes, parameter counts, seeded init, batch independence, gradient flow."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,8 +11,9 @@ def images(n: int, size: int, seed: int = 0) -> tf.Tensor:
     return tf.random.stateless_uniform([n, size, size, 3], [seed, 1], -1.0, 1.0)
 
 
-@pytest.mark.parametrize("name,size,dim", [("tiny", 32, 64), ("mobilefacenet", 32, 128),
-                                           ("iresnet50", 16, 32), ("iresnet100", 16, 32)])
+@pytest.mark.parametrize(
+    "name,size,dim", [("tiny", 32, 64), ("mobilefacenet", 32, 128), ("iresnet50", 16, 32), ("iresnet100", 16, 32)]
+)
 def test_output_shape(name, size, dim):
     model = build_backbone(name, image_size=size, embedding_dim=dim, seed=0)
     out = model(images(2, size), training=False)
@@ -19,11 +21,14 @@ def test_output_shape(name, size, dim):
     assert np.all(np.isfinite(out.numpy()))
 
 
-@pytest.mark.parametrize("name,dim,low,high", [
-    ("iresnet50", 512, 43.0e6, 44.2e6),       # published: 43.6M
-    ("iresnet100", 512, 64.5e6, 65.8e6),      # published: 65.2M
-    ("mobilefacenet", 128, 0.9e6, 1.1e6),     # published: 0.99M
-])
+@pytest.mark.parametrize(
+    "name,dim,low,high",
+    [
+        ("iresnet50", 512, 43.0e6, 44.2e6),  # published: 43.6M
+        ("iresnet100", 512, 64.5e6, 65.8e6),  # published: 65.2M
+        ("mobilefacenet", 128, 0.9e6, 1.1e6),  # published: 0.99M
+    ],
+)
 def test_parameter_counts_at_112(name, dim, low, high):
     model = build_backbone(name, image_size=112, embedding_dim=dim)
     assert model.output_shape == (None, dim)
@@ -67,9 +72,16 @@ def test_tiny_without_batch_norm_is_independent_of_the_batch_split():
     assert np.max(np.abs(whole.numpy() - halves.numpy())) > 1e-3
 
 
-@pytest.mark.parametrize("name,size,kwargs", [("tiny", 32, {}), ("tiny", 32, {"batch_norm": False}),
-                                              ("tiny", 32, {"dropout": 0.3}),
-                                              ("mobilefacenet", 32, {"dropout": 0.2}), ("iresnet50", 32, {})])
+@pytest.mark.parametrize(
+    "name,size,kwargs",
+    [
+        ("tiny", 32, {}),
+        ("tiny", 32, {"batch_norm": False}),
+        ("tiny", 32, {"dropout": 0.3}),
+        ("mobilefacenet", 32, {"dropout": 0.2}),
+        ("iresnet50", 32, {}),
+    ],
+)
 def test_gradients_reach_every_trainable_variable(name, size, kwargs):
     model = build_backbone(name, image_size=size, embedding_dim=16, seed=0, **kwargs)
     x = images(4, size, seed=2)
@@ -91,13 +103,16 @@ def test_training_updates_batch_norm_statistics():
     assert not np.allclose(before, mean.numpy())
 
 
-@pytest.mark.parametrize("args,message", [
-    (dict(name="resnet18"), "unknown backbone"),
-    (dict(name="iresnet50", image_size=8), "image_size for iresnet50 must be an integer >= 16"),
-    (dict(name="tiny", embedding_dim=0), "embedding_dim must be"),
-    (dict(name="tiny", dropout=1.0), "dropout must be"),
-    (dict(name="mobilefacenet", batch_norm=False), "only supported by the tiny backbone"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(name="resnet18"), "unknown backbone"),
+        (dict(name="iresnet50", image_size=8), "image_size for iresnet50 must be an integer >= 16"),
+        (dict(name="tiny", embedding_dim=0), "embedding_dim must be"),
+        (dict(name="tiny", dropout=1.0), "dropout must be"),
+        (dict(name="mobilefacenet", batch_norm=False), "only supported by the tiny backbone"),
+    ],
+)
 def test_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         build_backbone(**{"image_size": 32, **args})

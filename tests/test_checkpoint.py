@@ -1,4 +1,5 @@
 """Checkpoint files: atomic directories, pruning, re-splitting rows, and clear errors."""
+
 import os
 
 import numpy as np
@@ -13,15 +14,25 @@ def fc_state(start, end, dim=4, dtype=tf.float32, fill=None):
     rows = end - start
     base = np.arange(start, end, dtype=np.float32)[:, None] * 10 + np.arange(dim)
     value = base if fill is None else np.full([rows, dim], fill, np.float32)
-    return ckpt.FCState((start, end), tf.Variable(tf.cast(value, dtype)),
-                        {"momentum": tf.Variable(tf.cast(-value, dtype)),
-                         "count": tf.Variable(tf.range(start, end, dtype=tf.int32))})
+    return ckpt.FCState(
+        (start, end),
+        tf.Variable(tf.cast(value, dtype)),
+        {"momentum": tf.Variable(tf.cast(-value, dtype)), "count": tf.Variable(tf.range(start, end, dtype=tf.int32))},
+    )
 
 
 def save(directory, step, state, keep=3, backbone=None):
     backbone = backbone or [tf.Variable(tf.ones([2, 3]) * step)]
-    return ckpt.save(str(directory), step, cluster.init("local"), state, backbone, [tf.Variable(step)],
-                     {"num_classes": state.class_range[1], "embedding_dim": 4}, keep=keep)
+    return ckpt.save(
+        str(directory),
+        step,
+        cluster.init("local"),
+        state,
+        backbone,
+        [tf.Variable(step)],
+        {"num_classes": state.class_range[1], "embedding_dim": 4},
+        keep=keep,
+    )
 
 
 def test_rows_are_re_split_to_any_range_and_dtype_cast(tmp_path):
@@ -53,8 +64,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint_and_is_cleaned_up(tmp_
 def test_only_the_newest_are_kept(tmp_path):
     for step in range(1, 6):
         save(tmp_path, step, fc_state(0, 3), keep=2)
-    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == [
-        "ckpt-000000004", "ckpt-000000005"]
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["ckpt-000000004", "ckpt-000000005"]
 
 
 def test_truncated_or_foreign_files_are_named(tmp_path):
@@ -63,8 +73,7 @@ def test_truncated_or_foreign_files_are_named(tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(10)
     with pytest.raises(ckpt.CheckpointError, match=r"momentum\.00000\.bin: 10 bytes, expected 96"):
-        ckpt.restore(path, cluster.init("local"), fc_state(0, 6), [tf.Variable(tf.zeros([2, 3]))],
-                     [tf.Variable(0)])
+        ckpt.restore(path, cluster.init("local"), fc_state(0, 6), [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)])
     with pytest.raises(ckpt.CheckpointError, match=r"backbone\.npz: variable 0 .* shape \[2, 3\]"):
         ckpt.restore_backbone(path, [tf.Variable(tf.zeros([3, 2]))])
     with pytest.raises(ckpt.CheckpointError, match="optimizer state is"):

@@ -1,5 +1,6 @@
 """What corrupt files, a full disk and crashed saves do to checkpoints: named errors, agreed by all
 workers, a fallback to the previous checkpoint, nothing partial left behind."""
+
 import builtins
 import errno
 import hashlib
@@ -11,16 +12,17 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_checkpoint import fc_state, save
 
 import cluster
 from cluster.base import Cluster
 from launch import checkpoint as ckpt
-from test_checkpoint import fc_state, save
 
 LOCAL = cluster.init("local")
 
 
 # --- a cluster of threads: several workers in one process, to test their agreement ----------
+
 
 class _Group:
     def __init__(self, size: int):
@@ -88,11 +90,20 @@ def ranges(num_classes: int, size: int) -> list[tuple[int, int]]:
 
 def save_as(comm, directory, step, num_classes=10, keep=3):
     state = fc_state(*ranges(num_classes, comm.size)[comm.rank])
-    return ckpt.save(str(directory), step, comm, state, [tf.Variable(tf.ones([2, 3]) * step)],
-                     [tf.Variable(step)], {"num_classes": num_classes, "embedding_dim": 4}, keep=keep)
+    return ckpt.save(
+        str(directory),
+        step,
+        comm,
+        state,
+        [tf.Variable(tf.ones([2, 3]) * step)],
+        [tf.Variable(step)],
+        {"num_classes": num_classes, "embedding_dim": 4},
+        keep=keep,
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def flip(file, offset, bit=0x01):
     with open(file, "r+b") as f:
@@ -131,6 +142,7 @@ def sha256(file):
 
 # --- checksums -------------------------------------------------------------------------------
 
+
 def test_every_file_has_its_checksum_in_the_manifest(tmp_path):
     path = save(tmp_path, 1, fc_state(0, 6, dtype=tf.bfloat16))
     manifest = ckpt.read_manifest(path)
@@ -143,8 +155,13 @@ def test_every_file_has_its_checksum_in_the_manifest(tmp_path):
         assert f.read() == f"{sha256(os.path.join(path, 'manifest.json'))}  manifest.json\n"
     with open(os.path.join(path, "fc", "rank.00000.json")) as f:
         local = json.load(f)
-    assert set(local["checksums"]) == {"fc/weight.00000.bin", "fc/momentum.00000.bin",
-                                       "fc/count.00000.bin", "backbone.npz", "backbone_optimizer.npz"}
+    assert set(local["checksums"]) == {
+        "fc/weight.00000.bin",
+        "fc/momentum.00000.bin",
+        "fc/count.00000.bin",
+        "backbone.npz",
+        "backbone_optimizer.npz",
+    }
 
 
 @pytest.mark.parametrize("offset, bit", [(0, 0x01), (3, 0x40)], ids=["low-byte", "exponent-byte"])
@@ -162,8 +179,9 @@ def test_a_flipped_byte_in_a_shard_is_named(tmp_path, offset, bit):
     ckpt.verify(path, (6, 6))  # an empty range reads no shard, only the backbone
 
 
-@pytest.mark.parametrize("damage", [truncate, lambda f: flip(f, os.path.getsize(f) // 3)],
-                         ids=["truncated", "flipped-byte"])
+@pytest.mark.parametrize(
+    "damage", [truncate, lambda f: flip(f, os.path.getsize(f) // 3)], ids=["truncated", "flipped-byte"]
+)
 @pytest.mark.parametrize("name", ["backbone.npz", "backbone_optimizer.npz"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["checksums", "no-checksums"])
 def test_a_corrupt_backbone_file_is_named(tmp_path, damage, name, legacy):
@@ -171,8 +189,11 @@ def test_a_corrupt_backbone_file_is_named(tmp_path, damage, name, legacy):
     if legacy:
         make_legacy(path)
     damage(os.path.join(path, name))
-    found = (r"unreadable \(\w+: .*\): the file is corrupt or truncated" if legacy
-             else r"(checksum mismatch|\d+ bytes, expected \d+)")
+    found = (
+        r"unreadable \(\w+: .*\): the file is corrupt or truncated"
+        if legacy
+        else r"(checksum mismatch|\d+ bytes, expected \d+)"
+    )
     with pytest.raises(ckpt.CheckpointError, match=rf"{name.replace('.', '[.]')}: {found}"):
         restore(path)
     if name == "backbone.npz":
@@ -188,7 +209,9 @@ def test_a_checkpoint_without_checksums_still_loads(tmp_path):
     assert int(opt[0].numpy()) == 3
     ckpt.verify(path, (0, 6))
     assert ckpt.choose_resume(str(tmp_path), LOCAL, (0, 6)) == (
-        path, ["ckpt-000000003 has no checksums (written before they were recorded): not verified"])
+        path,
+        ["ckpt-000000003 has no checksums (written before they were recorded): not verified"],
+    )
 
 
 def test_an_altered_manifest_is_caught(tmp_path):
@@ -203,6 +226,7 @@ def test_an_altered_manifest_is_caught(tmp_path):
 
 
 # --- choosing the checkpoint to resume from ---------------------------------------------------
+
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     assert ckpt.choose_resume(str(tmp_path), LOCAL, (0, 6)) == (None, [])
@@ -238,35 +262,49 @@ def test_every_checkpoint_corrupt_is_an_error_listing_them(tmp_path):
 
 def test_workers_agree_on_the_fallback(tmp_path):
     for step in (1, 2):
-        assert run_workers(2, lambda comm: save_as(comm, tmp_path, step)) == [
-            str(tmp_path / ckpt.checkpoint_name(step))] * 2
+        assert (
+            run_workers(2, lambda comm, step=step: save_as(comm, tmp_path, step))
+            == [str(tmp_path / ckpt.checkpoint_name(step))] * 2
+        )
     bad = tmp_path / "ckpt-000000002" / "fc" / "weight.00001.bin"
     flip(bad, 0)
     out = run_workers(2, lambda comm: ckpt.choose_resume(str(tmp_path), comm, ranges(10, 2)[comm.rank]))
     (path0, notes0), (path1, notes1) = out
     assert path0 == path1 == str(tmp_path / "ckpt-000000001")
-    assert notes0 == ["ckpt-000000002 is corrupt: worker 1 found a corrupt or missing file (see its log); "
-                      "falling back to ckpt-000000001"]
+    assert notes0 == [
+        "ckpt-000000002 is corrupt: worker 1 found a corrupt or missing file (see its log); "
+        "falling back to ckpt-000000001"
+    ]
     assert notes1[0].startswith(f"ckpt-000000002 is corrupt: {bad}: checksum mismatch")
     # At another world size the worker whose classes are in that file finds it.
     path, notes = ckpt.choose_resume(str(tmp_path), LOCAL, (0, 10))
     assert path == str(tmp_path / "ckpt-000000001") and str(bad) in notes[0]
+
     # An explicit path, and restoring it: the worker that did not see the bad file fails too.
     def explicit(comm):
         ckpt.verify(str(tmp_path / "ckpt-000000002"), ranges(10, 2)[comm.rank], comm)
+
     errors = run_workers(2, explicit)
     assert "worker 1 found a corrupt or missing file" in str(errors[0])
     assert f"{bad}: checksum mismatch" in str(errors[1])
+
     def restore_as(comm):
         start, end = ranges(10, 2)[comm.rank]
-        ckpt.restore(str(tmp_path / "ckpt-000000002"), comm, fc_state(start, end, fill=0.0),
-                     [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)])
+        ckpt.restore(
+            str(tmp_path / "ckpt-000000002"),
+            comm,
+            fc_state(start, end, fill=0.0),
+            [tf.Variable(tf.zeros([2, 3]))],
+            [tf.Variable(0)],
+        )
+
     errors = run_workers(2, restore_as)
     assert isinstance(errors[0], ckpt.CheckpointError) and "worker 1 cannot restore it" in str(errors[0])
     assert isinstance(errors[1], ckpt.CheckpointError) and "checksum mismatch" in str(errors[1])
 
 
 # --- a full disk -------------------------------------------------------------------------------
+
 
 class _FullFile:
     """A file whose writes fail with ENOSPC, like one on a full disk."""
@@ -289,14 +327,17 @@ class _FullFile:
 
 def full_disk(monkeypatch, full: str):
     """Writes to files whose path ends with `full` fail with ENOSPC (in launch.checkpoint only)."""
+
     def fake_open(file, mode="r", *args, **kwargs):
         f = builtins.open(file, mode, *args, **kwargs)
         return _FullFile(f) if "w" in mode and str(file).endswith(full) else f
+
     monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
 
 
-@pytest.mark.parametrize("full", ["fc/weight.00000.bin", "fc/count.00000.bin", "backbone.npz",
-                                  "fc/rank.00000.json", "manifest.json"])
+@pytest.mark.parametrize(
+    "full", ["fc/weight.00000.bin", "fc/count.00000.bin", "backbone.npz", "fc/rank.00000.json", "manifest.json"]
+)
 def test_a_full_disk_raises_a_named_error_and_leaves_nothing_partial(tmp_path, monkeypatch, full):
     first = save(tmp_path, 1, fc_state(0, 6))
     full_disk(monkeypatch, full)
@@ -304,7 +345,8 @@ def test_a_full_disk_raises_a_named_error_and_leaves_nothing_partial(tmp_path, m
         save(tmp_path, 2, fc_state(0, 6))
     assert str(info.value) == (
         f"{tmp_path}/ckpt-000000002.tmp/{full}: cannot write the checkpoint: No space left on device "
-        "(ENOSPC); the partial ckpt-000000002.tmp is removed, the earlier checkpoints are intact")
+        "(ENOSPC); the partial ckpt-000000002.tmp is removed, the earlier checkpoints are intact"
+    )
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000001"]
     monkeypatch.undo()
     ckpt.verify(first, (0, 6))
@@ -318,13 +360,18 @@ def test_a_full_disk_on_one_worker_fails_every_worker(tmp_path, monkeypatch):
     assert all(isinstance(e, ckpt.CheckpointError) for e in errors), errors
     assert str(errors[0]) == (
         f"{tmp_path}/ckpt-000000002.tmp: cannot write the checkpoint: worker 1 failed writing its files "
-        "(see its error); the partial ckpt-000000002.tmp is removed, the earlier checkpoints are intact")
-    assert str(errors[1]).startswith(f"{tmp_path}/ckpt-000000002.tmp/fc/momentum.00001.bin: cannot write "
-                                     "the checkpoint: No space left on device (ENOSPC)")
+        "(see its error); the partial ckpt-000000002.tmp is removed, the earlier checkpoints are intact"
+    )
+    assert str(errors[1]).startswith(
+        f"{tmp_path}/ckpt-000000002.tmp/fc/momentum.00001.bin: cannot write "
+        "the checkpoint: No space left on device (ENOSPC)"
+    )
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000001"]
     monkeypatch.undo()
-    assert run_workers(2, lambda comm: ckpt.choose_resume(str(tmp_path), comm, ranges(10, 2)[comm.rank])) == [
-        (str(tmp_path / "ckpt-000000001"), [])] * 2
+    assert (
+        run_workers(2, lambda comm: ckpt.choose_resume(str(tmp_path), comm, ranges(10, 2)[comm.rank]))
+        == [(str(tmp_path / "ckpt-000000001"), [])] * 2
+    )
 
 
 @pytest.fixture
@@ -334,8 +381,7 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
     try:
@@ -347,9 +393,12 @@ def small_disk(tmp_path):
 def test_a_real_full_disk(small_disk):
     first = save(small_disk, 1, fc_state(0, 10))
     big = fc_state(0, 40000)  # weight and momentum 640 KB each: more than the 1 MiB disk holds
-    with pytest.raises(ckpt.CheckpointError, match=rf"^{small_disk}/ckpt-000000002\.tmp/fc/\w+\.00000\.bin: "
-                       r"cannot write the checkpoint: No space left on device \(ENOSPC\); the partial "
-                       r"ckpt-000000002\.tmp is removed, the earlier checkpoints are intact$"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"^{small_disk}/ckpt-000000002\.tmp/fc/\w+\.00000\.bin: "
+        r"cannot write the checkpoint: No space left on device \(ENOSPC\); the partial "
+        r"ckpt-000000002\.tmp is removed, the earlier checkpoints are intact$",
+    ):
         save(small_disk, 2, big)
     assert sorted(os.listdir(small_disk)) == ["ckpt-000000001"]
     assert ckpt.choose_resume(str(small_disk), LOCAL, (0, 10)) == (first, [])
@@ -357,6 +406,7 @@ def test_a_real_full_disk(small_disk):
 
 
 # --- partial directories -----------------------------------------------------------------------
+
 
 def test_remove_partial_removes_only_crashed_saves(tmp_path):
     assert ckpt.remove_partial(str(tmp_path / "none")) == []
@@ -366,8 +416,10 @@ def test_remove_partial_removes_only_crashed_saves(tmp_path):
         (tmp_path / name / "fc" / "weight.00000.bin").write_bytes(b"half")
     (tmp_path / "ckpt-000000005.tmp").write_text("a file, not a crashed save")
     (tmp_path / "notes.tmp").mkdir()
-    assert ckpt.remove_partial(str(tmp_path)) == [str(tmp_path / "ckpt-000000003.tmp"),
-                                                  str(tmp_path / "ckpt-000000004.tmp")]
+    assert ckpt.remove_partial(str(tmp_path)) == [
+        str(tmp_path / "ckpt-000000003.tmp"),
+        str(tmp_path / "ckpt-000000004.tmp"),
+    ]
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000002", "ckpt-000000005.tmp", "notes.tmp"]
     ckpt.verify(complete, (0, 3))
     assert ckpt.remove_partial(str(tmp_path)) == []
@@ -376,5 +428,6 @@ def test_remove_partial_removes_only_crashed_saves(tmp_path):
 @pytest.mark.slow
 def test_horovod_workers_agree_on_a_full_disk_and_on_the_fallback(tmp_path):
     from helpers import horovodrun
+
     proc = horovodrun(2, "tests/workers/checkpoint_faults_worker.py", str(tmp_path / "ckpt"), timeout=240)
     assert proc.stdout.count("OK rank") == 2, proc.stdout[-2000:]

@@ -1,13 +1,14 @@
 """cluster/: backend selection, the single-process cluster, and real Horovod collectives."""
+
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT, horovodrun, worker_env
 
 import cluster
-from helpers import ROOT, horovodrun, worker_env
 
 
 def test_local_cluster_is_default_and_cached():
@@ -45,11 +46,19 @@ def test_horovod_collectives_and_gradients(n):
 @pytest.mark.slow
 def test_launcher_without_horovod_is_a_clear_error():
     # Pretend horovodrun started us, but make `import horovod` fail.
-    code = ("import sys; sys.modules['horovod'] = None\n"
-            "import cluster\n"
-            "try:\n    cluster.init()\nexcept RuntimeError as e:\n    print('ERR', e); sys.exit(3)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env=worker_env(HOROVOD_RANK="0", HOROVOD_SIZE="2"), timeout=120)
+    code = (
+        "import sys; sys.modules['horovod'] = None\n"
+        "import cluster\n"
+        "try:\n    cluster.init()\nexcept RuntimeError as e:\n    print('ERR', e); sys.exit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=worker_env(HOROVOD_RANK="0", HOROVOD_SIZE="2"),
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "started by a distributed launcher" in proc.stdout
     assert "HOROVOD_RANK" in proc.stdout and "Horovod cannot be imported" in proc.stdout

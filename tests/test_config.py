@@ -1,4 +1,5 @@
 """launch.config: shipped configs load, bad values are errors naming file and key, overrides, docs in sync."""
+
 import dataclasses
 import re
 from pathlib import Path
@@ -141,9 +142,21 @@ def test_bad_values_name_the_file_and_key(tmp_path, extra, key, message):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, MINIMAL)
-    config = load_config(path, ["optim.lr=0.05", "loss.scale=16", "data.train=s3://bucket/ds", "seed=7",
-                                "optim.clip_norm=2.5", "model.batch_norm=false", "optim.weight_decay=1e-4",
-                                "train.steps=null", "train.epochs=3", "optim.betas=[0.8, 0.95]"])
+    config = load_config(
+        path,
+        [
+            "optim.lr=0.05",
+            "loss.scale=16",
+            "data.train=s3://bucket/ds",
+            "seed=7",
+            "optim.clip_norm=2.5",
+            "model.batch_norm=false",
+            "optim.weight_decay=1e-4",
+            "train.steps=null",
+            "train.epochs=3",
+            "optim.betas=[0.8, 0.95]",
+        ],
+    )
     assert config.optim.lr == 0.05 and config.seed == 7 and config.optim.weight_decay == 1e-4
     assert config.loss.margin() == margins.ArcFace(scale=16, margin=0.5)
     assert config.data.train == ["s3://bucket/ds"]
@@ -154,19 +167,22 @@ def test_overrides(tmp_path):
     assert load_config(path).optim.lr == 0.1
 
 
-@pytest.mark.parametrize("override,key,message", [
-    ("optim.lr=-1", "optim.lr", "must be >= 0.0, got -1.0"),
-    ("optim.lrr=0.1", "optim.lrr", "unknown key"),
-    ("optimizer.lr=0.1", "optimizer.lr", "unknown key"),
-    ("optim=0.1", "optim", "set one key of the section"),
-    ("optim.lr.peak=0.1", "optim.lr.peak", "set one key of the section"),
-    ("seed.value=1", "seed.value", "has no sub-keys"),
-    ("optim.lr", "optim.lr", "must look like section.key=value"),
-    ("optim.lr=[1", "optim.lr", "cannot parse the value"),
-    ("loss.radius=3", "loss.radius", "unknown key for margin"),
-    ("fc.sample_rate=0", "fc.sample_rate", "must be > 0.0"),
-    ("train.batch_size=8.5", "train.batch_size", "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "override,key,message",
+    [
+        ("optim.lr=-1", "optim.lr", "must be >= 0.0, got -1.0"),
+        ("optim.lrr=0.1", "optim.lrr", "unknown key"),
+        ("optimizer.lr=0.1", "optimizer.lr", "unknown key"),
+        ("optim=0.1", "optim", "set one key of the section"),
+        ("optim.lr.peak=0.1", "optim.lr.peak", "set one key of the section"),
+        ("seed.value=1", "seed.value", "has no sub-keys"),
+        ("optim.lr", "optim.lr", "must look like section.key=value"),
+        ("optim.lr=[1", "optim.lr", "cannot parse the value"),
+        ("loss.radius=3", "loss.radius", "unknown key for margin"),
+        ("fc.sample_rate=0", "fc.sample_rate", "must be > 0.0"),
+        ("train.batch_size=8.5", "train.batch_size", "must be an integer"),
+    ],
+)
 def test_bad_overrides_name_the_key(tmp_path, override, key, message):
     path = write(tmp_path, MINIMAL)
     with pytest.raises(ConfigError) as info:
@@ -205,8 +221,9 @@ def test_docs_reference_is_generated_from_the_fields():
     doc = (ROOT / "docs/config.md").read_text()
     m = re.search(r"<!-- BEGIN GENERATED.*?-->\n(.*?)<!-- END GENERATED -->", doc, re.S)
     assert m, "docs/config.md lacks the generated reference markers"
-    assert m.group(1) == cfg_lib.reference_markdown(), \
+    assert m.group(1) == cfg_lib.reference_markdown(), (
         "docs/config.md is out of date: regenerate with `python -m launch.config --markdown`"
+    )
     for section in ("data", "model", "loss", "fc", "optim", "train", "checkpoint", "eval", "monitoring"):
         for field in dataclasses.fields(type(getattr(load_config(str(ROOT / "configs/smoke.yaml")), section))):
             if field.name != "params":

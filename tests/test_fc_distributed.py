@@ -1,12 +1,23 @@
 """PartitionedFC at world sizes 1, 2, 3 (real horovodrun on localhost) vs the dense reference."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from cases import (
+    GRAPH_MARGINS,
+    LOCAL_BATCH,
+    MARGINS,
+    SAMPLE_RATE,
+    SAMPLED_MARGINS,
+    STATE_START,
+    STEP,
+    class_counts,
+    global_batch,
+    reset_state,
+)
+from helpers import horovodrun
 
 import partitioned_fc
-from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STATE_START,
-                   STEP, class_counts, global_batch, reset_state)
-from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
 
 pytestmark = pytest.mark.slow  # every test reads the results of horovodrun workers
@@ -34,12 +45,19 @@ def dense(num_classes, name, world_size, classes=None):
     reset_state(MARGINS[name])
     with tf.GradientTape() as tape:
         tape.watch(x_in)
-        loss, acc = partitioned_fc.dense_loss(tf.matmul(x_in, a), labels, w, MARGINS[name],
-                                              step=STEP, return_accuracy=True)
+        loss, acc = partitioned_fc.dense_loss(
+            tf.matmul(x_in, a), labels, w, MARGINS[name], step=STEP, return_accuracy=True
+        )
     gx, gw, ga = tape.gradient(loss, [x_in, w, a])
-    return {"loss": loss.numpy(), "acc": acc.numpy(), "gx": gx.numpy(), "gw": gw.numpy(),
-            "ga": ga.numpy(), "w": w.numpy(),
-            "state": {k: v.numpy() for k, v in MARGINS[name].state().items()}}
+    return {
+        "loss": loss.numpy(),
+        "acc": acc.numpy(),
+        "gx": gx.numpy(),
+        "gw": gw.numpy(),
+        "ga": ga.numpy(),
+        "w": w.numpy(),
+        "state": {k: v.numpy() for k, v in MARGINS[name].state().items()},
+    }
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"np{n}")
@@ -121,7 +139,7 @@ def test_partial_fc_matches_dense_reference_on_sampled_classes(worker_results, n
             rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
             assert rel(res[key + "/gx"], ref["gx"][rows]) <= GRAD_RTOL, where
             gw = res[key + "/gw"]
-            assert rel(gw[sampled[r] - start], ref["gw"][pos:pos + k]) <= GRAD_RTOL, where
+            assert rel(gw[sampled[r] - start], ref["gw"][pos : pos + k]) <= GRAD_RTOL, where
             untouched = np.setdiff1d(np.arange(end - start), sampled[r] - start)
             assert not np.any(gw[untouched]), where  # unsampled rows get exactly no gradient
             pos += k

@@ -1,4 +1,5 @@
 """PartitionedFC in the single-process cluster: contract, bad input, numerics, sharding."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,14 +14,14 @@ C, D = 23, 8
 
 
 def make(margin=None, **kw):
-    return partitioned_fc.PartitionedFC(num_classes=C, embedding_dim=D, margin=margin or M.ArcFace(),
-                                        cluster=cluster.init(), **kw)
+    return partitioned_fc.PartitionedFC(
+        num_classes=C, embedding_dim=D, margin=margin or M.ArcFace(), cluster=cluster.init(), **kw
+    )
 
 
 def batch(b=6, seed=0):
     rng = np.random.default_rng(seed)
-    return (tf.constant(rng.normal(size=(b, D)).astype(np.float32)),
-            tf.constant(rng.integers(0, C, b)))
+    return (tf.constant(rng.normal(size=(b, D)).astype(np.float32)), tf.constant(rng.integers(0, C, b)))
 
 
 def test_contract_attributes():
@@ -61,8 +62,9 @@ def test_label_dtypes_and_graph_mode_agree():
     assert tf.function(lambda a, b: fc(a, b))(x, y).numpy() == pytest.approx(eager, rel=1e-6)
 
 
-@pytest.mark.parametrize("bad, match", [(-1, "label -1 at local batch position 2"),
-                                        (C, f"label {C} at local batch position 2 is outside")])
+@pytest.mark.parametrize(
+    "bad, match", [(-1, "label -1 at local batch position 2"), (C, f"label {C} at local batch position 2 is outside")]
+)
 def test_out_of_range_labels_are_named(bad, match):
     fc = make()
     x, y = batch()
@@ -88,9 +90,19 @@ def test_other_bad_inputs():
         partitioned_fc.PartitionedFC(0, D)
 
 
-@pytest.mark.parametrize("margin", [M.Softmax(), M.NormFace(), M.LSoftmax(), M.ASoftmax(),
-                                    M.AMSoftmax(), M.ArcFace(), M.CombinedMargin(m1=1.3, m2=0.2)],
-                         ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "margin",
+    [
+        M.Softmax(),
+        M.NormFace(),
+        M.LSoftmax(),
+        M.ASoftmax(),
+        M.AMSoftmax(),
+        M.ArcFace(),
+        M.CombinedMargin(m1=1.3, m2=0.2),
+    ],
+    ids=lambda m: m.name,
+)
 def test_gradients_finite_when_embeddings_are_class_rows(margin):
     fc = make(margin)
     y = tf.constant([0, 1, 2, 3])
@@ -104,8 +116,7 @@ def test_gradients_finite_when_embeddings_are_class_rows(margin):
     assert np.all(np.isfinite(gx.numpy())) and np.all(np.isfinite(gw.numpy()))
 
 
-@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()],
-                         ids=lambda m: m.name)
+@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()], ids=lambda m: m.name)
 def test_large_logits_are_stable(margin):
     """Logits of hundreds (s=64; unnormalized L-Softmax with long vectors) overflow a naive exp."""
     fc = make(margin)
@@ -185,19 +196,21 @@ def test_bad_sample_rate(rate):
         make(sample_rate=rate)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"chunk_size": 0}, "chunk_size must be None or a positive integer"),
-    ({"chunk_size": 2.5}, "chunk_size must be None or a positive integer"),
-    ({"compute_dtype": "float64"}, "compute_dtype must be one of"),
-    ({"param_dtype": "int8"}, "param_dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"chunk_size": 0}, "chunk_size must be None or a positive integer"),
+        ({"chunk_size": 2.5}, "chunk_size must be None or a positive integer"),
+        ({"compute_dtype": "float64"}, "compute_dtype must be one of"),
+        ({"param_dtype": "int8"}, "param_dtype must be one of"),
+    ],
+)
 def test_bad_chunk_and_dtype_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         partitioned_fc.PartitionedFC(C, D, cluster=cluster.init("local"), **kwargs)
 
 
-@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()],
-                         ids=lambda m: m.name)
+@pytest.mark.parametrize("margin", [M.CosFace(scale=64.0), M.ArcFace(scale=64.0), M.LSoftmax()], ids=lambda m: m.name)
 def test_chunked_large_logits_are_stable(margin):
     """The streaming logsumexp rescales each block's sum to the running max: no overflow."""
     fc = partitioned_fc.PartitionedFC(C, D, margin, cluster.init("local"), seed=5, chunk_size=3)

@@ -1,15 +1,15 @@
 """Chunked logits, the fused train step with sparse shard optimizers, and 16-bit storage, at world
 sizes 1, 2, 3 (real horovodrun) against a dense single-device reference."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from cases import LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts, global_batch, reset_state
+from helpers import horovodrun
+from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
 
 import partitioned_fc
-from cases import (LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts,
-                   global_batch, reset_state)
-from helpers import horovodrun
 from partitioned_fc.sharding import all_shard_ranges, full_matrix
-from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
 
 pytestmark = pytest.mark.slow  # every test reads the results of horovodrun workers
 
@@ -52,8 +52,8 @@ def _adamw(w, g, state, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8, weight_decay
     t = state["count"] + 1
     m = beta_1 * state["m"] + (1 - beta_1) * g
     v = beta_2 * state["v"] + (1 - beta_2) * g * g
-    m_hat = m / (1 - beta_1 ** t)[:, None]
-    v_hat = v / (1 - beta_2 ** t)[:, None]
+    m_hat = m / (1 - beta_1**t)[:, None]
+    v_hat = v / (1 - beta_2**t)[:, None]
     return w - lr * (m_hat / (np.sqrt(v_hat) + epsilon) + weight_decay * w), {"m": m, "v": v, "count": t}
 
 
@@ -81,21 +81,25 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
         w = full_matrix(num_classes, backbone.shape[1], seed=11).numpy().astype(np.float64)
         for r, (start, end) in enumerate(ranges):
             np.testing.assert_array_equal(ranks[r][key + "/w0"], w[start:end])
-        state = {"momentum": np.zeros_like(w), "m": np.zeros_like(w), "v": np.zeros_like(w),
-                 "count": np.zeros(num_classes)}
+        state = {
+            "momentum": np.zeros_like(w),
+            "m": np.zeros_like(w),
+            "v": np.zeros_like(w),
+            "count": np.zeros(num_classes),
+        }
         prev = [(ranks[r][key + "/w0"], None) for r in range(n)]
         margin = MARGINS[case["margin"]]
         reset_state(margin)  # as the worker did before its two steps
         for s in range(2):
             unsampled = 0
             if case["rate"] < 1:
-                classes = np.concatenate([start + ranks[r][f"{key}/{s}/index"]
-                                          for r, (start, _) in enumerate(ranges)])
+                classes = np.concatenate([start + ranks[r][f"{key}/{s}/index"] for r, (start, _) in enumerate(ranges)])
                 assert np.isin(labels, classes).all(), "a positive class was not sampled"
             else:
                 classes = np.arange(num_classes)
-            loss, acc, ge, gw = _dense_grads(emb, np.searchsorted(classes, labels),
-                                             w[classes].astype(np.float32), margin)
+            loss, acc, ge, gw = _dense_grads(
+                emb, np.searchsorted(classes, labels), w[classes].astype(np.float32), margin
+            )
             sub = {k: v[classes] for k, v in state.items()}
             new_w, new_sub = update(w[classes], gw.astype(np.float64), sub, LR, **case["opt_params"])
             w[classes] = new_w
@@ -109,7 +113,7 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
                     assert got[f"{key}/{s}/margin/{stat}"] == pytest.approx(var.numpy(), rel=1e-6), where
                 assert abs(got[f"{key}/{s}/loss"] - loss) <= LOSS_RTOL * abs(loss), where
                 assert got[f"{key}/{s}/acc"] == pytest.approx(acc), where
-                assert rel(got[f"{key}/{s}/demb"], ge[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]) <= GRAD_RTOL, where
+                assert rel(got[f"{key}/{s}/demb"], ge[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH]) <= GRAD_RTOL, where
                 w_prev, _ = prev[r]
                 w_now = got[f"{key}/{s}/w"]
                 # the update itself matches (relative to its own size, not to the weights')
@@ -150,10 +154,10 @@ def test_16bit_storage_and_compute(scale_results, case):
             assert str(got[key + "/weight_dtype"]) == case["dtype"]
             assert set(got[key + "/state_dtypes"].tolist()) == {case["dtype"]}
             # the stored shard is the float32 init rounded once
-            np.testing.assert_allclose(got[key + "/w0"], w[start:end], rtol=2 ** -7)
+            np.testing.assert_allclose(got[key + "/w0"], w[start:end], rtol=2**-7)
             if case["rate"] == 1.0:  # sampling changes the problem; the full layer is comparable
                 assert abs(got[f"{key}/0/loss"] - loss) <= 2e-2 * abs(loss), key
-                assert rel(got[f"{key}/0/demb"], ge[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]) <= 5e-2, key
+                assert rel(got[f"{key}/0/demb"], ge[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH]) <= 5e-2, key
             assert np.isfinite(got[f"{key}/1/loss"]) and got[f"{key}/1/applied"]
             assert not np.array_equal(got[f"{key}/1/w"], got[key + "/w0"]), "the shard did not move"
 

@@ -2,6 +2,7 @@
 formulas written out in NumPy float64 (independent of partitioned_fc's rule), their running
 statistics, finite gradients at cos θ = ±1, configs. The model-parallel form is checked against
 the dense reference at 1-3 workers in test_fc_distributed.py and test_fc_scale.py."""
+
 import math
 
 import numpy as np
@@ -38,7 +39,7 @@ def curricular_numpy(x, y, w, s, m, t0, threshold=0.0):
     cos = np.clip(_unit(x) @ _unit(w).T, -1, 1)
     rows = np.arange(len(y))
     ct = cos[rows, y][:, None]
-    cos_m = ct * math.cos(m) - np.sqrt(1 - ct ** 2) * math.sin(m)
+    cos_m = ct * math.cos(m) - np.sqrt(1 - ct**2) * math.sin(m)
     final = np.where(ct > math.cos(math.pi - m), cos_m, ct - math.sin(math.pi - m) * m)
     t = 0.01 * ct.mean() + 0.99 * t0
     out = np.where(cos > cos_m, cos * (t + cos), cos)
@@ -108,8 +109,15 @@ def test_layer_rule_gradient_matches_autodiff_of_the_dense_rule():
     assert (d.numpy() == 0).any() and (d.numpy() == 1).any() and ((d.numpy() != 0) & (d.numpy() != 1)).any()
 
 
-@pytest.mark.parametrize("margin", [M.CurricularFace(), M.ArcFace(interclass_filtering_threshold=0.5),
-                                    M.CurricularFace(interclass_filtering_threshold=0.2)], ids=repr)
+@pytest.mark.parametrize(
+    "margin",
+    [
+        M.CurricularFace(),
+        M.ArcFace(interclass_filtering_threshold=0.5),
+        M.CurricularFace(interclass_filtering_threshold=0.2),
+    ],
+    ids=repr,
+)
 def test_finite_gradients_at_cos_plus_minus_one(margin):
     rng = np.random.default_rng(3)
     w = rng.normal(size=(5, 6))
@@ -134,10 +142,14 @@ def test_layer_and_state_in_graph_and_config():
     # the same batch and weights: t1 = 0.01 · mean cos θ_y, then t2 = 0.01 · mean + 0.99 · t1
     assert t1 != 0 and float(fc.margin.state()["t"].numpy()) == pytest.approx(1.99 * t1, rel=1e-5)
     assert M.get("curricularface", margin=0.4) == M.CurricularFace(margin=0.4)
-    assert M.from_config(M.CurricularFace(interclass_filtering_threshold=0.3).get_config()) == \
-        M.CurricularFace(interclass_filtering_threshold=0.3)
-    raw = {"data": {"train": "data/synth", "num_classes": 10}, "train": {"steps": 10},
-           "loss": {"name": "curricularface", "interclass_filtering_threshold": 0.4}}
+    assert M.from_config(M.CurricularFace(interclass_filtering_threshold=0.3).get_config()) == M.CurricularFace(
+        interclass_filtering_threshold=0.3
+    )
+    raw = {
+        "data": {"train": "data/synth", "num_classes": 10},
+        "train": {"steps": 10},
+        "loss": {"name": "curricularface", "interclass_filtering_threshold": 0.4},
+    }
     assert from_dict(raw).loss.margin() == M.CurricularFace(interclass_filtering_threshold=0.4)
     with pytest.raises(ConfigError, match="interclass_filtering_threshold"):
         from_dict({**raw, "loss": {"name": "arcface", "interclass_filtering_threshold": 1.5}})
@@ -174,10 +186,10 @@ def magface_numpy(x, y, w, s, l_a, u_a, l_m, u_m, lambda_g):
     a = np.clip(np.linalg.norm(x, axis=1), l_a, u_a)
     m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
     c = cos[rows, y]
-    cos_m = c * np.cos(m) - np.sqrt(1 - c ** 2) * np.sin(m)
+    cos_m = c * np.cos(m) - np.sqrt(1 - c**2) * np.sin(m)
     logits = s * cos
     logits[rows, y] = s * np.where(c > np.cos(np.pi - m), cos_m, c - np.sin(np.pi - m) * m)
-    return _ce(logits, y) + lambda_g * float(np.mean(a / u_a ** 2 + 1 / a))
+    return _ce(logits, y) + lambda_g * float(np.mean(a / u_a**2 + 1 / a))
 
 
 def test_adaface_is_the_papers_formula_and_advances_its_statistics():
@@ -208,8 +220,7 @@ def test_magface_is_the_papers_loss_and_its_gradient_reaches_the_magnitude():
     np.testing.assert_allclose(radial[~inside], 0.0, atol=1e-12)  # a clipped magnitude: no pull
 
 
-@pytest.mark.parametrize("margin", [M.AdaFace(), M.MagFace(), M.MagFace(interclass_filtering_threshold=0.3)],
-                         ids=repr)
+@pytest.mark.parametrize("margin", [M.AdaFace(), M.MagFace(), M.MagFace(interclass_filtering_threshold=0.3)], ids=repr)
 def test_quality_heads_are_finite_at_cos_plus_minus_one(margin):
     rng = np.random.default_rng(6)
     w = rng.normal(size=(5, 6))

@@ -1,19 +1,24 @@
 """Host memory settings of `pfc` (the allocator choice) and handing freed pages back."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 
-PROBE = ("import os; from launch import host_memory; host_memory.configure(); "
-         "print(os.environ.get('TF_ONEDNN_USE_SYSTEM_ALLOCATOR'), os.environ.get('TF_MKL_ALLOC_MAX_BYTES'))")
+PROBE = (
+    "import os; from launch import host_memory; host_memory.configure(); "
+    "print(os.environ.get('TF_ONEDNN_USE_SYSTEM_ALLOCATOR'), os.environ.get('TF_MKL_ALLOC_MAX_BYTES'))"
+)
 
 
 def _probe(**env):
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "TF_MKL_ALLOC_MAX_BYTES")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True,
-                         text=True, check=True)
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "TF_MKL_ALLOC_MAX_BYTES")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 
@@ -21,17 +26,17 @@ def _probe(**env):
 def test_pfc_uses_the_c_allocator_unless_told_otherwise():
     assert _probe() == ["1", "None"]
     allocator, cap = _probe(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0")  # the pool, asked for
-    assert allocator == "0" and int(cap) >= 2 * 1024**3           # its cap raised to 2x RAM
+    assert allocator == "0" and int(cap) >= 2 * 1024**3  # its cap raised to 2x RAM
     assert _probe(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0", TF_MKL_ALLOC_MAX_BYTES="123") == ["0", "123"]
 
 
 def test_malloc_arenas_one_per_decoding_thread_at_least_two():
     from launch.host_memory import malloc_arenas
 
-    assert malloc_arenas({}, 2) == 2                                   # this CI machine
-    assert malloc_arenas({}, 1) == 2                                   # never fewer than two
-    assert malloc_arenas({}, 16) == 16                                 # one worker: all cores decode
-    assert malloc_arenas({"HOROVOD_LOCAL_SIZE": "8"}, 96) == 12        # horovodrun: 8 workers share 96
+    assert malloc_arenas({}, 2) == 2  # this CI machine
+    assert malloc_arenas({}, 1) == 2  # never fewer than two
+    assert malloc_arenas({}, 16) == 16  # one worker: all cores decode
+    assert malloc_arenas({"HOROVOD_LOCAL_SIZE": "8"}, 96) == 12  # horovodrun: 8 workers share 96
     assert malloc_arenas({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 16) == 4  # mpirun
     assert malloc_arenas({"HOROVOD_LOCAL_SIZE": "x", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8) == 4
 
@@ -58,24 +63,29 @@ with tempfile.NamedTemporaryFile(suffix='.xml') as f:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 def test_pfc_limits_the_arenas_that_threads_spread_over():
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("MALLOC_", "TF_ONEDNN", "GLIBC_TUNABLES", "HOROVOD_", "OMPI_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "TF_ONEDNN", "GLIBC_TUNABLES", "HOROVOD_", "OMPI_"))
+    }
     cpus = os.cpu_count() or 1
 
     def arenas(**env):  # (arenas 9 live threads spread over, the limit recorded for benchmarks)
-        out = subprocess.run([sys.executable, "-c", ARENAS], env={**clean, **env},
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", ARENAS], env={**clean, **env}, capture_output=True, text=True, check=True
+        )
         n, limit = out.stdout.split()
         return int(n), None if limit == "None" else int(limit)
 
     from launch.host_memory import malloc_arenas
-    assert arenas(OMPI_COMM_WORLD_LOCAL_SIZE=str(cpus)) == (2, 2)     # one core per worker: two
+
+    assert arenas(OMPI_COMM_WORLD_LOCAL_SIZE=str(cpus)) == (2, 2)  # one core per worker: two
     mine = malloc_arenas(clean, cpus)
-    assert arenas() == (min(mine, 9), mine)                            # pfc's choice (9 threads)
-    assert arenas(MALLOC_ARENA_MAX="1") == (1, 1)                      # an explicit setting wins,
-    assert arenas(GLIBC_TUNABLES="glibc.malloc.arena_max=1")[0] == 1   # as a tunable too
-    assert arenas(MALLOC_ARENA_MAX="0")[1] is None                     # 0: glibc's default, recorded so
-    default, limit = arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0")        # the pool: glibc's defaults
+    assert arenas() == (min(mine, 9), mine)  # pfc's choice (9 threads)
+    assert arenas(MALLOC_ARENA_MAX="1") == (1, 1)  # an explicit setting wins,
+    assert arenas(GLIBC_TUNABLES="glibc.malloc.arena_max=1")[0] == 1  # as a tunable too
+    assert arenas(MALLOC_ARENA_MAX="0")[1] is None  # 0: glibc's default, recorded so
+    default, limit = arenas(TF_ONEDNN_USE_SYSTEM_ALLOCATOR="0")  # the pool: glibc's defaults
     assert limit is None and default > 2
 
 
@@ -97,4 +107,4 @@ assert release_free_memory()
 print(before - rss())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout) > 200 * 1024             # KiB: most of the 300 MiB went back
+    assert int(out.stdout) > 200 * 1024  # KiB: most of the 300 MiB went back

@@ -1,5 +1,6 @@
 """launch.ijb: alignment, template pooling, TAR at FAR, and the whole protocol on a synthetic set
 written in the IJB layout."""
+
 import argparse
 import itertools
 import os
@@ -20,8 +21,9 @@ CROP = 40  # crop side: the aligned face is this crop scaled by 112 / 40
 
 def rotation_scale(angle_deg: float, scale: float, shift) -> np.ndarray:
     a = np.radians(angle_deg)
-    return np.hstack([scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]),
-                      np.asarray(shift, np.float64)[:, None]])
+    return np.hstack(
+        [scale * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]), np.asarray(shift, np.float64)[:, None]]
+    )
 
 
 def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -41,31 +43,31 @@ def test_align_lands_the_landmarks_on_the_reference_points():
     m = rotation_scale(-17.0, 1.35, (20.3, 11.7))
     landmarks = apply(m, ijb.REFERENCE)
     ys, xs = np.mgrid[0:170, 0:160]
-    dots = sum(np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.6 ** 2)) for x, y in landmarks)
+    dots = sum(np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.6**2)) for x, y in landmarks)
     crop = np.repeat((10 + 240 * dots)[..., None], 3, axis=2).astype(np.uint8)
     aligned = ijb.align(crop, landmarks)
     assert aligned.shape == (112, 112, 3) and aligned.dtype == np.uint8
     gray = aligned[..., 0].astype(np.float64)
     for x, y in ijb.REFERENCE:
         y0, x0 = int(round(y)) - 5, int(round(x)) - 5
-        win = np.clip(gray[y0:y0 + 11, x0:x0 + 11] - 10, 0, None)
+        win = np.clip(gray[y0 : y0 + 11, x0 : x0 + 11] - 10, 0, None)
         assert win.max() > 150, (x, y)
-        wy, wx = np.mgrid[y0:y0 + 11, x0:x0 + 11]
+        wy, wx = np.mgrid[y0 : y0 + 11, x0 : x0 + 11]
         centre = np.array([(win * wx).sum(), (win * wy).sum()]) / win.sum()
         assert np.hypot(*(centre - (x, y))) < 0.5, (centre, (x, y))
     # And nothing bright elsewhere: the five dots are the five brightest blobs.
     mask = np.ones_like(gray, bool)
     for x, y in ijb.REFERENCE:
-        mask[int(round(y)) - 6:int(round(y)) + 7, int(round(x)) - 6:int(round(x)) + 7] = False
+        mask[int(round(y)) - 6 : int(round(y)) + 7, int(round(x)) - 6 : int(round(x)) + 7] = False
     assert gray[mask].max() < 40
     # Another size scales the reference points.
     assert ijb.align(crop, landmarks, size=56).shape == (56, 56, 3)
 
 
 def test_template_is_the_normalized_sum_of_its_media_means():
-    a = np.array([[3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])   # template 7, media 3: mean (2, 2)
-    b = np.array([0.0, 4.0])                              # template 7, media 9
-    c = np.array([5.0, 0.0])                              # template 2, media 3 (another template)
+    a = np.array([[3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])  # template 7, media 3: mean (2, 2)
+    b = np.array([0.0, 4.0])  # template 7, media 9
+    c = np.array([5.0, 0.0])  # template 2, media 3 (another template)
     feats = np.stack([a[0], c, a[1], b, a[2]])
     ids, t = ijb.template_features(feats, np.array([7, 2, 7, 7, 7]), np.array([3, 3, 3, 9, 3]))
     np.testing.assert_array_equal(ids, [2, 7])
@@ -79,23 +81,29 @@ def test_template_is_the_normalized_sum_of_its_media_means():
 def test_image_features_weigh_by_detector_score():
     sums = np.array([[3.0, 4.0], [0.0, 2.0]])
     np.testing.assert_allclose(ijb.image_features(sums, np.array([0.5, 2.0])), [[1.5, 2.0], [0.0, 4.0]])
-    np.testing.assert_allclose(ijb.image_features(sums, np.array([0.5, 2.0]), normalize=True),
-                               [[0.3, 0.4], [0.0, 2.0]])
+    np.testing.assert_allclose(ijb.image_features(sums, np.array([0.5, 2.0]), normalize=True), [[0.3, 0.4], [0.0, 2.0]])
     np.testing.assert_allclose(ijb.image_features(sums, np.array([0.5, 2.0]), detector_score=False), sums)
 
 
 def test_tar_at_fars_by_hand():
-    impostors = np.arange(1000) / 1000                    # 0.000 ... 0.999
+    impostors = np.arange(1000) / 1000  # 0.000 ... 0.999
     genuine = np.array([0.9995, 0.995, 0.9895, 0.989, 0.95, 0.5])
     scores, labels = np.r_[impostors, genuine], np.r_[np.zeros(1000, int), np.ones(6, int)]
     tars = ijb.tar_at_fars(scores, labels)
     # FAR 1e-3: 1 impostor may pass, the threshold is the 2nd highest (0.998); 1e-2: 10 pass, above
     # 0.989 (a genuine tie with it is rejected); 1e-1: 100 pass, above 0.899.
-    assert tars == {1e-6: None, 1e-5: None, 1e-4: None, 1e-3: pytest.approx(1 / 6),
-                    1e-2: pytest.approx(3 / 6), 1e-1: pytest.approx(5 / 6)}
+    assert tars == {
+        1e-6: None,
+        1e-5: None,
+        1e-4: None,
+        1e-3: pytest.approx(1 / 6),
+        1e-2: pytest.approx(3 / 6),
+        1e-1: pytest.approx(5 / 6),
+    }
 
 
 # --- the whole protocol on a synthetic set -----------------------------------------------------
+
 
 def write_set(root, colour_of_template: dict[int, int], name: str = "IJBC", seed: int = 0) -> dict:
     """Templates t = 100 * identity + k (k = 0, 1, 2), each with media A (2 images) and media B
@@ -135,8 +143,7 @@ def test_end_to_end_separated_identities(tmp_path):
     r = ijb.evaluate_ijb(centre_colour, str(tmp_path), "IJBC", batch_size=7)
     # 18 templates -> 153 pairs: 6 x 3 genuine, 135 impostor: FAR >= 1/135 is measurable.
     assert (r["images"], r["templates"], r["pairs"], r["genuine_pairs"], r["impostor_pairs"]) == (54, 18, 153, 18, 135)
-    assert r["tar_at_far"] == {"1e-06": None, "1e-05": None, "1e-04": None, "1e-03": None,
-                               "1e-02": 1.0, "1e-01": 1.0}
+    assert r["tar_at_far"] == {"1e-06": None, "1e-05": None, "1e-04": None, "1e-03": None, "1e-02": 1.0, "1e-01": 1.0}
     assert ijb.summary_line(r) == "ijbc: TAR@FAR=1e-06 n/a  1e-05 n/a  1e-04 n/a  1e-03 n/a  1e-02 1.0000  1e-01 1.0000"
 
 
@@ -180,7 +187,9 @@ def test_a_bad_meta_line_is_a_data_error_naming_file_and_line(tmp_path, kind, li
 def test_meta_files_must_agree_and_images_exist(tmp_path):
     files = write_set(tmp_path, {0: 0, 1: 0, 100: 1, 101: 1})
     os.remove(tmp_path / "loose_crop" / "1_2.png")
-    with pytest.raises(DataError, match=rf"^{re.escape(files['name_5pts_score'])}:6: image .*loose_crop/1_2.png not found$"):
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(files['name_5pts_score'])}:6: image .*loose_crop/1_2.png not found$"
+    ):
         ijb.load_protocol(str(tmp_path), "IJBC")
     with open(files["face_tid_mid"]) as f:
         lines = f.read().splitlines()
@@ -193,6 +202,7 @@ def test_meta_files_must_agree_and_images_exist(tmp_path):
 
 
 # --- pfc eval --ijb ------------------------------------------------------------------------------
+
 
 def test_pfc_eval_ijb_options_and_the_uint8_embedding():
     parser = argparse.ArgumentParser()

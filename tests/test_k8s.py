@@ -5,6 +5,7 @@ proves the validator rejects broken objects, and checks what the schemas cannot:
 the launcher command against the README, -np against the slots, metrics ports against the PodMonitor,
 writable paths of the config, and the Dockerfile against the manifests and pyproject.
 """
+
 import copy
 import importlib.util
 import os
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 DIRS = {"base": K8S / "base", "cpu-smoke": K8S / "overlays" / "cpu-smoke", "gpu": K8S / "overlays" / "gpu"}
 TRAIN_LINE = "pfc train --config /etc/pfc/config.yaml"
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl not on PATH: cannot render the kustomizations")
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl not on PATH: cannot render the kustomizations"
+)
 
 
 def _load(name: str, path: Path):
@@ -74,12 +76,19 @@ def config_of(objs) -> dict:
 
 # ---------------------------------------------------------------- rendering and schemas
 
+
 @needs_kubectl
 @pytest.mark.parametrize("name", list(DIRS))
 def test_every_object_validates(rendered, crd_validators, name):
     objs = rendered[name]
-    assert sorted(o["kind"] for o in objs) == ["ConfigMap", "ConfigMap", "MPIJob",
-                                               "PersistentVolumeClaim", "PersistentVolumeClaim", "PodMonitor"]
+    assert sorted(o["kind"] for o in objs) == [
+        "ConfigMap",
+        "ConfigMap",
+        "MPIJob",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "PodMonitor",
+    ]
     assert list(validate.validate_objects(objs, crd_validators)) == []
 
 
@@ -89,6 +98,7 @@ def _set(path, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return mutate
 
 
@@ -132,24 +142,60 @@ def test_validate_cli_fails_on_invalid_overlay(tmp_path):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl not on PATH: cannot render the kustomizations")
     (tmp_path / "kustomization.yaml").write_text("resources:\n  - pvc.yaml\n")
-    (tmp_path / "pvc.yaml").write_text("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: x}\n"
-                                       "spec: {accessModes: [ReadWriteOnce], resourcez: {}}\n")
-    proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(tmp_path), str(DIRS["base"])],
-                          capture_output=True, text=True)
+    (tmp_path / "pvc.yaml").write_text(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: x}\n"
+        "spec: {accessModes: [ReadWriteOnce], resourcez: {}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(K8S / "validate.py"), str(tmp_path), str(DIRS["base"])], capture_output=True, text=True
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "resourcez" in proc.stdout and "k8s/base: 6 objects, valid" in proc.stdout
 
 
 def test_refresh_makes_schema_document():
-    crd = {"kind": "CustomResourceDefinition",
-           "spec": {"group": "example.org", "names": {"kind": "Thing"}, "versions": [
-               {"name": "v1", "schema": {"openAPIV3Schema": {
-                   "description": "a thing", "type": "object", "properties": {
-                       "description": {"type": "string", "description": "a field named description"},
-                       "spec": {"type": "object", "properties": {"pods": {"type": "object", "additionalProperties": {
-                           "type": "object", "properties": {"template": {"type": "object", "description": "x",
-                                                                         "properties": {"big": {"type": "string"}}}}}}}}}}}}]}}
-    doc = refresh.schema_document(crd, "v1", {"repo": "r"}, {"spec.pods.*.template": "io.k8s.api.core.v1.PodTemplateSpec"})
+    crd = {
+        "kind": "CustomResourceDefinition",
+        "spec": {
+            "group": "example.org",
+            "names": {"kind": "Thing"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "description": "a thing",
+                            "type": "object",
+                            "properties": {
+                                "description": {"type": "string", "description": "a field named description"},
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {
+                                        "pods": {
+                                            "type": "object",
+                                            "additionalProperties": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "template": {
+                                                        "type": "object",
+                                                        "description": "x",
+                                                        "properties": {"big": {"type": "string"}},
+                                                    }
+                                                },
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    doc = refresh.schema_document(
+        crd, "v1", {"repo": "r"}, {"spec.pods.*.template": "io.k8s.api.core.v1.PodTemplateSpec"}
+    )
     schema = doc["openAPIV3Schema"]
     assert (doc["group"], doc["version"], doc["kind"]) == ("example.org", "v1", "Thing")
     assert "description" not in schema and schema["properties"]["description"] == {"type": "string"}
@@ -174,11 +220,14 @@ def test_stored_schemas_name_their_source(tmp_path):
             assert node == {"$ref": f"{refresh.K8S_DEFINITIONS}#/$defs/{definition}"}, (path, field)
         assert re.fullmatch(r"[0-9a-f]{40}", doc["source"]["commit"]), path
         assert doc["source"]["repo"] and doc["source"]["path"].endswith(".yaml"), path
-    assert {p.name for p in (K8S / "schemas").glob("*.schema.yaml")} == \
-        {"mpijob-v2beta1.schema.yaml", "podmonitor-v1.schema.yaml"}
+    assert {p.name for p in (K8S / "schemas").glob("*.schema.yaml")} == {
+        "mpijob-v2beta1.schema.yaml",
+        "podmonitor-v1.schema.yaml",
+    }
 
 
 # ---------------------------------------------------------------- what schemas cannot check
+
 
 @needs_kubectl
 @pytest.mark.parametrize("name", list(DIRS))
@@ -316,6 +365,7 @@ def test_smoke_job_makes_its_own_data(rendered):
 
 # ---------------------------------------------------------------- the image
 
+
 def hadolint() -> str:
     exe = Path(sys.executable).parent / "hadolint"
     found = str(exe) if exe.exists() else shutil.which("hadolint")
@@ -342,8 +392,11 @@ def dockerfile() -> str:
 
 def test_dockerfile_installs_what_pyproject_declares():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    declared = {d.split(";")[0].strip() for d in pyproject["project"]["dependencies"]
-                if not d.startswith("tensorflow") or d.startswith("tensorflow-io")}
+    declared = {
+        d.split(";")[0].strip()
+        for d in pyproject["project"]["dependencies"]
+        if not d.startswith("tensorflow") or d.startswith("tensorflow-io")
+    }
     logical = dockerfile().replace("\\\n", " ").splitlines()
     run = next(line for line in logical if "tensorflow-io==" in line)
     installed = set(re.findall(r'"([^"]+)"', run.split("&&")[0]))
@@ -358,7 +411,7 @@ def test_dockerfile_matches_the_manifests(rendered):
     text = dockerfile()
     # Horovod without MPI <-> the launcher uses horovodrun --gloo, and Gloo/NCCL are built in.
     assert "HOROVOD_WITHOUT_MPI=1" in text and "HOROVOD_WITH_GLOO=1" in text and "HOROVOD_WITH_TENSORFLOW=1" in text
-    assert 'ARG GPU_OPERATIONS=NCCL' in text and 'HOROVOD_GPU_OPERATIONS="${GPU_OPERATIONS}"' in text
+    assert "ARG GPU_OPERATIONS=NCCL" in text and 'HOROVOD_GPU_OPERATIONS="${GPU_OPERATIONS}"' in text
     assert "horovod==0.28.1" in text and 'TF_SPEC="tensorflow[and-cuda]==2.17.1"' in text
     assert "openssh-server" in text
     user = re.findall(r"^USER (\d+):(\d+)$", text, re.M)
@@ -389,7 +442,8 @@ SSHD = "/usr/sbin/sshd"
 PROBE = """
 import os, horovod.tensorflow as hvd
 hvd.init()
-print(f"probe rank={hvd.rank()} size={hvd.size()} local={hvd.local_rank()} env={os.environ.get('PFC_PROBE')}", flush=True)
+print(f"probe rank={hvd.rank()} size={hvd.size()} local={hvd.local_rank()} "
+      f"env={os.environ.get('PFC_PROBE')}", flush=True)
 """
 
 
@@ -413,8 +467,10 @@ def _wait_listening(host: str, port: int, proc, timeout: float = 15.0) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh-keygen") is None,
-                    reason="sshd not installed: `make test-tools` (as root) installs Debian's openssh-server")
+@pytest.mark.skipif(
+    not Path(SSHD).exists() or shutil.which("ssh-keygen") is None,
+    reason="sshd not installed: `make test-tools` (as root) installs Debian's openssh-server",
+)
 def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
     """The README's launcher line, run by horovodrun against our sshd_config and ssh_config.
 
@@ -428,8 +484,12 @@ def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "521", "-N", "", "-f", str(key)], check=True)
     (tmp_path / "authorized_keys").write_text((tmp_path / "id_rsa.pub").read_text())
     (tmp_path / "authorized_keys").chmod(0o600)
-    substitutions = {"Port": str(port), "HostKey": str(key), "PidFile": str(tmp_path / "sshd.pid"),
-                     "AuthorizedKeysFile": str(tmp_path / "authorized_keys")}
+    substitutions = {
+        "Port": str(port),
+        "HostKey": str(key),
+        "PidFile": str(tmp_path / "sshd.pid"),
+        "AuthorizedKeysFile": str(tmp_path / "authorized_keys"),
+    }
     if os.geteuid() == 0:
         substitutions["PermitRootLogin"] = "prohibit-password"
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -456,10 +516,20 @@ def test_documented_launcher_reaches_workers_over_ssh(tmp_path):
     argv[argv.index("--ssh-port") + 1] = str(port)
     train = argv.index("pfc")
     assert " ".join(argv[train:]) == TRAIN_LINE
-    argv = [str(Path(sys.executable).parent / "horovodrun"), *argv[1:train],
-            "--ssh-identity-file", str(key), sys.executable, str(tmp_path / "probe.py")]
-    env = dict(os.environ, PATH=f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PFC_PROBE="from-the-launcher", TF_CPP_MIN_LOG_LEVEL="2")
+    argv = [
+        str(Path(sys.executable).parent / "horovodrun"),
+        *argv[1:train],
+        "--ssh-identity-file",
+        str(key),
+        sys.executable,
+        str(tmp_path / "probe.py"),
+    ]
+    env = dict(
+        os.environ,
+        PATH=f"{bindir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PFC_PROBE="from-the-launcher",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
 
     sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
     try:
@@ -480,8 +550,14 @@ def test_readme_names_what_the_manifests_use(rendered):
     text = (K8S / "README.md").read_text() + (ROOT / "README.md").read_text()
     text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     # The Secret the docs create is the one the gpu launcher requires, with the same keys.
-    launcher = one(rendered["gpu"], "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    refs = {e["valueFrom"]["secretKeyRef"]["name"]: set() for e in launcher["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    launcher = one(rendered["gpu"], "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][
+        0
+    ]
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]: set()
+        for e in launcher["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     for e in launcher["env"]:
         if "secretKeyRef" in e.get("valueFrom", {}):
             refs[e["valueFrom"]["secretKeyRef"]["name"]].add(e["valueFrom"]["secretKeyRef"]["key"])
@@ -500,14 +576,21 @@ def test_readme_names_what_the_manifests_use(rendered):
     # The "leave the PodMonitor out" selector leaves out exactly the PodMonitor.
     selector = re.search(r"-l '([\w./-]+)!=(\w+)'", text)
     for objs in rendered.values():
-        dropped = [o["kind"] for o in objs if (o["metadata"].get("labels") or {}).get(selector.group(1)) == selector.group(2)]
+        dropped = [
+            o["kind"] for o in objs if (o["metadata"].get("labels") or {}).get(selector.group(1)) == selector.group(2)
+        ]
         assert dropped == ["PodMonitor"]
 
 
 @pytest.mark.slow
 def test_validate_without_kubectl_says_so_in_one_line(tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path)}   # nothing on it: no kubectl
-    proc = subprocess.run([sys.executable, str(K8S / "validate.py"), str(K8S / "overlays" / "gpu")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PATH": str(tmp_path)}  # nothing on it: no kubectl
+    proc = subprocess.run(
+        [sys.executable, str(K8S / "validate.py"), str(K8S / "overlays" / "gpu")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "k8s/validate.py: error: kubectl not found" in proc.stderr

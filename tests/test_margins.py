@@ -1,4 +1,5 @@
 """margins: each formula against its closed form, gradients, λ schedule, edge cases."""
+
 import math
 
 import numpy as np
@@ -83,8 +84,7 @@ def test_family_identities():
 
     np.testing.assert_allclose(f(M.CosFace()), f(M.AMSoftmax(scale=64.0, margin=0.4)))
     np.testing.assert_allclose(f(M.CombinedMargin(64.0, 1.0, 0.5, 0.0)), f(M.ArcFace(64.0, 0.5)))
-    np.testing.assert_allclose(f(M.CombinedMargin(64.0, 1.0, 0.0, 0.35)), f(M.AMSoftmax(64.0, 0.35)),
-                               atol=1e-9)
+    np.testing.assert_allclose(f(M.CombinedMargin(64.0, 1.0, 0.0, 0.35)), f(M.AMSoftmax(64.0, 0.35)), atol=1e-9)
     np.testing.assert_allclose(f(M.AMSoftmax(64.0, 0.35)), 64.0 * (INTERIOR - 0.35))
     np.testing.assert_allclose(f(M.Softmax()), 64.0 * INTERIOR)
     np.testing.assert_allclose(f(M.LSoftmax(margin=1)), 64.0 * INTERIOR)
@@ -109,9 +109,18 @@ def test_lambda_blend_and_schedule():
     np.testing.assert_allclose(f, (lam * plain + psi4) / (1 + lam), rtol=1e-6)
 
 
-ALL = [M.Softmax(), M.NormFace(), M.NormFace(scale=8.0), M.LSoftmax(), M.ASoftmax(margin=3),
-       M.AMSoftmax(), M.CosFace(), M.ArcFace(), M.CombinedMargin(m1=1.2, m2=0.3, m3=0.1),
-       M.CombinedMargin(m1=0.9, m2=0.4)]
+ALL = [
+    M.Softmax(),
+    M.NormFace(),
+    M.NormFace(scale=8.0),
+    M.LSoftmax(),
+    M.ASoftmax(margin=3),
+    M.AMSoftmax(),
+    M.CosFace(),
+    M.ArcFace(),
+    M.CombinedMargin(m1=1.2, m2=0.3, m3=0.1),
+    M.CombinedMargin(m1=0.9, m2=0.4),
+]
 
 
 @pytest.mark.parametrize("margin", ALL, ids=lambda m: repr(m))
@@ -132,15 +141,18 @@ def test_get_by_name_and_config_round_trip():
         M.get("arcface", m=0.5)
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: M.LSoftmax(margin=2.5), "integer >= 1"),
-    (lambda: M.ASoftmax(margin=0), "integer >= 1"),
-    (lambda: M.ArcFace(scale=-1.0), "scale must be"),
-    (lambda: M.AMSoftmax(margin=-0.1), "margin must be"),
-    (lambda: M.CombinedMargin(m1=0.0), "m1 must be"),
-    (lambda: M.LSoftmax(lambda_=-1.0), "lambda_ must be"),
-    (lambda: M.NormFace(scale=float("nan")), "scale must be"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: M.LSoftmax(margin=2.5), "integer >= 1"),
+        (lambda: M.ASoftmax(margin=0), "integer >= 1"),
+        (lambda: M.ArcFace(scale=-1.0), "scale must be"),
+        (lambda: M.AMSoftmax(margin=-0.1), "margin must be"),
+        (lambda: M.CombinedMargin(m1=0.0), "m1 must be"),
+        (lambda: M.LSoftmax(lambda_=-1.0), "lambda_ must be"),
+        (lambda: M.NormFace(scale=float("nan")), "scale must be"),
+    ],
+)
 def test_bad_parameters_are_named(build, match):
     with pytest.raises(ValueError, match=match):
         build()

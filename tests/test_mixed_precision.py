@@ -1,13 +1,14 @@
 """Backbone mixed precision (model.precision): a 16-bit step equals the float32 step to its
 dtype's tolerance; a float16 overflow skips the backbone step and halves the loss scale; the scale
 is checkpointed."""
+
 import numpy as np
 import pytest
+from workers import train_worker
 
 import cluster
 from launch.config import ConfigError, from_dict
 from launch.trainer import LossScale, Trainer
-from workers import train_worker
 
 
 def _trainer(tmp_path, precision: str, batch_norm: bool = True) -> Trainer:
@@ -33,7 +34,7 @@ def test_a_16_bit_step_equals_the_float32_step(tmp_path, precision, tol):
     assert mixed.model.layers[-1].compute_dtype == "float32"
     assert any(layer.compute_dtype == precision.split("_")[1] for layer in mixed.model.layers)
     if mixed.loss_scale is not None:
-        mixed.loss_scale.value.assign(2.0 ** 8)  # the default 2^15 overflows this model's first step
+        mixed.loss_scale.value.assign(2.0**8)  # the default 2^15 overflows this model's first step
     images, labels = train_worker.global_batch(0)
     r, m = ref.train_step(images, labels), mixed.train_step(images, labels)
     assert r.applied and m.applied
@@ -54,9 +55,9 @@ def test_a_float16_overflow_skips_the_backbone_step_and_halves_the_scale(tmp_pat
     for a, b in zip(before, _weights(t)):
         np.testing.assert_array_equal(a, b)
     assert float(t.loss_scale.value) == pytest.approx(1.5e38)
-    t.loss_scale.value.assign(2.0 ** 10)
+    t.loss_scale.value.assign(2.0**10)
     assert t.train_step(*train_worker.global_batch(1)).applied and t.step == 1
-    assert float(t.loss_scale.value) == 2.0 ** 10 and int(t.loss_scale.good_steps) == 1
+    assert float(t.loss_scale.value) == 2.0**10 and int(t.loss_scale.good_steps) == 1
 
 
 def test_the_loss_scale_grows_after_a_period_of_finite_steps():
@@ -69,7 +70,7 @@ def test_the_loss_scale_grows_after_a_period_of_finite_steps():
 
 def test_the_loss_scale_is_checkpointed(tmp_path):
     t = _trainer(tmp_path, "mixed_float16")
-    t.loss_scale.value.assign(2.0 ** 8)
+    t.loss_scale.value.assign(2.0**8)
     assert t.train_step(*train_worker.global_batch(0)).applied
     t.loss_scale.value.assign(123.0)
     path = t.save()

@@ -1,15 +1,16 @@
 """monitoring/prometheus and monitoring/grafana: checked by promtool, and every PromQL expression names
 only metrics a live exporter really serves (or that the rules record)."""
+
 import json
 import subprocess
 
 import pytest
 import yaml
+from helpers import need_tool
+from monitoring_helpers import feed, metric_names, scrape
 
 from monitoring import TrainingMetrics
 from monitoring.local_prometheus import ASSETS, free_port
-from helpers import need_tool
-from monitoring_helpers import feed, metric_names, scrape
 
 RULES = ASSETS / "rules.yml"
 RULES_TEST = ASSETS / "rules_test.yml"
@@ -42,8 +43,14 @@ def alerts():
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test():
     cases = [c for t in yaml.safe_load(RULES_TEST.read_text())["tests"] for c in t["alert_rule_test"]]
-    expected = {"PfcWorkerDown", "PfcNoStepProgress", "PfcNonFiniteLoss", "PfcThroughputDrop",
-                "PfcStragglerWorker", "PfcCheckpointTooOld"}
+    expected = {
+        "PfcWorkerDown",
+        "PfcNoStepProgress",
+        "PfcNonFiniteLoss",
+        "PfcThroughputDrop",
+        "PfcStragglerWorker",
+        "PfcCheckpointTooOld",
+    }
     assert set(alerts()) == expected
     for name in expected:
         assert any(c["alertname"] == name and c["exp_alerts"] for c in cases), f"{name}: no firing case"
@@ -75,14 +82,17 @@ def dashboard_exprs():
 
 
 def test_metric_name_extraction():
-    assert metric_names('sum by (job) (rate(a_total{x="y"}[5m])) / on (job) group_left () b offset 5m > 1e-3 * c') \
-        == {"a_total", "b", "c"}
+    assert metric_names('sum by (job) (rate(a_total{x="y"}[5m])) / on (job) group_left () b offset 5m > 1e-3 * c') == {
+        "a_total",
+        "b",
+        "c",
+    }
     assert metric_names('label_values(pfc_info{job="$job"}, rank)') == {"pfc_info"}
     assert metric_names("abs(x) != abs(x) or abs(x) == Inf or time() - y[$__rate_interval]") == {"x", "y"}
 
 
 def test_rules_name_only_exported_metrics(exported_names):
-    known = exported_names | recorded_names() | {"up"}        # `up`: Prometheus' own per-target series
+    known = exported_names | recorded_names() | {"up"}  # `up`: Prometheus' own per-target series
     for expr in rule_exprs():
         names = metric_names(expr)
         assert names, f"no metric found in {expr!r}"
@@ -103,8 +113,17 @@ def test_dashboard_is_importable_with_a_datasource_variable():
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     titles = [p["title"] for p in dash["panels"]]
-    for needed in ("Throughput", "Loss", "accuracy", "Learning rate", "Step time quantiles", "Data wait",
-                   "Memory", "Verification accuracy", "Checkpoint age"):
+    for needed in (
+        "Throughput",
+        "Loss",
+        "accuracy",
+        "Learning rate",
+        "Step time quantiles",
+        "Data wait",
+        "Memory",
+        "Verification accuracy",
+        "Checkpoint age",
+    ):
         assert any(needed in t for t in titles), needed
     for p in dash["panels"]:
         if p["type"] != "row":

@@ -1,4 +1,5 @@
 """monitoring/exporter.py: what a worker serves on /metrics, port handling, Pushgateway pushes."""
+
 import math
 import socket
 import subprocess
@@ -6,12 +7,12 @@ import time
 import urllib.request
 
 import pytest
+from helpers import need_tool
+from monitoring_helpers import feed, port_pair, scrape
 from prometheus_client import REGISTRY
 
 from monitoring import PortInUseError, TrainingMetrics
-from helpers import need_tool
 from monitoring.local_prometheus import free_port
-from monitoring_helpers import feed, port_pair, scrape
 
 
 def one(samples, name, **labels):
@@ -23,13 +24,14 @@ def one(samples, name, **labels):
 
 def test_serves_expected_names_labels_and_values():
     base = port_pair()
-    with TrainingMetrics(job="run7", rank=3, local_rank=1, world_size=4, host="hostA", bind="127.0.0.1",
-                         base_port=base, version="1.2.3") as m:
-        assert m.port == base + 1                       # base_port + local_rank
+    with TrainingMetrics(
+        job="run7", rank=3, local_rank=1, world_size=4, host="hostA", bind="127.0.0.1", base_port=base, version="1.2.3"
+    ) as m:
+        assert m.port == base + 1  # base_port + local_rank
         feed(m, steps=3)
         s = scrape(base + 1)
 
-    for name, samples in s.items():                     # constant labels on every series
+    for samples in s.values():  # constant labels on every series
         for smp in samples:
             assert (smp.labels["job"], smp.labels["rank"], smp.labels["host"]) == ("run7", "3", "hostA"), smp
     assert one(s, "pfc_info", version="1.2.3", world_size="4", local_rank="1") == 1
@@ -82,18 +84,20 @@ def test_port_in_use_is_a_clear_error_naming_the_port():
 
 def test_two_workers_on_one_host_use_consecutive_ports():
     base = port_pair()
-    with TrainingMetrics(job="j", rank=0, local_rank=0, bind="127.0.0.1", base_port=base) as a, \
-            TrainingMetrics(job="j", rank=1, local_rank=1, bind="127.0.0.1", base_port=base) as b:
+    with (
+        TrainingMetrics(job="j", rank=0, local_rank=0, bind="127.0.0.1", base_port=base) as a,
+        TrainingMetrics(job="j", rank=1, local_rank=1, bind="127.0.0.1", base_port=base) as b,
+    ):
         a.observe_step(step=1, samples=5, loss=1, accuracy=0, lr=0.1, lam=0, epoch=0, step_seconds=0.1)
         assert one(scrape(base), "pfc_samples_total") == 5
-        assert one(scrape(base + 1), "pfc_samples_total") == 0     # separate registries
+        assert one(scrape(base + 1), "pfc_samples_total") == 0  # separate registries
         assert b.port == base + 1
 
 
 def test_port_zero_disables_the_endpoint():
     m = TrainingMetrics(base_port=0)
     assert m.port is None
-    feed(m)                                              # recording still works, and is visible in the registry
+    feed(m)  # recording still works, and is visible in the registry
     assert m.registry.get_sample_value("pfc_steps_total", {"job": "pfc", "rank": "0", "host": m.host}) == 4
     m.close()
 
@@ -101,15 +105,18 @@ def test_port_zero_disables_the_endpoint():
 def test_closed_exporter_frees_its_port():
     port = free_port()
     TrainingMetrics(bind="127.0.0.1", base_port=port).close()
-    TrainingMetrics(bind="127.0.0.1", base_port=port).close()   # would be PortInUseError if still bound
+    TrainingMetrics(bind="127.0.0.1", base_port=port).close()  # would be PortInUseError if still bound
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"base_port": -1}, "base_port must be >= 0"),
-    ({"base_port": 65535, "local_rank": 2}, "65537 is above 65535"),
-    ({"pushgateway": "gateway:9091"}, "pushgateway must be an http"),
-    ({"pushgateway": "http://gw:9091", "push_interval_s": 0}, "push_interval_s must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"base_port": -1}, "base_port must be >= 0"),
+        ({"base_port": 65535, "local_rank": 2}, "65537 is above 65535"),
+        ({"pushgateway": "gateway:9091"}, "pushgateway must be an http"),
+        ({"pushgateway": "http://gw:9091", "push_interval_s": 0}, "push_interval_s must be > 0"),
+    ],
+)
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainingMetrics(**kwargs)
@@ -123,9 +130,11 @@ def test_bad_settings_are_named(kwargs, message):
 def pushgateway():
     binary = need_tool("prometheus-pushgateway", "prometheus-pushgateway")
     port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
-                             "--log.level=warn"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=", "--log.level=warn"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -159,23 +168,23 @@ def test_pushes_at_intervals_and_at_close(pushgateway):
     while gateway_value(port, "pfc_steps_total", job="batchjob", rank="0", host="h") != 4:
         assert time.monotonic() < deadline, "periodic push never arrived"
         time.sleep(0.1)
-    assert gateway_value(port, "pfc_steps_total", rank="1") is None     # its first push is at close()
+    assert gateway_value(port, "pfc_steps_total", rank="1") is None  # its first push is at close()
     final_only.close()
     periodic.close()
     assert gateway_value(port, "pfc_steps_total", job="batchjob", rank="1", host="h") == 10
     assert gateway_value(port, "pfc_step_seconds_count", job="batchjob", rank="1") == 10
     assert gateway_value(port, "pfc_verification_accuracy", job="batchjob", rank="1", set="lfw") == 0.97
-    assert gateway_value(port, "pfc_steps_total", job="batchjob", rank="0", host="h") == 4   # own group kept
+    assert gateway_value(port, "pfc_steps_total", job="batchjob", rank="0", host="h") == 4  # own group kept
 
 
 def test_unreachable_pushgateway_is_counted_not_fatal(caplog):
     m = TrainingMetrics(job="j", pushgateway=f"http://127.0.0.1:{free_port()}", push_interval_s=3600)
     assert m.push() is False and m.push() is False
-    m.close()                                            # the final push fails too, without raising
+    m.close()  # the final push fails too, without raising
     assert m.registry.get_sample_value("pfc_push_failures_total", {"job": "j", "rank": "0", "host": m.host}) == 3
-    assert sum("push to http://127.0.0.1" in r.message for r in caplog.records) == 1   # logged once
+    assert sum("push to http://127.0.0.1" in r.message for r in caplog.records) == 1  # logged once
 
 
 def test_unusable_bind_address_is_named():
     with pytest.raises(RuntimeError, match=r"cannot serve metrics on 192\.0\.2\.1:"):
-        TrainingMetrics(bind="192.0.2.1", base_port=free_port())   # TEST-NET-1: not an address of this host
+        TrainingMetrics(bind="192.0.2.1", base_port=free_port())  # TEST-NET-1: not an address of this host

@@ -3,14 +3,14 @@
 Most tests use fonts built on the fly (tests/fonts_helpers.py); the ones marked for real
 typefaces use Debian's (`make fonts-test`) and skip, saying how to get them, when absent.
 """
+
 import os
 import pickle
 
-import numpy as np
 import pytest
 import tensorflow as tf
-
 from fonts_helpers import INSTALL_HINT, REAL_FONTS, build_font, font_set, sample_chars
+
 from launch import cli
 from pipelines import fonts, fonts_data, schema, typefaces, verification
 
@@ -35,8 +35,13 @@ def _records(path):
 def test_a_missing_empty_or_boxed_glyph_is_not_contained(tmp_path):
     chars = sample_chars()
     empty, boxed, absent = "丁", "七", "万"
-    path = build_font(str(tmp_path / "f.ttf"), "Cover Test", chars=[c for c in chars if c not in (empty, boxed)],
-                      empty=[empty], boxed=[boxed])
+    path = build_font(
+        str(tmp_path / "f.ttf"),
+        "Cover Test",
+        chars=[c for c in chars if c not in (empty, boxed)],
+        empty=[empty],
+        boxed=[boxed],
+    )
     src = typefaces.GlyphSource(typefaces.faces_in(path)[0])
     assert ord(empty) in src.cmap and ord(boxed) in src.cmap and ord(absent) not in src.cmap
     assert src.contains(chars[0]) and src.mask(chars[0], 32).max() >= typefaces.INK_LEVEL
@@ -48,8 +53,8 @@ def test_a_missing_empty_or_boxed_glyph_is_not_contained(tmp_path):
 def test_a_real_face_lacks_what_its_cmap_lacks():
     src = typefaces.GlyphSource(typefaces.faces_in(REAL_FONTS["microhei"])[0])
     level1 = fonts.gb2312_level1()
-    assert len(typefaces.coverage(src, level1)) == len(level1)   # a full GB2312 font
-    assert not src.contains("\U0002A6D6")                         # Extension B: not in the font
+    assert len(typefaces.coverage(src, level1)) == len(level1)  # a full GB2312 font
+    assert not src.contains("\U0002a6d6")  # Extension B: not in the font
 
 
 # --- styles and families --------------------------------------------------------------------
@@ -58,8 +63,8 @@ def test_twins_are_one_style_and_weights_one_family(tmp_path):
     cfg, plan, _ = _plan(f.values(), unseen_faces=0.4)
     by_file = {os.path.basename(face.path): i for i, face in enumerate(plan.faces)}
     style_of = {name: next(s for s, st in enumerate(plan.styles) if by_file[name] in st.faces) for name in by_file}
-    assert style_of["synth-cn.ttf"] == style_of["synth-tw.ttf"]          # region variants: one style
-    assert style_of["synth-bold.ttf"] != style_of["synth-cn.ttf"]        # another weight: another style
+    assert style_of["synth-cn.ttf"] == style_of["synth-tw.ttf"]  # region variants: one style
+    assert style_of["synth-bold.ttf"] != style_of["synth-cn.ttf"]  # another weight: another style
     assert style_of["other.ttf"] not in (style_of["synth-cn.ttf"], style_of["synth-bold.ttf"])
     family = {n: plan.styles[s].family for n, s in style_of.items()}
     assert family["synth-bold.ttf"] == family["synth-cn.ttf"] != family["other.ttf"]
@@ -79,7 +84,7 @@ def test_real_regional_and_derived_variants_are_twins_and_distinct_designs_are_n
     groups = [sorted(faces[i].label for i in g) for g in typefaces.twin_groups(sources, covers, probes)]
     ukai = sorted(f.label for f in faces if "UKai" in f.label)
     hei = sorted(f.label for f in faces if "Micro Hei" in f.label or "Droid" in f.label)
-    assert sorted(groups) == sorted([ukai, hei])     # UKai CN/HK/TW/TW MBE; Micro Hei, its Mono, Droid
+    assert sorted(groups) == sorted([ukai, hei])  # UKai CN/HK/TW/TW MBE; Micro Hei, its Mono, Droid
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -94,9 +99,11 @@ def test_default_min_faces_lowers_to_the_styles_at_hand_and_says_so(tmp_path):
 def test_classes_need_min_faces_styles(tmp_path):
     chars = sample_chars()
     d = tmp_path
-    fs = [build_font(str(d / "a.ttf"), "A", seed=1, chars=chars),
-          build_font(str(d / "b.ttf"), "B", seed=2, chars=chars[:-5]),
-          build_font(str(d / "c.ttf"), "C", seed=3, chars=chars[:-5])]
+    fs = [
+        build_font(str(d / "a.ttf"), "A", seed=1, chars=chars),
+        build_font(str(d / "b.ttf"), "B", seed=2, chars=chars[:-5]),
+        build_font(str(d / "c.ttf"), "C", seed=3, chars=chars[:-5]),
+    ]
     _, plan, _ = _plan(fs, min_faces=3)
     assert set(plan.classes) | set(plan.unseen_chars) == set(chars[:-5])
     _, plan, _ = _plan(fs, min_faces=1)
@@ -157,6 +164,7 @@ def test_bins_load_for_eval_and_the_description_traces_records(written):
     images, labels = verification.load_labelled(str(tmp / "a" / fonts.CLOSED_DIR), (32, 32))
     assert len(images) == len(labels) == len(fonts.closed_samples(plan, cfg)) > 0
     import json
+
     desc = json.loads((tmp / "a" / fonts.DESCRIPTION).read_text())
     assert desc["classes"] == "".join(plan.classes) and desc["counts"]["train"] == len(_records(str(tmp / "a")))
     with open(tmp / "a" / fonts.SEEN_BIN, "rb") as f:
@@ -181,21 +189,40 @@ def _run(capsys, *argv):
 
 def test_cli_writes_the_dataset(tmp_path, capsys):
     f = font_set(tmp_path)
-    code, out, err = _run(capsys, "data", "fonts", str(tmp_path / "out"), "--fonts", *f.values(),
-                          "--size", "32", "--per-style", "1", "--pairs", "40", "--shards", "2", "--processes", "1")
+    code, out, err = _run(
+        capsys,
+        "data",
+        "fonts",
+        str(tmp_path / "out"),
+        "--fonts",
+        *f.values(),
+        "--size",
+        "32",
+        "--per-style",
+        "1",
+        "--pairs",
+        "40",
+        "--shards",
+        "2",
+        "--processes",
+        "1",
+    )
     assert code == 0, err
     assert "min-faces lowered" in out and "wrote" in out
     m = schema.Manifest.load(str(tmp_path / "out" / "manifest.json"))
     assert m.num_classes > 0 and m.verification == [fonts.SEEN_BIN, fonts.UNSEEN_BIN]
 
 
-@pytest.mark.parametrize("case, message", [
-    ("not_a_font", "not a font file that can be parsed"),
-    ("no_cjk", "draws none of the"),
-    ("min_faces", "--min-faces 9 is larger than the number of distinct styles (3)"),
-    ("exists", "already exists"),
-    ("one_family", "one family"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not_a_font", "not a font file that can be parsed"),
+        ("no_cjk", "draws none of the"),
+        ("min_faces", "--min-faces 9 is larger than the number of distinct styles (3)"),
+        ("exists", "already exists"),
+        ("one_family", "one family"),
+    ],
+)
 def test_bad_input_exits_1_naming_it(tmp_path, capsys, case, message):
     f = font_set(tmp_path)
     files, extra, out = list(f.values()), [], tmp_path / "out"

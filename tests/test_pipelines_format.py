@@ -1,4 +1,5 @@
 """Dataset format: manifest, atomic sharded writer, synthetic data, .bin files, converters."""
+
 import json
 import os
 import pickle
@@ -7,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipelines_helpers import jpeg, write_indexed
 
 from pipelines import folders, mxrec, schema, synth, verification, writer
-from pipelines_helpers import jpeg, write_indexed
 
 
 def test_example_round_trip():
@@ -23,8 +24,13 @@ def test_example_round_trip():
 
 
 def test_manifest_round_trip(tmp_path):
-    m = schema.Manifest(num_classes=5, image_size=(16, 12), shards=["t-00000-of-00002.tfrecord",
-                        "t-00001-of-00002.tfrecord"], examples_per_shard=[3, 4], verification=["v.bin"])
+    m = schema.Manifest(
+        num_classes=5,
+        image_size=(16, 12),
+        shards=["t-00000-of-00002.tfrecord", "t-00001-of-00002.tfrecord"],
+        examples_per_shard=[3, 4],
+        verification=["v.bin"],
+    )
     path = m.save(str(tmp_path))
     assert path.endswith("manifest.json") and os.listdir(tmp_path) == ["manifest.json"]  # no temp left
     back = schema.Manifest.load(str(tmp_path))
@@ -32,14 +38,17 @@ def test_manifest_round_trip(tmp_path):
     assert schema.Manifest.load(path) == m
 
 
-@pytest.mark.parametrize("edit, words", [
-    ({"num_classes": 0}, "num_classes"),
-    ({"image_size": [16]}, "image_size"),
-    ({"examples_per_shard": [3]}, "examples_per_shard"),
-    ({"shards": ["../escape", "b"]}, "plain file name"),
-    ({"format_version": 99}, "format_version"),
-    ({"extra": 1}, "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"image_size": [16]}, "image_size"),
+        ({"examples_per_shard": [3]}, "examples_per_shard"),
+        ({"shards": ["../escape", "b"]}, "plain file name"),
+        ({"format_version": 99}, "format_version"),
+        ({"extra": 1}, "unknown keys"),
+    ],
+)
 def test_manifest_validation_names_file_and_field(tmp_path, edit, words):
     d = {"num_classes": 5, "image_size": [16, 16], "shards": ["a", "b"], "examples_per_shard": [3, 4]}
     d.update(edit)
@@ -62,15 +71,18 @@ def test_writer_layout_and_counts(tmp_path):
     assert m.shards == [f"train-0000{k}-of-00003.tfrecord" for k in range(3)]
     assert m.examples_per_shard == [3, 2, 4]
     assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json", ".train-job.json"])
-    labels = [int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
-              for r in tf.data.TFRecordDataset(str(tmp_path / m.shards[1]))]
+    labels = [
+        int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
+        for r in tf.data.TFRecordDataset(str(tmp_path / m.shards[1]))
+    ]
     assert labels == [3, 4]
 
 
 def test_writer_rejects_out_of_range_label_without_leaving_a_shard(tmp_path):
     with pytest.raises(schema.DataError, match=r"src9: label 9 outside \[0, 5\)"):
-        writer.write_sharded(str(tmp_path), 1, lambda k: [writer.Record(b"x", 9, source="src9")],
-                             num_classes=5, image_size=(8, 8))
+        writer.write_sharded(
+            str(tmp_path), 1, lambda k: [writer.Record(b"x", 9, source="src9")], num_classes=5, image_size=(8, 8)
+        )
     assert os.listdir(tmp_path) == [".train-job.json"]  # no shard, no manifest
 
 
@@ -94,38 +106,45 @@ def test_interrupted_write_leaves_no_complete_looking_shard_and_rerun_resumes(tm
     done = os.stat(tmp_path / names[0]).st_mtime_ns
     calls.clear()
     m = writer.write_sharded(str(tmp_path), 3, records, num_classes=3, image_size=(8, 8))
-    assert calls == [1, 2]                                      # shard 0 kept, not regenerated
+    assert calls == [1, 2]  # shard 0 kept, not regenerated
     assert os.stat(tmp_path / names[0]).st_mtime_ns == done
     assert m.examples_per_shard == [3, 3, 3]
     assert sorted(os.listdir(tmp_path)) == sorted(m.shards + ["manifest.json", ".train-job.json"])
     calls.clear()
     writer.write_sharded(str(tmp_path), 3, records, num_classes=3, image_size=(8, 8), resume=False)
-    assert calls == [0, 1, 2]                                   # rewrite: every shard again
+    assert calls == [0, 1, 2]  # rewrite: every shard again
     calls.clear()
     writer.write_sharded(str(tmp_path), 3, records, num_classes=3, image_size=(8, 8), job={"other": 1})
-    assert calls == [0, 1, 2]                                   # another job: nothing kept
+    assert calls == [0, 1, 2]  # another job: nothing kept
 
 
 def test_synth_rerun_with_other_parameters_does_not_keep_old_shards(tmp_path):
     synth.write_synth(str(tmp_path), synth.SynthConfig(4, 2, size=8, verification_pairs=1), 2)
     m = synth.write_synth(str(tmp_path), synth.SynthConfig(6, 2, size=8, verification_pairs=1), 2)
-    labels = [int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
-              for f in m.shard_paths(str(tmp_path)) for r in tf.data.TFRecordDataset(f)]
+    labels = [
+        int(tf.io.parse_single_example(r, schema.feature_spec())[schema.LABEL_KEY])
+        for f in m.shard_paths(str(tmp_path))
+        for r in tf.data.TFRecordDataset(f)
+    ]
     assert sorted(labels) == sorted(list(range(6)) * 2)
 
 
 def test_rewrite_with_other_shard_count_removes_old_shards(tmp_path):
     write_indexed(str(tmp_path), [2, 2, 2])
     write_indexed(str(tmp_path), [3, 3])
-    assert sorted(os.listdir(tmp_path)) == [".train-job.json", "manifest.json", "train-00000-of-00002.tfrecord",
-                                            "train-00001-of-00002.tfrecord"]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".train-job.json",
+        "manifest.json",
+        "train-00000-of-00002.tfrecord",
+        "train-00001-of-00002.tfrecord",
+    ]
 
 
 def test_synth_is_deterministic_and_identities_are_distinct():
     a = synth.render(0, 3, 1, 32)
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, synth.render(0, 3, 1, 32))
-    assert not np.array_equal(a, synth.render(1, 3, 1, 32))     # the seed matters
+    assert not np.array_equal(a, synth.render(1, 3, 1, 32))  # the seed matters
 
 
 def _pair_similarities(images: np.ndarray) -> np.ndarray:
@@ -189,7 +208,7 @@ MAGIC = 0xCED7230A
 def _rec_frame(data: bytes) -> bytes:
     """dmlc RecordIO framing, splitting at 4-aligned occurrences of the magic word."""
     m = struct.pack("<I", MAGIC)
-    cuts = [i for i in range(0, len(data) - 3, 4) if data[i:i + 4] == m]
+    cuts = [i for i in range(0, len(data) - 3, 4) if data[i : i + 4] == m]
     parts, start = [], 0
     for c in cuts:
         parts.append(data[start:c])
@@ -239,11 +258,11 @@ def test_mxrec_framing_header_and_labels(tmp_path):
     data = mxrec.FaceRecords(str(tmp_path / "train.rec"))
     assert data.keys == [1, 2, 3, 4, 5, 6] and data.num_classes == 3 and data.image_size == (8, 8)
     got = [data.image(k) for k in data.keys]
-    assert [y for y, _ in got] == labels                 # float labels and first-of-array labels
-    assert [b for _, b in got] == images                 # incl. the record stored in parts
+    assert [y for y, _ in got] == labels  # float labels and first-of-array labels
+    assert [b for _, b in got] == images  # incl. the record stored in parts
     off = data.file.offsets[6]
     lrec = struct.unpack_from("<I", (tmp_path / "train.rec").read_bytes(), off + 4)[0]
-    assert lrec >> 29 == 1                               # it is stored as a first part (cflag 1)
+    assert lrec >> 29 == 1  # it is stored as a first part (cflag 1)
     raw = data.file.read(6)
     assert len(mxrec.unpack(raw)[0].label) == 2 and raw.count(struct.pack("<I", MAGIC)) == 1
 
@@ -281,7 +300,7 @@ def test_mxrec_bad_input_names_file_and_record(tmp_path):
     data = mxrec.FaceRecords(str(rec))
     with pytest.raises(schema.DataError, match=r"train.rec key 2: bad magic"):
         data.image(2)
-    rec.write_bytes(bytes(b)[:offsets[3] + 20])
+    rec.write_bytes(bytes(b)[: offsets[3] + 20])
     with pytest.raises(schema.DataError, match=r"train.rec key 3: truncated"):
         mxrec.FaceRecords(str(rec)).image(3)
     (tmp_path / "train.idx").unlink()
@@ -334,7 +353,7 @@ def test_image_folder_names_every_bad_file_or_skips_and_lists_them(tmp_path):
     message = str(e.value)
     assert message.startswith(f"{src}: 2 file(s) cannot be read as images: ")
     assert f"{src}/ann/1.jpg (not a decodable image" in message and f"{src}/ben/2.png (" in message
-    assert "--skip-bad" in message and not (tmp_path / "out").exists()   # nothing written
+    assert "--skip-bad" in message and not (tmp_path / "out").exists()  # nothing written
     m = folders.convert(str(src), str(tmp_path / "out"), 2, size=12, skip_bad=True)
     assert m.num_examples == 5 and [x["file"] for x in m.skipped] == [f"{src}/ann/1.jpg", f"{src}/ben/2.png"]
     assert schema.Manifest.load(str(tmp_path / "out")).skipped == m.skipped
@@ -354,9 +373,9 @@ def test_non_square_photos_are_cropped_or_padded_not_stretched(tmp_path, fit):
     got = tf.io.decode_jpeg(tf.io.parse_single_example(record, schema.feature_spec())[schema.IMAGE_KEY]).numpy()
     assert got.shape == (40, 40, 3) and m.image_size == (40, 40)
     left, right, top = got[20:, :8].mean(), got[20:, 32:].mean(), got[:4, 15:25].astype(float)
-    if fit == "crop":   # the centred square: rows 10..30, scaled x2: white left, black right, no red
+    if fit == "crop":  # the centred square: rows 10..30, scaled x2: white left, black right, no red
         assert left > 200 and right < 40 and abs(top[..., 0] - top[..., 1]).mean() < 40
-    else:               # padded to 40x40: a black band at both sides, red on top in the middle
+    else:  # padded to 40x40: a black band at both sides, red on top in the middle
         assert got[:, :3].mean() < 40 and got[:, -3:].mean() < 40 and (top[..., 0] - top[..., 1]).mean() > 150
 
 

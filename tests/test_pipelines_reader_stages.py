@@ -1,13 +1,14 @@
 """The reader's stages, each alone on a tiny TFRecord set written here: file blocks, an epoch's
 windows, record-by-record decoding, the checks, and the builder of each mode."""
+
 import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipelines_helpers import SIZE, truncate_in, write_indexed
 
 from pipelines import reader
-from pipelines_helpers import SIZE, truncate_in, write_indexed
 
 
 def _context(path, counts=None, batch=4, *, rank=0, size=1, **kw) -> reader.ReaderContext:
@@ -24,7 +25,10 @@ def _tag(file: int, index: int) -> int:
 
 def _blocks(ctx, fidx, count=True):
     """file_blocks of file fidx as lists: (tags, labels, block lengths)."""
-    out = [(t.numpy().tolist(), y.numpy().tolist()) for t, _, y in reader.file_blocks(ctx, tf.constant(fidx, tf.int64), count)]
+    out = [
+        (t.numpy().tolist(), y.numpy().tolist())
+        for t, _, y in reader.file_blocks(ctx, tf.constant(fidx, tf.int64), count)
+    ]
     return sum((t for t, _ in out), []), sum((y for _, y in out), []), [len(t) for t, _ in out]
 
 
@@ -32,7 +36,7 @@ def test_reader_context_windows_of_whole_batches_and_a_seed_per_worker(tmp_path)
     write_indexed(str(tmp_path), [8, 8])
     ctx = _context(tmp_path, batch=4, shuffle_buffer=10, seed=3)
     assert ctx.window_batches == 3 and ctx.window == 12 and ctx.steps == 4
-    assert _context(tmp_path, batch=4, shuffle_buffer=0).window == 4            # no shuffle: a batch
+    assert _context(tmp_path, batch=4, shuffle_buffer=0).window == 4  # no shuffle: a batch
     seeds = {_context(tmp_path, batch=4, rank=r, size=2, seed=3).base_seed for r in (0, 1)}
     assert len(seeds) == 2 and all(0 <= s < 2**31 - 1 for s in seeds)
     resized = _context(tmp_path, batch=4, image_size=(5, 7))
@@ -43,16 +47,16 @@ def test_reader_context_windows_of_whole_batches_and_a_seed_per_worker(tmp_path)
 
 
 def test_file_blocks_tag_each_record_with_its_file_and_index(tmp_path):
-    ctx = _context(tmp_path, [5, 70])                          # file 1: more than one block of 64
+    ctx = _context(tmp_path, [5, 70])  # file 1: more than one block of 64
     tags, labels, lengths = _blocks(ctx, 1)
     assert tags == [_tag(1, i) for i in range(70)]
-    assert labels == list(range(5, 75))                       # write_indexed: label = global index
+    assert labels == list(range(5, 75))  # write_indexed: label = global index
     assert max(lengths) <= 64 and len(lengths) >= 2
     assert not ctx.faults.numpy().any()
 
 
 def test_file_blocks_keep_this_workers_records_when_sharding_by_record(tmp_path):
-    ctx = _context(tmp_path, [9], batch=2, rank=1, size=2)      # one file for two workers
+    ctx = _context(tmp_path, [9], batch=2, rank=1, size=2)  # one file for two workers
     assert ctx.plan.stride == 2
     tags, labels, _ = _blocks(ctx, 0)
     assert labels == list(range(ctx.plan.first[0], 9, 2)) and tags == [_tag(0, i) for i in labels]
@@ -65,7 +69,7 @@ def test_file_blocks_note_a_truncated_file(tmp_path, cut):
     strict = _context(tmp_path)
     assert _blocks(strict, 0)[0] == [_tag(0, i) for i in range(cut)]
     assert strict.faults.numpy().tolist() == [[1, cut, 10 - cut]]
-    for count, counted in ((True, 10 - cut), (False, 0)):      # skip_corrupt: counted, no fault
+    for count, counted in ((True, 10 - cut), (False, 0)):  # skip_corrupt: counted, no fault
         tolerant = _context(tmp_path, skip_corrupt=True)
         _blocks(tolerant, 0, count)
         assert not tolerant.faults.numpy().any() and tolerant.corrupt_records.numpy() == counted
@@ -92,12 +96,12 @@ def test_epoch_windows_permute_each_window_of_the_read_order(tmp_path):
     plain = _context(tmp_path, shuffle_buffer=0, cycle_length=1)
     read = _read_order(plain, 1, [20, 20, 20])
     windows = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(plain, 1, True, trim=False)]
-    assert windows == [read[k:k + 4] for k in range(0, 60, 4)]     # no shuffle: batches in read order
+    assert windows == [read[k : k + 4] for k in range(0, 60, 4)]  # no shuffle: batches in read order
     shuffled = _context(tmp_path, shuffle_buffer=10, cycle_length=1, seed=2)
-    assert _read_order(shuffled, 1, [20, 20, 20]) == read           # same seed per rank: same file order
+    assert _read_order(shuffled, 1, [20, 20, 20]) == read  # same seed per rank: same file order
     windows = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(shuffled, 1, True, trim=False)]
-    assert [sorted(w) for w in windows] == [sorted(read[k:k + 12]) for k in range(0, 60, 12)]
-    assert any(w != read[k:k + 12] for w, k in zip(windows, range(0, 60, 12)))
+    assert [sorted(w) for w in windows] == [sorted(read[k : k + 12]) for k in range(0, 60, 12)]
+    assert any(w != read[k : k + 12] for w, k in zip(windows, range(0, 60, 12)))
     again = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(shuffled, 1, True, trim=False)]
     other = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(shuffled, 2, True, trim=False)]
     assert again == windows and sorted(sum(other, [])) == sorted(read) and other != windows
@@ -110,8 +114,8 @@ def test_epoch_windows_trimmed_to_the_epochs_steps(tmp_path):
     full = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(ctx, 0, True, trim=False)]
     cut = [t.numpy().tolist() for t, _, _ in reader.epoch_windows(ctx, 0, True, trim=True)]
     left, expected = ctx.steps * 4, []
-    for w in full:                                               # whole batches, until the steps end
-        expected.append(w[:min(left, len(w) // 4 * 4)])
+    for w in full:  # whole batches, until the steps end
+        expected.append(w[: min(left, len(w) // 4 * 4)])
         left -= len(expected[-1])
     assert cut == expected and sum(map(len, cut)) == ctx.steps * 4 < sum(map(len, full))
 
@@ -121,16 +125,16 @@ def test_decode_each_keeps_the_records_that_decode(tmp_path):
     ctx = _context(tmp_path, batch=6, shuffle_buffer=0)
     tags, jpegs, labels = next(iter(reader.epoch_batches(ctx, 0, True)))
     with pytest.raises(tf.errors.InvalidArgumentError):
-        ctx.decode_batch(jpegs)                                  # the batch as a whole fails
+        ctx.decode_batch(jpegs)  # the batch as a whole fails
     images, kept, out = reader.decode_each(ctx, tags, jpegs, labels).get_single_element()
     assert kept.numpy().tolist() == [0, 1, 3, 5] and out.numpy().tolist() == [_tag(0, i) for i in (0, 1, 3, 5)]
     np.testing.assert_array_equal(images[1], ctx.decode_image(jpegs[1]))
     images, _, out = reader.decode_each(ctx, tags[2:3], jpegs[2:3], labels[2:3]).get_single_element()
-    assert images.shape == (0, SIZE, SIZE, 3) and out.shape == (0,)   # nothing decodes: empty
+    assert images.shape == (0, SIZE, SIZE, 3) and out.shape == (0,)  # nothing decodes: empty
 
 
 def test_batch_checks_name_a_label_outside_the_classes(tmp_path):
-    ctx = _context(tmp_path, [4, 4])                             # num_classes 8
+    ctx = _context(tmp_path, [4, 4])  # num_classes 8
     shard = ctx.plan.files[1]
     reader.batch_checks(ctx, tf.constant([0, 7], tf.int64), tf.constant([_tag(0, 0), _tag(1, 3)], tf.int64))
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
@@ -138,17 +142,21 @@ def test_batch_checks_name_a_label_outside_the_classes(tmp_path):
     assert f"label] [8] [outside [0,] [8] [) in file] [{shard}] [at record index] [3]" in e.value.message
 
 
-@pytest.mark.parametrize("fault, message", [
-    ([1, 3, 2], "corrupt record in file] [{}] [at record index] [3] [:] [2] [record(s) unreadable"),
-    ([2, 5, 0], "file] [{}] [has more records than its manifest lists:] [5]")])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ([1, 3, 2], "corrupt record in file] [{}] [at record index] [3] [:] [2] [record(s) unreadable"),
+        ([2, 5, 0], "file] [{}] [has more records than its manifest lists:] [5]"),
+    ],
+)
 def test_file_checks_raise_the_first_fault_noted(tmp_path, fault, message):
     ctx = _context(tmp_path, [4, 4])
-    reader.file_checks(ctx)                                      # nothing noted: passes
+    reader.file_checks(ctx)  # nothing noted: passes
     ctx.faults.assign([[0, 0, 0], fault])
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         reader.file_checks(ctx)
     assert message.format(ctx.plan.files[1]) in e.value.message
-    with pytest.raises(tf.errors.InvalidArgumentError):           # also before any label check
+    with pytest.raises(tf.errors.InvalidArgumentError):  # also before any label check
         reader.batch_checks(ctx, tf.constant([0], tf.int64), tf.constant([0], tf.int64))
 
 
@@ -172,7 +180,9 @@ def test_strict_batches_yield_each_epochs_steps_and_name_a_bad_record(tmp_path):
         assert sorted(sum((y for y, e in batches if e == epoch), [])) == list(range(12))
     write_indexed(str(tmp_path / "bad"), [6, 6], bad_image={7})
     ctx = _context(tmp_path / "bad", batch=3, shuffle_buffer=0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"train-00001-of-00002.tfrecord\] \[at record index\] \[1\]"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"train-00001-of-00002.tfrecord\] \[at record index\] \[1\]"
+    ):
         list(reader.strict_batches(ctx, tf.data.Dataset.range(1)))
 
 
@@ -184,4 +194,4 @@ def test_tolerant_batches_skip_count_and_refill(tmp_path):
     labels = sum((y for y, _ in batches), [])
     # 10 readable records: 3 whole batches, then one refilled from a second pass
     assert not {1, 7} & set(labels) and len(set(labels[:9])) == 9 and set(labels[9:]) <= set(labels[:9]) | {11}
-    assert ctx.corrupt_records.numpy() == 2                      # the refill pass does not count
+    assert ctx.corrupt_records.numpy() == 2  # the refill pass does not count

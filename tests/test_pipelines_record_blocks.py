@@ -1,13 +1,14 @@
 """The compiled record reader (pipelines/record_blocks.cc): blocks, where a file's records stop,
 and its Example parser checked against tf.io.parse_single_example."""
+
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from pipelines_helpers import flip_byte, jpeg, truncate_in
 
 from pipelines import record_blocks, schema
-from pipelines_helpers import flip_byte, jpeg, truncate_in
 
 IMAGE, LABEL = schema.IMAGE_KEY, schema.LABEL_KEY
 
@@ -20,8 +21,10 @@ def _write(path, records):
 
 
 def _blocks(path, block=4, buffer_size=64):
-    return [(int(s), [bytes(i) for i in im.numpy()], y.numpy().tolist(), bool(d))
-            for s, im, y, d in record_blocks.RecordBlocks(path, block, buffer_size)]
+    return [
+        (int(s), [bytes(i) for i in im.numpy()], y.numpy().tolist(), bool(d))
+        for s, im, y, d in record_blocks.RecordBlocks(path, block, buffer_size)
+    ]
 
 
 def _example(features: dict) -> bytes:
@@ -33,8 +36,10 @@ def _example(features: dict) -> bytes:
         if isinstance(v, list):
             return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
-    return tf.train.Example(features=tf.train.Features(
-        feature={k: feature(v) for k, v in features.items()})).SerializeToString()
+
+    return tf.train.Example(
+        features=tf.train.Features(feature={k: feature(v) for k, v in features.items()})
+    ).SerializeToString()
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 8, 10])
@@ -102,18 +107,28 @@ CASES = {
     "negative and large labels": _example({IMAGE: IMG, LABEL: -(2**63)}),
     "large label": _example({IMAGE: IMG, LABEL: 2**63 - 1}),
     "empty image bytes": _example({IMAGE: b"", LABEL: 1}),
-    "unpacked label": _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG))
-                             + _entry(LABEL.encode(), _int64_feature(9, packed=False))),
-    "key after value": _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG), key_last=True)
-                              + _entry(LABEL.encode(), _int64_feature(4), key_last=True)),
+    "unpacked label": _field(
+        1, _entry(IMAGE.encode(), _bytes_feature(IMG)) + _entry(LABEL.encode(), _int64_feature(9, packed=False))
+    ),
+    "key after value": _field(
+        1,
+        _entry(IMAGE.encode(), _bytes_feature(IMG), key_last=True)
+        + _entry(LABEL.encode(), _int64_feature(4), key_last=True),
+    ),
     "features given twice (merged)": _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG)))
-                                     + _field(1, _entry(LABEL.encode(), _int64_feature(8))),
-    "unknown fields": _field(5, b"junk") + _varint(6 << 3) + _varint(300)
-                      + _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG)) + _field(7, b"more")
-                               + _entry(LABEL.encode(), _int64_feature(2))),
-    "a key given again replaces": _field(1, _entry(LABEL.encode(), _int64_feature(1, 2))
-                                         + _entry(IMAGE.encode(), _bytes_feature(IMG))
-                                         + _entry(LABEL.encode(), _int64_feature(6))),
+    + _field(1, _entry(LABEL.encode(), _int64_feature(8))),
+    "unknown fields": _field(5, b"junk")
+    + _varint(6 << 3)
+    + _varint(300)
+    + _field(
+        1, _entry(IMAGE.encode(), _bytes_feature(IMG)) + _field(7, b"more") + _entry(LABEL.encode(), _int64_feature(2))
+    ),
+    "a key given again replaces": _field(
+        1,
+        _entry(LABEL.encode(), _int64_feature(1, 2))
+        + _entry(IMAGE.encode(), _bytes_feature(IMG))
+        + _entry(LABEL.encode(), _int64_feature(6)),
+    ),
     # not what the schema reads
     "no image": _example({LABEL: 5}),
     "no label": _example({IMAGE: IMG}),
@@ -122,10 +137,12 @@ CASES = {
     "label as float": _example({IMAGE: IMG, LABEL: 5.0}),
     "two labels": _example({IMAGE: IMG, LABEL: [1, 2]}),
     "no label value": _example({IMAGE: IMG, LABEL: []}),
-    "two images": _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG, IMG))
-                         + _entry(LABEL.encode(), _int64_feature(1))),
-    "a value given twice merges": _field(1, _entry(IMAGE.encode(), _bytes_feature(IMG), _bytes_feature(IMG))
-                                         + _entry(LABEL.encode(), _int64_feature(1))),
+    "two images": _field(
+        1, _entry(IMAGE.encode(), _bytes_feature(IMG, IMG)) + _entry(LABEL.encode(), _int64_feature(1))
+    ),
+    "a value given twice merges": _field(
+        1, _entry(IMAGE.encode(), _bytes_feature(IMG), _bytes_feature(IMG)) + _entry(LABEL.encode(), _int64_feature(1))
+    ),
     "empty record": b"",
     "text": b"this is not an Example",
     "truncated": _example({IMAGE: IMG, LABEL: 5})[:-3],
@@ -172,8 +189,7 @@ def test_the_parser_agrees_with_parse_example_on_damaged_examples(tmp_path):
         b[at] = int(rng.integers(0, 256))
         damaged.append(bytes(b))
     ours = _ours(tmp_path, damaged)
-    mismatches = [k for k, (rec, got) in enumerate(zip(damaged, ours))
-                  if got != (_tf_parse(rec) or (b"", -1))]
+    mismatches = [k for k, (rec, got) in enumerate(zip(damaged, ours)) if got != (_tf_parse(rec) or (b"", -1))]
     assert not mismatches, [damaged[k][:40] for k in mismatches[:3]]
     assert sum(_tf_parse(r) is None for r in damaged) > 100  # (damage that breaks the Example)
 

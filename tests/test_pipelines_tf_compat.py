@@ -1,4 +1,5 @@
 """pipelines.tf_compat: the TensorFlow version check, and that it is the one home of TensorFlow's internals."""
+
 import re
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def test_the_installed_tensorflow_is_supported():
 
 
 def test_tensorflow_internals_are_used_in_tf_compat_only():
-    internal = re.compile(r"tensorflow\.python|_MapDataset|_ParallelMapDataset|tf\.load_op_library|\bdataset_ops\b|\bmap_op\b")
+    internal = re.compile(
+        r"tensorflow\.python|_MapDataset|_ParallelMapDataset|tf\.load_op_library|\bdataset_ops\b|\bmap_op\b"
+    )
     users = sorted(p.name for p in PIPELINES.glob("*.py") if internal.search(p.read_text()))
     assert users == ["tf_compat.py"]
 
@@ -40,6 +43,7 @@ def test_map_inline_maps_in_order_with_inter_op_parallelism_off(parallel, op):
     assert list(ds.as_numpy_iterator()) == [0, 3, 6, 9, 12]
     maps = [n for n in tf_compat.dataset_graph(ds).node if n.op == op]
     assert len(maps) == 1 and not maps[0].attr["use_inter_op_parallelism"].b
-    plain = [n for n in tf_compat.dataset_graph(tf.data.Dataset.range(5).map(lambda x: 3 * x)).node
-             if n.op == "MapDataset"]
-    assert plain[0].attr["use_inter_op_parallelism"].b        # what tf.data's own map sets
+    plain = [
+        n for n in tf_compat.dataset_graph(tf.data.Dataset.range(5).map(lambda x: 3 * x)).node if n.op == "MapDataset"
+    ]
+    assert plain[0].attr["use_inter_op_parallelism"].b  # what tf.data's own map sets

@@ -1,4 +1,5 @@
 """launch.schedule: values at key steps against the closed forms, in and out of tf.function."""
+
 import math
 
 import keras
@@ -72,14 +73,17 @@ def test_keras_schedule_drives_an_optimizer():
     assert LRSchedule(**schedule.get_config()).get_config() == schedule.get_config()
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(schedule="step"), "schedule must be one of"),
-    (dict(lr=-0.1), "lr must be"),
-    (dict(total_steps=0), "total_steps must be"),
-    (dict(warmup_steps=T + 1), "warmup_steps must be"),
-    (dict(power=0.0), "power must be > 0"),
-    (dict(min_lr=2 * L, schedule="cosine"), "min_lr must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(schedule="step"), "schedule must be one of"),
+        (dict(lr=-0.1), "lr must be"),
+        (dict(total_steps=0), "total_steps must be"),
+        (dict(warmup_steps=T + 1), "warmup_steps must be"),
+        (dict(power=0.0), "power must be > 0"),
+        (dict(min_lr=2 * L, schedule="cosine"), "min_lr must be in"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     args = dict(lr=L, total_steps=T, warmup_steps=W, schedule="poly", power=2.0, min_lr=M)
     args.update(kwargs)

@@ -1,17 +1,18 @@
 """`pfc train`'s loop: world-size equivalence, resuming at any world size, non-finite losses."""
+
 import shutil
 
 import numpy as np
 import pytest
+from helpers import horovodrun
+from test_fc_distributed import rel
+from workers import train_worker
 
 import cluster
-from helpers import horovodrun
 from launch import checkpoint as ckpt
 from launch import train as train_lib
 from launch.config import from_dict
 from launch.trainer import TrainingError
-from test_fc_distributed import rel
-from workers import train_worker
 
 pytestmark = pytest.mark.slow  # every test trains (in this process or horovodrun)
 
@@ -31,8 +32,8 @@ def run(n, tmp, name, run_dir, steps, chunk=None):
 
 
 def assert_same_state(a, b, prefix_a, prefix_b, tol, where):
-    keys = sorted(k[len(prefix_a):] for k in a if k.startswith(prefix_a))
-    assert keys and keys == sorted(k[len(prefix_b):] for k in b if k.startswith(prefix_b)), where
+    keys = sorted(k[len(prefix_a) :] for k in a if k.startswith(prefix_a))
+    assert keys and keys == sorted(k[len(prefix_b) :] for k in b if k.startswith(prefix_b)), where
     assert any(k.startswith("fc_momentum") for k in keys), "the optimizer state is compared too"
     for k in keys:
         x, y = a[prefix_a + k], b[prefix_b + k]
@@ -46,8 +47,7 @@ def assert_same_state(a, b, prefix_a, prefix_b, tol, where):
 def runs(tmp_path_factory):
     """One uninterrupted 6-step run per world size, and a 3-step run at 2 workers to resume from."""
     tmp = tmp_path_factory.mktemp("train")
-    res = {n: run(n, tmp, f"full{n}", tmp / f"run_full{n}", 6, chunk=5 if n == 3 else None)
-           for n in (1, 2, 3)}
+    res = {n: run(n, tmp, f"full{n}", tmp / f"run_full{n}", 6, chunk=5 if n == 3 else None) for n in (1, 2, 3)}
     res["half"] = run(2, tmp, "half2", tmp / "run_half", 3)
     res["tmp"] = tmp
     return res
@@ -88,21 +88,24 @@ def _data(bad_step):
             if s == bad_step:
                 images = images * np.inf
             yield images, labels, 0
+
     return make
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     cfg = _local_config(tmp_path)
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step 2: .*ckpt-000000002\) is kept"):
-        train_lib.train(cfg, cluster.init("local"), data=_data(2), steps_per_epoch=10,
-                        num_classes=train_worker.NUM_CLASSES)
+        train_lib.train(
+            cfg, cluster.init("local"), data=_data(2), steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES
+        )
     assert ckpt.latest(cfg.checkpoint_dir).endswith("ckpt-000000002")
 
 
 def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
     cfg = _local_config(tmp_path, nonfinite="skip")
-    out = train_lib.train(cfg, cluster.init("local"), data=_data(1), steps_per_epoch=10,
-                          num_classes=train_worker.NUM_CLASSES)
+    out = train_lib.train(
+        cfg, cluster.init("local"), data=_data(1), steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES
+    )
     assert out["step"] == 4 and np.isfinite(out["loss"])
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert '"nonfinite_steps": 1' in log[-1]
@@ -110,8 +113,9 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
 
 def test_checkpoint_of_another_problem_is_an_error_before_any_work(tmp_path):
     cfg = _local_config(tmp_path)
-    train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
-                    num_classes=train_worker.NUM_CLASSES)
+    train_lib.train(
+        cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES
+    )
     other = from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "num_classes": 14}})
     with pytest.raises(ckpt.CheckpointError, match=r"num_classes=13 but the config says 14"):
         train_lib.train(other, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=14)
@@ -127,8 +131,9 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     from launch.backbones import build_backbone
 
     cfg = _local_config(tmp_path)
-    out = train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
-                          num_classes=train_worker.NUM_CLASSES)
+    out = train_lib.train(
+        cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES
+    )
     saved = export.export(out["checkpoint"], str(tmp_path / "model"))
     loaded = tf.saved_model.load(saved)
     model = build_backbone("tiny", train_worker.IMAGE, 8, batch_norm=False, seed=99)
@@ -146,12 +151,17 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     floats = loaded.signatures["float_images"](images=tf.constant(scaled))["embeddings"].numpy()
     np.testing.assert_allclose(floats, want, rtol=1e-4, atol=1e-6)
     flipped = unit(model(scaled, training=False).numpy() + model(scaled[:, :, ::-1], training=False).numpy())
-    np.testing.assert_allclose(loaded.signatures["flip_sum"](images=tf.constant(pixels))["embeddings"].numpy(),
-                               flipped, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.signatures["flip_sum"](images=tf.constant(pixels))["embeddings"].numpy(), flipped, rtol=1e-4, atol=1e-6
+    )
     big = np.repeat(np.repeat(pixels, 7, axis=1), 7, axis=2)  # 112 x 112, the face convention
     resized = tf.clip_by_value(tf.round(tf.image.resize(big.astype(np.float32), [16, 16])), 0, 255) / 127.5 - 1
-    np.testing.assert_allclose(loaded.signatures["serving_default"](images=tf.constant(big))["embeddings"].numpy(),
-                               unit(model(resized, training=False).numpy()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.signatures["serving_default"](images=tf.constant(big))["embeddings"].numpy(),
+        unit(model(resized, training=False).numpy()),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     with pytest.raises(FileExistsError, match="already exists"):
         export.export(out["checkpoint"], saved)
 
@@ -169,13 +179,19 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
 def test_a_running_statistic_resumes_exactly(tmp_path):
     """CurricularFace's t: a run stopped at step 2 and resumed ends with the uninterrupted run's t
     (and loss); the checkpoint keeps it in the manifest, so any world size reads the same value."""
+
     def run(run_dir, steps, resume=None):
         raw = train_worker.config(str(run_dir), steps, None)
         raw["train"]["batch_size"] = 6
         raw["checkpoint"]["every"] = 2
         raw["loss"] = {"name": "curricularface", "scale": 16.0, "margin": 0.3}
-        out = train_lib.train(from_dict(raw), cluster.init("local"), data=_data(-1), steps_per_epoch=10,
-                              num_classes=train_worker.NUM_CLASSES)
+        out = train_lib.train(
+            from_dict(raw),
+            cluster.init("local"),
+            data=_data(-1),
+            steps_per_epoch=10,
+            num_classes=train_worker.NUM_CLASSES,
+        )
         return out, ckpt.read_manifest(out["checkpoint"])["fc"]["margin_state"]["t"]
 
     whole, t_whole = run(tmp_path / "whole", 4)
@@ -196,8 +212,9 @@ def test_onnx_export_matches_the_savedmodel_on_uint8_images(tmp_path):
     from launch import export
 
     cfg = _local_config(tmp_path)
-    out = train_lib.train(cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10,
-                          num_classes=train_worker.NUM_CLASSES)
+    out = train_lib.train(
+        cfg, cluster.init("local"), data=_data(-1), steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES
+    )
     loaded = tf.saved_model.load(export.export(out["checkpoint"], str(tmp_path / "model")))
     module = export.Embedder(*export.load_backbone(out["checkpoint"]))
     pixels = np.random.default_rng(5).integers(0, 256, (5, train_worker.IMAGE, train_worker.IMAGE, 3), np.uint8)
@@ -209,7 +226,9 @@ def test_onnx_export_matches_the_savedmodel_on_uint8_images(tmp_path):
         want = loaded.signatures[signature](images=tf.constant(pixels))["embeddings"].numpy()
         assert np.max(np.abs(got - want)) <= 1e-4, signature
     # the two models differ (the flip-sum is really in one of them)
-    assert not np.allclose(got, loaded.signatures["serving_default"](images=tf.constant(pixels))["embeddings"].numpy(), atol=1e-3)
+    assert not np.allclose(
+        got, loaded.signatures["serving_default"](images=tf.constant(pixels))["embeddings"].numpy(), atol=1e-3
+    )
     with pytest.raises(FileExistsError, match="already exists"):
         export.export_onnx(module, path)
 
@@ -226,8 +245,9 @@ def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):
     cfg = _local_config(tmp_path)
     comm = cluster.init("local")
     rng = np.random.default_rng(0)
-    in_step = Trainer(cfg, comm, num_classes=train_worker.NUM_CLASSES,
-                      augment=lambda x, step: reader.augment(x, 11, step))
+    in_step = Trainer(
+        cfg, comm, num_classes=train_worker.NUM_CLASSES, augment=lambda x, step: reader.augment(x, 11, step)
+    )
     before = Trainer(cfg, comm, num_classes=train_worker.NUM_CLASSES)
     for t in (in_step, before):
         t.set_total_steps(3)
@@ -236,7 +256,7 @@ def test_the_step_augments_uint8_batches_at_the_global_step(tmp_path):
         labels = train_worker.global_batch(step)[1]
         a = in_step.train_step(tf.constant(pixels), labels)
         b = before.train_step(reader.augment(tf.constant(pixels), 11, step), labels)
-        assert a.loss == pytest.approx(b.loss, rel=1e-6)   # (the compiled step may fuse x/127.5-1)
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)  # (the compiled step may fuse x/127.5-1)
     for x, y in zip(in_step.model.weights + [in_step.fc.weight], before.model.weights + [before.fc.weight]):
         assert rel(x.numpy(), y.numpy()) <= TOL
 
@@ -249,8 +269,7 @@ def test_the_compiler_scratch_is_handed_back_once_after_the_first_step(tmp_path,
 
     calls = []
     monkeypatch.setattr(trainer_lib, "release_free_memory", lambda: calls.append(1) or True)
-    t = trainer_lib.Trainer(_local_config(tmp_path), cluster.init("local"),
-                            num_classes=train_worker.NUM_CLASSES)
+    t = trainer_lib.Trainer(_local_config(tmp_path), cluster.init("local"), num_classes=train_worker.NUM_CLASSES)
     t.set_total_steps(3)
     for step in range(3):
         images, labels = train_worker.global_batch(step)

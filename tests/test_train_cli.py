@@ -1,20 +1,21 @@
 """`pfc train` as users run it: single-node mode with no launcher, its log, checkpoints, `pfc eval`,
 `pfc export` and `pfc report` on the real run, and clear errors before any work."""
+
 import importlib.util
 import json
 import re
 import subprocess
 
 import pytest
-
 from helpers import BIN, ROOT, smoke_overrides, worker_env
 
 pytestmark = pytest.mark.slow  # every test runs the pfc command
 
 
 def pfc(*argv, timeout=300):
-    return subprocess.run([str(BIN / "pfc"), *argv], cwd=ROOT, env=worker_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "pfc"), *argv], cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
@@ -39,9 +40,18 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     proc = pfc("eval", "--config", "configs/smoke.yaml", *sets)
     assert proc.returncode == 0 and proc.stdout.startswith("step 20  verification: acc"), proc.stderr[-2000:]
     from test_ijb import write_set  # a small IJB-C layout: 6 identities x 3 templates
+
     write_set(tmp_path / "ijbc", {100 * i + k: i for i in range(6) for k in range(3)})
-    proc = pfc("eval", "--config", "configs/smoke.yaml", *sets, "--ijb", str(tmp_path / "ijbc"),
-               "--json", str(tmp_path / "eval.json"))
+    proc = pfc(
+        "eval",
+        "--config",
+        "configs/smoke.yaml",
+        *sets,
+        "--ijb",
+        str(tmp_path / "ijbc"),
+        "--json",
+        str(tmp_path / "eval.json"),
+    )
     assert proc.returncode == 0 and "ijbc: TAR@FAR=1e-06 n/a" in proc.stdout, proc.stderr[-2000:]
     ijb_out = json.loads((tmp_path / "eval.json").read_text())["ijb"]
     assert ijb_out["tar_at_far"]["1e-01"] is not None and 0 <= ijb_out["tar_at_far"]["1e-01"] <= 1
@@ -53,6 +63,7 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     proc = pfc("embed", str(tmp_path / "model"), str(synth_dataset), str(tmp_path / "emb.npy"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     import numpy as np
+
     emb = np.load(tmp_path / "emb.npy")
     names = (tmp_path / "emb.names.txt").read_text().splitlines()
     assert emb.shape == (400, 128) and len(names) == 400 and len(set(names)) == 400
@@ -61,14 +72,16 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
     proc = pfc("report", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"loss.png", "accuracy.png", "throughput.png", "verification.png"} <= {
-        p.name for p in (run_dir / "report").iterdir()}
+        p.name for p in (run_dir / "report").iterdir()
+    }
     # the real log's evaluation holds thresholds and pair counts too: only accuracy and TAR are drawn
     from launch.report import read_log, verification_series
+
     series = verification_series(read_log(run_dir / "log.jsonl"))
     # 40 different pairs cannot measure FAR 1e-3: no TAR is drawn, and the line says why
     assert list(series["accuracy"]) == ["verification"] and list(series["tar"]) == []
     assert evals[0]["eval"]["verification"]["tar"] is None
-    (step, acc, std), = series["accuracy"]["verification"]
+    ((step, acc, std),) = series["accuracy"]["verification"]
     assert step == 20 and acc == evals[0]["eval"]["verification"]["accuracy"] and std is not None
 
     # Resuming a finished run has nothing to do: an error that says so, not a silent zero-step run.
@@ -78,18 +91,35 @@ def test_single_node_train_eval_export_report(synth_dataset, tmp_path):
 
 
 def test_errors_before_any_work(synth_dataset, tmp_path):
-    proc = pfc("train", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
-               "--set", "fc.sample_rate=1.5")
+    proc = pfc(
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        *smoke_overrides(synth_dataset, tmp_path, 5),
+        "--set",
+        "fc.sample_rate=1.5",
+    )
     assert proc.returncode == 1
     assert "pfc train: error: configs/smoke.yaml: fc.sample_rate: must be <= 1" in proc.stderr
-    proc = pfc("train", "--config", "configs/smoke.yaml",
-               *smoke_overrides(tmp_path / "nowhere", tmp_path, 5))
+    proc = pfc("train", "--config", "configs/smoke.yaml", *smoke_overrides(tmp_path / "nowhere", tmp_path, 5))
     assert proc.returncode == 1 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
-    proc = pfc("train", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
-               "--set", "data.num_classes=41")
+    proc = pfc(
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        *smoke_overrides(synth_dataset, tmp_path, 5),
+        "--set",
+        "data.num_classes=41",
+    )
     assert proc.returncode == 1 and "data.num_classes is 41 but the dataset" in proc.stderr
-    proc = pfc("eval", "--config", "configs/smoke.yaml", *smoke_overrides(synth_dataset, tmp_path, 5),
-               "--checkpoint", str(tmp_path))
+    proc = pfc(
+        "eval",
+        "--config",
+        "configs/smoke.yaml",
+        *smoke_overrides(synth_dataset, tmp_path, 5),
+        "--checkpoint",
+        str(tmp_path),
+    )
     assert proc.returncode == 1 and "not a checkpoint" in proc.stderr
 
 
@@ -97,17 +127,30 @@ def test_launch_scripts_for_one_host_and_a_hostfile(synth_dataset, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# workers\nlocalhost slots=2\n")
     env = worker_env(PATH=f"{BIN}:{worker_env()['PATH']}")
-    for name, argv in (("local", ["launch/run_local.sh", "configs/smoke.yaml", "2"]),
-                       ("hostfile", ["launch/run_hostfile.sh", str(hostfile), "configs/smoke.yaml"])):
+    for name, argv in (
+        ("local", ["launch/run_local.sh", "configs/smoke.yaml", "2"]),
+        ("hostfile", ["launch/run_hostfile.sh", str(hostfile), "configs/smoke.yaml"]),
+    ):
         run_dir = tmp_path / name
-        proc = subprocess.run(["bash", *argv, *smoke_overrides(synth_dataset, run_dir, 4, "eval.interval=0")],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", *argv, *smoke_overrides(synth_dataset, run_dir, 4, "eval.interval=0")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "on 2 worker(s)" in proc.stdout and "step 4/4" in proc.stdout, name
     empty = tmp_path / "empty"
     empty.write_text("# nobody\n")
-    proc = subprocess.run(["bash", "launch/run_hostfile.sh", str(empty), "configs/smoke.yaml"], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "launch/run_hostfile.sh", str(empty), "configs/smoke.yaml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "no hosts" in proc.stderr
 
 

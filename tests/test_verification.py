@@ -1,4 +1,5 @@
 """launch.verification: hand-made cases with known answers."""
+
 import numpy as np
 import pytest
 

@@ -10,6 +10,7 @@ dotted field path (`*` = any map key or list item) by a `$ref` to that Kubernete
 kubernetes-validate's OpenAPI definitions: controller-gen copies core types such as PodSpec into
 CRDs in full (hundreds of kB), and the Kubernetes schema of the same type is the better source.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,14 @@ def schema_document(crd: dict, version: str, source: dict, refs: dict[str, str])
     schema = strip_descriptions(versions[version]["schema"]["openAPIV3Schema"])
     for path, definition in refs.items():
         substitute_ref(schema, path, definition)
-    return {"group": crd["spec"]["group"], "version": version, "kind": crd["spec"]["names"]["kind"],
-            "source": source, "refs": refs, "openAPIV3Schema": schema}
+    return {
+        "group": crd["spec"]["group"],
+        "version": version,
+        "kind": crd["spec"]["names"]["kind"],
+        "source": source,
+        "refs": refs,
+        "openAPIV3Schema": schema,
+    }
 
 
 class _NoAliases(yaml.SafeDumper):
@@ -79,10 +86,12 @@ class _NoAliases(yaml.SafeDumper):
 
 
 def write_schema(path: str, doc: dict) -> None:
-    header = (f"# {doc['kind']} ({doc['group']}/{doc['version']}): openAPIV3Schema of the CRD in "
-              f"{doc['source']['repo']}, descriptions removed;\n"
-              "# `refs` subtrees point into the Kubernetes OpenAPI definitions. Written by "
-              "k8s/schemas/refresh.py (see k8s/README.md).\n")
+    header = (
+        f"# {doc['kind']} ({doc['group']}/{doc['version']}): openAPIV3Schema of the CRD in "
+        f"{doc['source']['repo']}, descriptions removed;\n"
+        "# `refs` subtrees point into the Kubernetes OpenAPI definitions. Written by "
+        "k8s/schemas/refresh.py (see k8s/README.md).\n"
+    )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(header)

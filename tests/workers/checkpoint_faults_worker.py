@@ -1,6 +1,7 @@
 """Run by tests/test_checkpoint_faults.py under horovodrun -np 2: a full disk on worker 1 fails the
 save on both workers, and both pick the same fallback past a shard only worker 1 reads.
 Prints OK on success."""
+
 import builtins
 import errno
 import os
@@ -25,8 +26,15 @@ def state(fill=None):
 
 
 def save(step):
-    return ckpt.save(DIRECTORY, step, comm, state(), [tf.Variable(tf.ones([2, 3]))], [tf.Variable(step)],
-                     {"num_classes": 10, "embedding_dim": 4})
+    return ckpt.save(
+        DIRECTORY,
+        step,
+        comm,
+        state(),
+        [tf.Variable(tf.ones([2, 3]))],
+        [tf.Variable(step)],
+        {"num_classes": 10, "embedding_dim": 4},
+    )
 
 
 def full_disk(file, mode="r", *args, **kwargs):
@@ -59,8 +67,11 @@ assert (BAD if comm.rank == 1 else "worker 1 found") in notes[0], notes
 restored = state(fill=0.0)
 ckpt.restore(path, comm, restored, [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)], verified=True)
 np.testing.assert_array_equal(restored.weight.numpy(), state().weight.numpy())
-expect_error(lambda: ckpt.restore(os.path.dirname(os.path.dirname(BAD)), comm, state(),
-                                  [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)]),
-             "checksum mismatch" if comm.rank == 1 else "worker 1 cannot restore it")
+expect_error(
+    lambda: ckpt.restore(
+        os.path.dirname(os.path.dirname(BAD)), comm, state(), [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)]
+    ),
+    "checksum mismatch" if comm.rank == 1 else "worker 1 cannot restore it",
+)
 assert sorted(os.listdir(DIRECTORY)) == ["ckpt-000000001", "ckpt-000000002"]
 print(f"OK rank {comm.rank}", flush=True)

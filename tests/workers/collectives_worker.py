@@ -1,5 +1,6 @@
 """Run by horovodrun: checks every collective of `cluster` and its gradient, eagerly and inside
 tf.function, against values each worker can compute from its rank alone. Prints OK on success."""
+
 import os
 import sys
 
@@ -59,7 +60,7 @@ def check(comm, fn_wrap):
 
     out, dt = fn_wrap(rs_and_grad)(big)
     full = np.arange(n * b * d, dtype=np.float32).reshape(n * b, d) * sum(q + 1.0 for q in range(n))
-    np.testing.assert_allclose(out.numpy(), full[r * b:(r + 1) * b])
+    np.testing.assert_allclose(out.numpy(), full[r * b : (r + 1) * b])
     np.testing.assert_allclose(dt.numpy(), np.repeat(np.arange(1.0, n + 1), b)[:, None] * np.ones(d))
 
     # integers pass through allgather / allreduce without a gradient

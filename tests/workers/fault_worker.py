@@ -4,14 +4,16 @@ argv: RUN_DIR kill-rank1-at=K. Checkpoints every 2 steps; worker 1 SIGKILLs itse
 about to take batch K, as the kernel's OOM killer or a lost node would end it. Exits through the
 `pfc` command line's error handling, so the output is what an operator reads.
 """
+
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cluster  # noqa: E402
 import train_worker  # noqa: E402
+
+import cluster  # noqa: E402
 from launch import cli  # noqa: E402
 from launch import train as train_lib  # noqa: E402
 from launch.config import from_dict  # noqa: E402
@@ -30,10 +32,12 @@ def main(run_dir: str, fault: str) -> int:
             if comm.rank == 1 and s == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             images, labels = train_worker.global_batch(s)
-            yield images[comm.rank * b:(comm.rank + 1) * b], labels[comm.rank * b:(comm.rank + 1) * b], 0
+            yield images[comm.rank * b : (comm.rank + 1) * b], labels[comm.rank * b : (comm.rank + 1) * b], 0
 
-    return cli.run_guarded("train", lambda: train_lib.train(
-        cfg, comm, data=data, steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES) and 0)
+    return cli.run_guarded(
+        "train",
+        lambda: train_lib.train(cfg, comm, data=data, steps_per_epoch=10, num_classes=train_worker.NUM_CLASSES) and 0,
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Run by `horovodrun -np N` (or directly for N = 1): every margin's loss and gradients on this
 worker's share, saved for the test process to compare with the dense reference."""
+
 import os
 import sys
 
@@ -7,10 +8,20 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cases import (
+    GRAPH_MARGINS,
+    LOCAL_BATCH,
+    MARGINS,
+    SAMPLE_RATE,
+    SAMPLED_MARGINS,
+    STEP,
+    class_counts,  # noqa: E402
+    global_batch,
+    reset_state,
+)
+
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
-from cases import (GRAPH_MARGINS, LOCAL_BATCH, MARGINS, SAMPLE_RATE, SAMPLED_MARGINS, STEP,
-                   class_counts, global_batch, reset_state)  # noqa: E402
 
 
 def step(fc, inputs, labels, backbone):
@@ -51,8 +62,9 @@ def main(out_dir: str) -> None:
                     results[f"{key}/graph_{tag}"] = np.asarray(v)
         # Partial FC: the sampled index is left on the layer so the test can rebuild the dense problem.
         for name in SAMPLED_MARGINS:
-            fc = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], MARGINS[name], comm,
-                                              seed=11, sample_rate=SAMPLE_RATE)
+            fc = partitioned_fc.PartitionedFC(
+                num_classes, backbone.shape[1], MARGINS[name], comm, seed=11, sample_rate=SAMPLE_RATE
+            )
             outs = step(fc, inputs[sl], tf.constant(labels[sl]), a_var)
             key = f"{num_classes}/sampled_{name}"
             for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
@@ -63,7 +75,7 @@ def main(out_dir: str) -> None:
         w_full = tf.concat(comm.allgather(fc.weight), axis=0)
         b = len(labels)
         pred = np.where(np.arange(b) % 2 == 0, labels, (labels + 1) % num_classes)
-        emb = tf.gather(w_full, pred)[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]
+        emb = tf.gather(w_full, pred)[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH]
         fc_cos = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], MARGINS["cosface"], comm, seed=11)
         _, acc = fc_cos(emb, labels[sl], return_accuracy=True)
         results[f"{num_classes}/acc_half"] = np.asarray(acc)

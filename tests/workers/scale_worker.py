@@ -1,5 +1,6 @@
 """Run by `horovodrun -np N` (or directly for N = 1): chunked logits, the fused train step with the
 sparse shard optimizers, and 16-bit storage, saved for the test to compare with a dense reference."""
+
 import os
 import sys
 
@@ -7,11 +8,11 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cases import LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts, global_batch, reset_state  # noqa: E402
+
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
 from partitioned_fc import optimizer as shard_opt  # noqa: E402
-from cases import (LOCAL_BATCH, MARGINS, STEP, TRAIN_CASES, TAPE_CHUNK_MARGINS, class_counts,  # noqa: E402
-                   global_batch, reset_state)
 
 LR = 0.5  # large enough that every update is visible in float32
 
@@ -37,17 +38,25 @@ def main(out_dir: str) -> None:
         # The tape form with chunked logits: chunk sizes that do and do not divide the shard.
         for name in TAPE_CHUNK_MARGINS:
             for chunk in (1, 3):
-                fc = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], MARGINS[name], comm,
-                                                  seed=11, chunk_size=chunk)
+                fc = partitioned_fc.PartitionedFC(
+                    num_classes, backbone.shape[1], MARGINS[name], comm, seed=11, chunk_size=chunk
+                )
                 for tag, v in zip(("loss", "acc", "gx", "gw"), tape_step(fc, x_in, labels[sl], a)):
                     res[f"{num_classes}/tape/{name}/{chunk}/{tag}"] = np.asarray(v)
         # The fused step: two steps of forward + backward + sparse update.
         for case in TRAIN_CASES:
             key = f"{num_classes}/train/{case['id']}"
             fc = partitioned_fc.PartitionedFC(
-                num_classes, backbone.shape[1], MARGINS[case["margin"]], comm, seed=11,
-                sample_rate=case["rate"], chunk_size=case["chunk"],
-                compute_dtype=case.get("dtype", "float32"), param_dtype=case.get("dtype", "float32"))
+                num_classes,
+                backbone.shape[1],
+                MARGINS[case["margin"]],
+                comm,
+                seed=11,
+                sample_rate=case["rate"],
+                chunk_size=case["chunk"],
+                compute_dtype=case.get("dtype", "float32"),
+                param_dtype=case.get("dtype", "float32"),
+            )
             opt = shard_opt.get(case["opt"], fc.weight, **case["opt_params"])
             step_fn = tf.function(fc.train_step) if case["graph"] else fc.train_step
             res[key + "/w0"] = fc.weight.numpy().astype(np.float32)
@@ -68,15 +77,17 @@ def main(out_dir: str) -> None:
             res[key + "/weight_dtype"] = np.array(fc.weight.dtype.name)
             res[key + "/state_dtypes"] = np.array(sorted(v.dtype.name for v in opt.state().values()))
         # A non-finite loss leaves everything as it was.
-        fc = partitioned_fc.PartitionedFC(num_classes, backbone.shape[1], MARGINS["softmax"], comm, seed=11,
-                                          chunk_size=2)
+        fc = partitioned_fc.PartitionedFC(
+            num_classes, backbone.shape[1], MARGINS["softmax"], comm, seed=11, chunk_size=2
+        )
         opt = shard_opt.SGD(fc.weight, momentum=0.9)
         bad = emb + (np.inf if r == 0 else 0.0)
         before = fc.weight.numpy()
         out = fc.train_step(bad, labels[sl], opt, LR)
         res[f"{num_classes}/nonfinite/applied"] = out.applied.numpy()
         res[f"{num_classes}/nonfinite/unchanged"] = np.array(
-            np.array_equal(before, fc.weight.numpy()) and not opt.velocity.numpy().any())
+            np.array_equal(before, fc.weight.numpy()) and not opt.velocity.numpy().any()
+        )
     np.savez(os.path.join(out_dir, f"rank{r}.npz"), **res)
 
 

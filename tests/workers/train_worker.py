@@ -5,6 +5,7 @@ so the global batches are the same at every world size; a checkpoint is written 
 CKPT_EVERY steps and the run resumes from RUN_DIR's newest one. Saves the full class matrix, its
 optimizer state and the backbone (as every worker sees them) to OUT_DIR/rank{r}.npz.
 """
+
 import os
 import sys
 
@@ -30,10 +31,21 @@ def config(run_dir: str, steps: int, chunk) -> dict:
         "model": {"backbone": "tiny", "embedding_dim": 8, "dropout": 0.0, "batch_norm": False},
         "loss": {"name": "arcface", "scale": 16.0, "margin": 0.3},
         "fc": {"sample_rate": 1.0, "chunk_size": chunk},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "warmup_steps": 2,
-                  "schedule": "cosine", "clip_norm": 10.0},
-        "train": {"batch_size": GLOBAL_BATCH // cluster.init().size, "steps": steps, "log_every": 1,
-                  "run_dir": run_dir},
+        "optim": {
+            "name": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "warmup_steps": 2,
+            "schedule": "cosine",
+            "clip_norm": 10.0,
+        },
+        "train": {
+            "batch_size": GLOBAL_BATCH // cluster.init().size,
+            "steps": steps,
+            "log_every": 1,
+            "run_dir": run_dir,
+        },
         "checkpoint": {"every": CKPT_EVERY, "keep": 5},
         "eval": {"interval": 0},
         "monitoring": {"port": 0},
@@ -67,7 +79,7 @@ def main(out_dir: str, run_dir: str, steps: int, chunk=None) -> None:
     def data(start):
         for s in range(start, steps):
             images, labels = global_batch(s)
-            yield images[r * b:(r + 1) * b], labels[r * b:(r + 1) * b], s // 10
+            yield images[r * b : (r + 1) * b], labels[r * b : (r + 1) * b], s // 10
 
     res = {}
     # The state the run resumes from, as this world size re-splits it.

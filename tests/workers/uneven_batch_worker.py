@@ -1,4 +1,5 @@
 """Run by horovodrun -np 2: worker 1 passes one more sample than worker 0, which must fail loudly."""
+
 import os
 import sys
 
