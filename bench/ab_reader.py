@@ -38,7 +38,7 @@ def main() -> int:
 
     host_memory.configure()  # before TensorFlow loads
     print(f"malloc arenas: {host_memory.arena_limit or 'glibc default'}")
-    from launch.bench_data import baselines, timed_window, warmup_batches
+    from bench.data import baselines, timed_window, warmup_batches
     from pipelines.threads import cores_per_worker
 
     threads = cores_per_worker(1)

@@ -30,7 +30,7 @@ def main() -> int:
     from launch import host_memory
 
     host_memory.configure()  # before TensorFlow loads
-    from launch.bench_data import baselines, timed_window, warmup_batches
+    from bench.data import baselines, timed_window, warmup_batches
     from pipelines import reader
     from pipelines.threads import cores_per_worker
 

@@ -8,7 +8,7 @@ them), read and parsed two ways: with TensorFlow's TFRecordDataset and parse_exa
 the reader's compiled op (`pipelines.record_blocks`). Under `pfc`'s allocator settings and a
 2-thread pool, as one worker on 2 cores gets. It leaves out the reader's per-block bookkeeping,
 the tags and the checks. Compare with `pfc bench data`'s CPU µs/img of batched decoding.
-Timed as `pfc bench data` times its pipelines (`launch.bench_data.timed_window`).
+Timed as `pfc bench data` times its pipelines (`bench.data.timed_window`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> int:
     host_memory.configure()  # before TensorFlow loads
     import tensorflow as tf
 
-    from launch.bench_data import timed_window
+    from bench.data import timed_window
     from pipelines import reader, record_blocks, schema
 
     files = sorted(glob.glob(os.path.join(args.data, "*.tfrecord")))

@@ -66,7 +66,7 @@ COMMANDS: dict[str, Command] = {
         ),
     ),
     "bench": Command(
-        "launch.bench",
+        "bench.fc",
         "benchmarks (fc: the model-parallel layer; data: the reader)",
         ("pfc bench fc --classes 1000000 --dim 512 --batch 256", "pfc bench data data/synth --workers 2"),
     ),

@@ -164,7 +164,7 @@ def forward(
     normalize = margin.normalize_weights
     negatives = _negatives(comm, margin, target)
     rule, ctx = _rule_and_ctx(negatives)
-    with tf.name_scope("fc_forward"):  # names the kernels in a profile (launch/bench_profile.py)
+    with tf.name_scope("fc_forward"):  # names the kernels in a profile (bench/fc_profile.py)
         if chunk_size is None:
             s_loc, m_loc, plain_max, plain_t, kept = _kept_forward(
                 x_s, source.weight, source.index, target.value, local_label, normalize, rule, ctx

@@ -133,7 +133,7 @@ def test_bench_data_stops_every_process_when_one_fails(tmp_path, capsys):
 
 
 def test_bench_data_overhead_is_the_median_of_paired_rounds():
-    from launch.bench_data import paired_overhead
+    from bench.data import paired_overhead
 
     # One slow reader round moves the median by one rank, not by its size.
     assert paired_overhead([[[1.0, 1.0, 1.0]]], [[1.1, 1.2, 2.0]]) == pytest.approx(0.2)
