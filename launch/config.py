@@ -217,6 +217,10 @@ class DataConfig(_Section):
     def _check(self) -> None:
         if not self.train:
             raise self._error("train", "required: at least one path, glob or URL")
+        if len(self.train) > 1:  # one reader stream; a glob or a manifest joins several shard sets
+            raise self._error(
+                "train", f"one dataset (a directory, manifest, shard file or glob), got {len(self.train)}: {self.train}"
+            )
         if any(not p for p in self.train + self.val):
             raise self._error("train" if "" in self.train else "val", "contains an empty path")
         names: dict[str, str] = {}
@@ -348,6 +352,13 @@ class OptimConfig(_Section):
         None, "Clip the backbone's gradient to this global L2 norm; null: no clipping.", gt=0.0
     )
     fc_lr_scale: float = _field(1.0, "The class matrix's learning rate is lr * fc_lr_scale.", ge=0.0)
+
+    def rule_params(self) -> dict:
+        """The optimizer's own parameters, named as both the shard optimizers
+        (partitioned_fc.optimizer) and Keras take them."""
+        if self.name == "sgd":
+            return {"momentum": self.momentum, "nesterov": self.nesterov}
+        return {"beta_1": self.betas[0], "beta_2": self.betas[1], "epsilon": self.eps}
 
     def _check(self) -> None:
         if self.schedule != "constant" and self.min_lr > self.lr:

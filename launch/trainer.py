@@ -115,18 +115,11 @@ class Trainer:
             param_dtype=cfg.fc.param_dtype,
         )
         o = cfg.optim
-        if o.name == "sgd":
-            self.fc_opt = shard_opt.SGD(
-                self.fc.weight, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-            )
-            self.opt = keras.optimizers.SGD(learning_rate=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-        else:
-            self.fc_opt = shard_opt.AdamW(
-                self.fc.weight, beta_1=o.betas[0], beta_2=o.betas[1], epsilon=o.eps, weight_decay=o.weight_decay
-            )
-            self.opt = keras.optimizers.AdamW(
-                learning_rate=o.lr, beta_1=o.betas[0], beta_2=o.betas[1], epsilon=o.eps, weight_decay=o.weight_decay
-            )
+        self.fc_opt = shard_opt.get(o.name, self.fc.weight, weight_decay=o.weight_decay, **o.rule_params())
+        # The backbone's SGD decay is an L2 term of the step's gradient (`_step`); AdamW's is decoupled.
+        decay = {"weight_decay": o.weight_decay} if o.name == "adamw" else {}
+        keras_optimizer = {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW}[o.name]
+        self.opt = keras_optimizer(learning_rate=o.lr, **o.rule_params(), **decay)
         self.opt.build(self.model.trainable_variables)
         # model.variables: weights, batch-norm statistics and the dropout RNG state (checkpointed).
         # Same seed everywhere already; the broadcast makes "identical replicas" a fact, not a hope.

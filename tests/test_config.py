@@ -103,6 +103,7 @@ BAD = [
     ("data: {train: []}", "data.train", "required"),
     ("data: {train: x, val: [a/lfw.bin, b/lfw.bin]}", "data.val", "two sets named 'lfw'"),
     ("data: {train: [x, 3]}", "data.train[1]", "must be a string"),
+    ("data: {train: [a, b]}", "data.train", "one dataset (a directory, manifest, shard file or glob), got 2"),
     ("train: {steps: 10, epochs: 2}", "train.steps", "exactly one of train.steps and train.epochs"),
     ("train: {steps: null}", "train.steps", "exactly one"),
     ("train: {batch_size: 0}", "train.batch_size", "must be >= 1"),
@@ -228,3 +229,20 @@ def test_docs_reference_is_generated_from_the_fields():
         for field in dataclasses.fields(type(getattr(load_config(str(ROOT / "configs/smoke.yaml")), section))):
             if field.name != "params":
                 assert f"`{section}.{field.name}`" in m.group(1)
+
+
+def test_optimizer_parameters_have_one_name_for_both_optimizer_families():
+    """optim.rule_params() builds the shard optimizer and the Keras one alike (no renaming)."""
+    import keras
+    import tensorflow as tf
+
+    from partitioned_fc import optimizer as shard_opt
+
+    w = tf.Variable(tf.zeros([3, 2]))
+    adamw = cfg_lib.OptimConfig(name="adamw", betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)
+    assert adamw.rule_params() == {"beta_1": 0.8, "beta_2": 0.95, "epsilon": 1e-6}
+    assert shard_opt.get("adamw", w, **adamw.rule_params()).get_config()["beta_2"] == 0.95
+    assert keras.optimizers.AdamW(**adamw.rule_params()).get_config()["epsilon"] == 1e-6
+    sgd = cfg_lib.OptimConfig(name="sgd", momentum=0.7, nesterov=True)
+    assert shard_opt.get("sgd", w, **sgd.rule_params()).get_config()["momentum"] == 0.7
+    assert keras.optimizers.SGD(**sgd.rule_params()).get_config()["nesterov"] is True
