@@ -174,6 +174,31 @@ class _Section:
     def _error(self, name: str, message: str) -> ConfigError:
         return ConfigError(f"{self._key}.{name}", message)
 
+    # How a section meets YAML: one definition here, overridden where a section's keys are open.
+    @classmethod
+    def has_key(cls, name: str) -> bool:
+        """Whether `section.name` is a key this section takes."""
+        return name in {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, key: str, value: dict) -> _Section:
+        """The section from its YAML mapping; an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for sub in value:
+            if sub not in known:
+                raise ConfigError(f"{key}.{sub}", f"unknown key; {key} has {sorted(known)}")
+        return cls(**value)
+
+    def to_mapping(self) -> dict:
+        """The section as plain YAML-able data (`from_mapping` gives it back)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def reference_rows(cls, key: str) -> list[str]:
+        """docs/config.md's rows of this section's keys."""
+        hints = typing.get_type_hints(cls)
+        return [_row(f"{key}.{f.name}", f, hints[f.name]) for f in dataclasses.fields(cls)]
+
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -282,6 +307,29 @@ class LossConfig(_Section):
 
     def _check(self) -> None:
         self.margin()
+
+    # Open keys: `name` and whatever parameters the named margin takes (checked by `margin()`).
+    @classmethod
+    def has_key(cls, name: str) -> bool:
+        return True
+
+    @classmethod
+    def from_mapping(cls, key: str, value: dict) -> LossConfig:
+        named = {"name": value["name"]} if "name" in value else {}
+        return cls(**named, params={k: v for k, v in value.items() if k != "name"})
+
+    def to_mapping(self) -> dict:
+        return {"name": self.name, **self.params}
+
+    @classmethod
+    def reference_rows(cls, key: str) -> list[str]:
+        name = next(f for f in dataclasses.fields(cls) if f.name == "name")
+        return [
+            _row(f"{key}.name", name, str),
+            "| `loss.<param>` | per margin | the margin's | Any parameter of the "
+            "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
+            "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |",
+        ]
 
     def margin(self) -> margins_lib.Margin:
         """The `partitioned_fc.margins.Margin` this section describes."""
@@ -524,12 +572,7 @@ class Config(_Section):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, LossConfig):
-                out[f.name] = {"name": value.name, **value.params}
-            elif dataclasses.is_dataclass(value):
-                out[f.name] = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
-            else:
-                out[f.name] = _plain(value)
+            out[f.name] = value.to_mapping() if isinstance(value, _Section) else _plain(value)
         return out
 
     def to_yaml(self) -> str:
@@ -589,17 +632,7 @@ def from_dict(raw: Any) -> Config:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(key, f"must be a mapping of keys, got {value!r}")
-        cls = sections[key]
-        if cls is LossConfig:
-            params = {k: v for k, v in value.items() if k != "name"}
-            named = {"name": value["name"]} if "name" in value else {}
-            kwargs[key] = LossConfig(**named, params=params)
-            continue
-        known = {f.name for f in dataclasses.fields(cls)}
-        for sub in value:
-            if sub not in known:
-                raise ConfigError(f"{key}.{sub}", f"unknown key; {key} has {sorted(known)}")
-        kwargs[key] = cls(**value)
+        kwargs[key] = sections[key].from_mapping(key, value)
     return Config(**kwargs)
 
 
@@ -634,7 +667,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(path) != 2:
             raise ConfigError(dotted, f"unknown key: set one key of the section, e.g. {path[0]}.KEY=VALUE")
         cls = sections[path[0]]
-        if cls is not LossConfig and path[1] not in {f.name for f in dataclasses.fields(cls)}:
+        if not cls.has_key(path[1]):
             raise ConfigError(dotted, f"unknown key; {path[0]} has {sorted(f.name for f in dataclasses.fields(cls))}")
         section = raw.get(path[0])
         if section is not None and not isinstance(section, dict):
@@ -696,16 +729,7 @@ def reference_markdown() -> str:
             lines.append(_row(f.name, f, hints[f.name]))
             continue
         lines.append(f"| **{f.name}** | section | | {f.metadata['doc']} |")
-        sub_hints = typing.get_type_hints(cls)
-        for g in dataclasses.fields(cls):
-            if cls is LossConfig and g.name == "params":
-                lines.append(
-                    "| `loss.<param>` | per margin | the margin's | Any parameter of the "
-                    "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
-                    "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |"
-                )
-                continue
-            lines.append(_row(f"{f.name}.{g.name}", g, sub_hints[g.name]))
+        lines += cls.reference_rows(f.name)
     return "\n".join(lines) + "\n"
 
 
