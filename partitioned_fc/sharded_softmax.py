@@ -5,9 +5,11 @@ margin target written into its entry before any reduction, partial logsumexp sta
 with two small allreduces of `[B]` vectors, and a backward that needs no collective.
 
 Two ways to keep the logits between forward and backward, same numbers (`KeptLogits`,
-`StreamedLogits`):
+`KeptPlainLogits`, `StreamedLogits`):
 - kept (`chunk_size=None`): the exponentials `[B, C_r]` are kept and reused (no recompute);
-  memory O(B·C_r).
+  memory O(B·C_r). Where the margin rewrites negatives (`margins.NegativeRule`: CurricularFace,
+  inter-class filtering) the plain logits are kept instead, since the backward needs the rule's
+  derivative at them.
 - streamed (`chunk_size=K`): the forward keeps a streaming max / sum-exp per sample over blocks of
   K rows; the backward recomputes each block's logits from the global logsumexp. Nothing
   `[B, C_r]` exists.
@@ -23,7 +25,9 @@ Normalized weights are never materialized: z = (s·x) Wᵀ scaled per column by 
 run in `compute_dtype`; logits, softmax statistics and gradients are float32.
 
 The target logit f'_y goes through the margin on the autodiff tape (any margin, its exact
-derivative); everything `[B, C_r]` is differentiated by hand.
+derivative; with the margin's batch context and extra loss term, AdaFace and MagFace);
+everything `[B, C_r]` is differentiated by hand. The tape form with kept logits runs its backward
+as one block without a loop (`backward_whole`).
 """
 
 from __future__ import annotations
