@@ -17,7 +17,7 @@ for workers in 1 2; do
     args=(train --config configs/smoke.yaml --set model.backbone=iresnet50 --set model.embedding_dim=512
           --set data.image_size=112 --set "data.train=$data" --set "data.val=[]" --set data.num_classes=1000
           --set data.shuffle_buffer=500 --set "train.batch_size=$batch" --set "train.steps=$steps"
-          --set train.log_every=4 --set "train.run_dir=$run" --set checkpoint.every=0
+          --set train.log_every=4 --set "train.run_dir=$run" --set checkpoint.every=0 --set optim.warmup_steps=2
           --set eval.interval=0 --set monitoring.port=0 --set "model.precision=$precision")
     if [ "$workers" = 1 ]; then cmd=($bin/pfc "${args[@]}"); else
       cmd=($bin/horovodrun -np 2 -H localhost:2 --gloo $bin/pfc "${args[@]}"); fi
