@@ -181,23 +181,43 @@ def verification_series(run: RunLog) -> dict[str, dict[str, list[tuple]]]:
     return out
 
 
+# The verification figure's panels: (series key, panel title, y label).
+_PANELS = (
+    ("accuracy", "verification accuracy", "10-fold accuracy (± fold std)"),
+    ("tar", "TAR at the evaluation FAR", "TAR"),
+)
+
+
 def _plot_verification(plt, series: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (panel, ylabel) in zip(
-        axes, (("accuracy", "10-fold accuracy (± fold std)"), ("tar", "TAR at the evaluation FAR"))
-    ):
-        for i, (label, points) in enumerate(series[panel].items()):
-            xs, ys, std = zip(*points)
-            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=label)
-            if panel == "accuracy" and all(v is not None for v in std):
-                ax.fill_between(
-                    xs, [y - d for y, d in zip(ys, std)], [y + d for y, d in zip(ys, std)], color=f"C{i}", alpha=0.2
-                )
-        ax.set(xlabel="step", ylabel=ylabel, title=f"{title}: {panel}")
+    for ax, (panel, name, ylabel) in zip(axes, _PANELS):
+        ax.set(xlabel="step", ylabel=ylabel, title=f"{title}: {name}")
         ax.grid(alpha=0.3)
+        if not series[panel]:  # every TAR was n/a: the sets have too few impostor pairs for the FAR
+            ax.text(
+                0.5,
+                0.5,
+                "not measurable: the sets have too few\nimpostor pairs for this FAR (eval.far)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
+            continue
+        _draw_series(ax, panel, series[panel])
         ax.legend(loc="best", fontsize="small")
     _save(fig, path)
     plt.close(fig)
+
+
+def _draw_series(ax, panel: str, series: dict) -> None:
+    """One line per set (accuracy: with its ± fold std as error bars)."""
+    for i, (label, points) in enumerate(series.items()):
+        xs, ys, std = zip(*points)
+        ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=label)
+        if panel == "accuracy" and all(v is not None for v in std):
+            # error bars, not a band: one evaluation (a short run) is a single point
+            ax.errorbar(xs, ys, yerr=std, fmt="none", ecolor=f"C{i}", elinewidth=1, capsize=3, alpha=0.6)
 
 
 def summary(run: RunLog) -> str:

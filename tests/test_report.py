@@ -86,3 +86,31 @@ def test_bad_log_names_file_and_line(tmp_path, capsys, lines, message):
 def test_missing_log_is_named(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert f"{tmp_path / 'nope' / 'log.jsonl'}: no such file" in capsys.readouterr().err
+
+
+def test_a_tar_that_no_set_could_measure_is_said_not_drawn_empty(tmp_path, monkeypatch):
+    """Small sets log TAR as null (the FAR needs more impostor pairs): the TAR panel says so
+    instead of showing empty axes and an empty legend."""
+    from launch import report
+
+    lines = [
+        json.dumps(
+            {"time": 1.0, "step": 5, "epoch": 0.1, "loss": 3.0, "accuracy": 0.1, "lr": 0.1, "samples_per_sec": 100.0}
+        ),
+        json.dumps(
+            {
+                "time": 2.0,
+                "step": 5,
+                "eval": {"verification": {"accuracy": 0.9, "accuracy_std": 0.05, "tar@far=0.001": None}},
+            }
+        ),
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append((fig, path)))
+    report.plot(read_log(tmp_path / "log.jsonl"), tmp_path / "out", "run")
+    fig = next(f for f, p in figures if p.name == "verification.png")
+    accuracy, tar = fig.axes
+    assert accuracy.get_legend() is not None and accuracy.lines
+    assert tar.get_legend() is None and not tar.lines
+    assert any("not measurable" in t.get_text() for t in tar.texts)
