@@ -166,20 +166,14 @@ def _locked(cfg: Config, comm):
 
 
 def _train(cfg: Config, comm, data, steps_per_epoch, num_classes) -> dict:
-    from launch.trainer import Trainer, TrainingError
+    from launch.trainer import Trainer
 
     log = _Log(cfg, comm.rank)
-    pipe = None
-    if data is None:
-        pipe = _open(cfg, comm, start_epoch=0)
-        steps_per_epoch = pipe.steps_per_epoch
-        num_classes = pipe.manifest.num_classes
-        if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
-            raise TrainingError(
-                f"data.num_classes is {cfg.data.num_classes} but the dataset "
-                f"{cfg.data.train[0]} has {num_classes} classes"
-            )
-    trainer = Trainer(cfg, comm, num_classes=num_classes, augment=pipe.augment if pipe is not None else None)
+    pipe, augment = None, None
+    if data is None:  # what the data holds, from its manifest: the pipeline is opened once, below
+        steps_per_epoch, num_classes = _data_shape(cfg, comm)
+        augment = _augmenter(cfg, comm)
+    trainer = Trainer(cfg, comm, num_classes=num_classes, augment=augment)
     if comm.rank == 0:
         _remove_partial(cfg.checkpoint_dir, log)
     resume = _resume(trainer, log)
@@ -534,6 +528,33 @@ class _Loop:
             f"killed or its host went away; the launcher's output names it): the job cannot go on. "
             f"{self._resume_note()}"
         )
+
+
+def _data_shape(cfg: Config, comm) -> tuple[int, int]:
+    """-> (batches per epoch, classes) of the training data, read from its manifest."""
+    from launch.trainer import TrainingError
+    from pipelines import reader
+
+    manifest, plan = reader.worker_plan(cfg.data.train[0], cfg.train.batch_size, comm.rank, comm.size)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise TrainingError(
+            f"data.num_classes is {cfg.data.num_classes} but the dataset "
+            f"{cfg.data.train[0]} has {manifest.num_classes} classes"
+        )
+    return plan.steps_per_epoch, manifest.num_classes
+
+
+def _augmenter(cfg: Config, comm):
+    """This worker's training augmentation, (uint8 images, global step) -> float32, as the
+    pipeline's `augment` applies it (run inside the compiled step)."""
+    from pipelines import reader
+
+    seed = reader.worker_seed(cfg.seed, comm.rank)
+
+    def augment(images, step):
+        return reader.augment(images, seed, step, flip=cfg.data.flip)
+
+    return augment
 
 
 def _open(cfg: Config, comm, start_epoch: int):

@@ -128,6 +128,19 @@ def plan_shards(files: list[str], counts: list[int], rank: int, size: int, batch
     )
 
 
+def worker_plan(path: str, batch_size: int, rank: int = 0, size: int = 1) -> tuple[schema.Manifest, ShardPlan]:
+    """What worker `rank` of `size` would read of the dataset at `path`, without building a
+    pipeline: its manifest and shard plan (`plan.steps_per_epoch`, the same on every worker)."""
+    _, manifest, files, counts = resolve(path)
+    return manifest, plan_shards(files, counts, rank, size, batch_size)
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """Worker `rank`'s base seed of shuffles and flips: workers differ, reproducibly; kept below
+    2**31 so the per-epoch seeds derived from it fit in int64 for any seed."""
+    return (seed * 1_000_003 + rank) % (2**31 - 1)
+
+
 def resolve(path: str) -> tuple[str, schema.Manifest, list[str], list[int]]:
     """A dataset directory, its manifest.json, one shard file or a glob of shard files ->
     (directory, manifest, shard paths, record counts), in manifest order."""
@@ -243,10 +256,9 @@ def open_dataset(
       share (`pipelines.threads.cores_per_worker(local_size)`): pools of all cores each
       oversubscribe the host.
     """
-    _, manifest, files, counts = resolve(path)
-    plan = plan_shards(files, counts, rank, size, batch_size)
+    manifest, plan = worker_plan(path, batch_size, rank, size)
     if plan.record_level:
-        _warn_record_level(path, files, size)
+        _warn_record_level(path, list(plan.files), size)
     ctx = reader_context(
         manifest,
         plan,
@@ -376,9 +388,7 @@ def reader_context(
         # window rather than once per batch (fewer thread switches on the decoders' cores), and
         # the windows are cut into batches without a copy.
         window_batches=max(1, -(-shuffle_buffer // batch_size)),
-        # Workers shuffle differently, reproducibly; kept below 2**31 so the per-epoch seeds
-        # derived from it fit in int64 for any seed.
-        base_seed=(seed * 1_000_003 + rank) % (2**31 - 1),
+        base_seed=worker_seed(seed, rank),
         cycle=max(1, min(cycle_length, len(plan.files))),
         cores=threads or os.cpu_count() or 1,
         # Bytes per read: object storage answers each read with a request, so larger ones there.

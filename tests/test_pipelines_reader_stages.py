@@ -195,3 +195,14 @@ def test_tolerant_batches_skip_count_and_refill(tmp_path):
     # 10 readable records: 3 whole batches, then one refilled from a second pass
     assert not {1, 7} & set(labels) and len(set(labels[:9])) == 9 and set(labels[9:]) <= set(labels[:9]) | {11}
     assert ctx.corrupt_records.numpy() == 2  # the refill pass does not count
+
+
+def test_worker_plan_and_seed_are_what_the_pipeline_uses(tmp_path):
+    """The training loop learns steps per epoch and classes from worker_plan (no pipeline built)
+    and augments with worker_seed: both must be the opened pipeline's."""
+    write_indexed(str(tmp_path), [20, 13, 7])
+    for rank, size in ((0, 1), (1, 2), (2, 3)):
+        manifest, plan = reader.worker_plan(str(tmp_path), 4, rank, size)
+        pipe = reader.open_dataset(str(tmp_path), 4, rank=rank, size=size, seed=5)
+        assert plan == pipe.plan and manifest.num_classes == pipe.manifest.num_classes
+        assert reader.worker_seed(5, rank) == pipe.seed
