@@ -73,60 +73,91 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it normalized (int -> float, list -> tuple)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own message, mentioning null
-            try:
-                return _coerce(value, options[0], key)
-            except ConfigError as e:
-                raise ConfigError(e.key, e.message.replace(", got", " or null, got", 1)) from None
-        for arg in options:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) or value not in args:
-            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = args
-        if isinstance(value, str):  # a single path where a list is expected
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"must be a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(key, f"must be a list of {len(args)} values ({_type_name(tp)}), got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(key, f"must be a mapping of names to values, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(key, f"must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
+    origin = typing.get_origin(tp)
+    if origin in _GENERIC:
+        return _GENERIC[origin](value, tp, key)
+    if tp in _SCALAR:
+        return _SCALAR[tp](value, key)
     raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _as_union(value: Any, tp: Any, key: str) -> Any:
+    """Optional[X] (X's own message, mentioning null) or the first alternative that fits."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:
+        try:
+            return _coerce(value, options[0], key)
+        except ConfigError as e:
+            raise ConfigError(e.key, e.message.replace(", got", " or null, got", 1)) from None
+    for arg in options:
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError:
+            pass
+    raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+
+
+def _as_literal(value: Any, tp: Any, key: str) -> Any:
+    args = typing.get_args(tp)
+    if isinstance(value, bool) or value not in args:
+        raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
+    return value
+
+
+def _as_list(value: Any, tp: Any, key: str) -> list:
+    (item,) = typing.get_args(tp)
+    if isinstance(value, str):  # a single path where a list is expected
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"must be a list of {_type_name(item)}, got {value!r}")
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _as_tuple(value: Any, tp: Any, key: str) -> tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)) or len(value) != len(args):
+        raise ConfigError(key, f"must be a list of {len(args)} values ({_type_name(tp)}), got {value!r}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _as_mapping(value: Any, key: str) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"must be a mapping of names to values, got {value!r}")
+    return dict(value)
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be finite, got {value!r}")
+    return float(value)
+
+
+def _as_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    return value
+
+
+# The annotations config fields use, each with its check.
+_GENERIC = {typing.Union: _as_union, Literal: _as_literal, list: _as_list, tuple: _as_tuple}
+_SCALAR = {dict: _as_mapping, bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
 
 
 def _check_bounds(value: Any, meta: dict, key: str) -> None:
