@@ -97,10 +97,10 @@ class KeptLogits:
     m: tf.Tensor
     block: int = BACKWARD_BLOCK
 
-    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, *, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         coeff = d_loss * tf.exp(self.m - fwd.lse)  # e · coeff = softmax · d_loss
-        return _kept_grads(self.e, pos, coeff, fwd.x_s, weight, rows, block_label, normalize)
+        return _kept_grads(self.e, pos, coeff, fwd.x_s, weight, rows, block_label, normalize=normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +111,21 @@ class KeptPlainLogits:
     z: tf.Tensor
     block: int = BACKWARD_BLOCK
 
-    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, *, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         neg = fwd.negatives
         return _kept_plain_grads(
-            self.z, pos, fwd.lse, d_loss, fwd.x_s, weight, rows, block_label, normalize, neg.rule, neg.ctx
+            self.z,
+            pos,
+            fwd.lse,
+            d_loss,
+            fwd.x_s,
+            weight,
+            rows,
+            block_label,
+            normalize=normalize,
+            rule=neg.rule,
+            ctx=neg.ctx,
         )
 
 
@@ -125,11 +135,13 @@ class StreamedLogits:
 
     block: int
 
-    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, normalize: bool):
+    def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, *, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
         del pos
         rule, ctx = _rule_and_ctx(fwd.negatives)
-        return _streamed_grads(fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize, rule, ctx)
+        return _streamed_grads(
+            fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize=normalize, rule=rule, ctx=ctx
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +183,12 @@ def forward(
     with tf.name_scope("fc_forward"):  # names the kernels in a profile (bench/fc_profile.py)
         if chunk_size is None:
             s_loc, m_loc, plain_max, plain_t, kept = _kept_forward(
-                x_s, source.weight, source.index, target.value, local_label, normalize, rule, ctx
+                x_s, source.weight, source.index, target.value, local_label, normalize=normalize, rule=rule, ctx=ctx
             )
             logits = KeptLogits(kept, m_loc) if rule is None else KeptPlainLogits(kept)
         else:
             s_loc, m_loc, plain_max, plain_t = _streamed_forward(
-                x_s, source, target.value, local_label, normalize, chunk_size, rule, ctx
+                x_s, source, target.value, local_label, normalize=normalize, chunk_size=chunk_size, rule=rule, ctx=ctx
             )
             logits = StreamedLogits(chunk_size)
     maxes = comm.allreduce_max(tf.stack([m_loc, plain_max]))
@@ -250,8 +262,8 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: RowSink, 
         rows = source.rows(pos)
         ll = _chunk_label(target.local_label, start, tf.shape(pos)[0])
         with tf.name_scope("fc_grads"):
-            dx_c, pw = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, normalize)
-        return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize)
+            dx_c, pw = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, normalize=normalize)
+        return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize=normalize)
 
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, block),
@@ -269,9 +281,11 @@ def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: m
     d_t, dw_rows = _target_grads(fwd, d_loss)
     normalize = margin.normalize_weights
     with tf.name_scope("fc_grads"):
-        dx_s, pw = fwd.logits.grads(fwd, source.weight, source.index, None, target.local_label, d_loss, normalize)
+        dx_s, pw = fwd.logits.grads(
+            fwd, source.weight, source.index, None, target.local_label, d_loss, normalize=normalize
+        )
     with tf.name_scope("fc_row_grad"):
-        g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize)
+        g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize=normalize)
     return _dx(fwd, margin, d_t, dx_s, d_loss), g
 
 
@@ -303,7 +317,7 @@ def _dx(fwd: Forward, margin, d_t, dx_s, d_loss):
 # --------------------------------------------------------------------------------------------
 class RowSink:
     """Consumes one block: `sink(state, rows [k], pw [k, D], block_label [B], dw_rows [B, D],
-    normalize) -> state`; pw is the gradient through the logits before the radial correction.
+    *, normalize) -> state`; pw is the gradient through the logits before the radial correction.
     `block`: rows per block it wants (None: the logits' own block size)."""
 
     block: int | None = None
@@ -316,9 +330,9 @@ class RowGradients(RowSink):
         self.weight = weight
         self.block = block
 
-    def __call__(self, blocks, rows, pw, block_label, dw_rows, normalize):
+    def __call__(self, blocks, rows, pw, block_label, dw_rows, *, normalize: bool):
         with tf.name_scope("fc_row_grad"):
-            g = _row_grad_kernel(pw, self.weight, rows, block_label, dw_rows, normalize)
+            g = _row_grad_kernel(pw, self.weight, rows, block_label, dw_rows, normalize=normalize)
         return blocks.write(blocks.size(), g)
 
 
@@ -336,10 +350,10 @@ class RowUpdates(RowSink):
     def __init__(self, weight: tf.Variable, slots: Sequence[tf.Variable], rule: RowRule, lr):
         self.weight, self.slots, self.rule, self.lr = weight, tuple(slots), rule, lr
 
-    def __call__(self, count, rows, pw, block_label, dw_rows, normalize):
+    def __call__(self, count, rows, pw, block_label, dw_rows, *, normalize: bool):
         with tf.name_scope("fc_update"):
             w, slots = _update_kernel(
-                pw, self.weight, self.slots, rows, block_label, dw_rows, self.lr, self.rule, normalize
+                pw, self.weight, self.slots, rows, block_label, dw_rows, self.lr, self.rule, normalize=normalize
             )
             writes = [_scatter(var, rows, v) for var, v in zip((self.weight, *self.slots), (w, *slots))]
         with tf.control_dependencies(writes):
@@ -409,7 +423,7 @@ def _num_chunks(source: RowSource, chunk_size):
     return (source.n + chunk_size - 1) // chunk_size
 
 
-def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size, rule, ctx):
+def _streamed_forward(x_s, source, target, local_label, *, normalize: bool, chunk_size: int, rule, ctx):
     """Streaming max / sum-exp over blocks of rows: the [B, n] logits never exist."""
     b = tf.shape(target)[0]
     neg_inf = tf.fill([b], float("-inf"))
@@ -417,7 +431,9 @@ def _streamed_forward(x_s, source, target, local_label, normalize, chunk_size, r
     def body(c, s, m, pmax, pt):
         start, pos = _chunk_bounds(source, c, chunk_size)
         ll = _chunk_label(local_label, start, tf.shape(pos)[0])
-        s_c, m_c, pmax_c, pt_c = _streamed_stats(x_s, source.weight, source.rows(pos), target, ll, normalize, rule, ctx)
+        s_c, m_c, pmax_c, pt_c = _streamed_stats(
+            x_s, source.weight, source.rows(pos), target, ll, normalize=normalize, rule=rule, ctx=ctx
+        )
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
         return c + 1, s, m_new, tf.maximum(pmax, pmax_c), pt + pt_c
@@ -445,7 +461,7 @@ def _inv_norm(w32):
     return tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(w32), axis=1), 1e-12))
 
 
-def _logits(x_s, w, normalize: bool):
+def _logits(x_s, w, *, normalize: bool):
     """[B, D] (compute dtype), [k, D] (param dtype) -> float32 logits [B, k], 1/|w_j| [k] or None."""
     z = tf.cast(tf.matmul(x_s, tf.cast(w, x_s.dtype), transpose_b=True), tf.float32)
     if not normalize:
@@ -454,11 +470,11 @@ def _logits(x_s, w, normalize: bool):
     return z * inv[None, :], inv
 
 
-def _block_stats(x_s, w, t, local_label, normalize: bool, rule=None, ctx=None):
+def _block_stats(x_s, w, t, local_label, *, normalize: bool, rule=None, ctx=None):
     """One block's logits, the negatives through `rule` (if any) and the target entry replaced
     -> (e [B, k] = exp(f' − m), or the plain logits z [B, k] where there is a rule) and the row
     statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
-    z, _ = _logits(x_s, w, normalize)
+    z, _ = _logits(x_s, w, normalize=normalize)
     is_t = _target_mask(local_label, tf.shape(w)[0])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
@@ -469,16 +485,16 @@ def _block_stats(x_s, w, t, local_label, normalize: bool, rule=None, ctx=None):
 
 
 @tf.function(jit_compile=True)
-def _kept_forward(x_s, weight, rows, t, local_label, normalize: bool, rule, ctx):
+def _kept_forward(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx):
     """All rows taking part in one block -> (Σ e, m, plain max, plain target, kept [B, n])."""
-    kept, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize, rule, ctx)
+    kept, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize=normalize, rule=rule, ctx=ctx)
     return stats + (kept,)
 
 
 @tf.function(jit_compile=True)
-def _streamed_stats(x_s, weight, rows, t, local_label, normalize: bool, rule, ctx):
+def _streamed_stats(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx):
     """One block of rows -> (Σ e, m, plain max, plain target); its logits are dropped."""
-    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize, rule, ctx)[1]
+    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize=normalize, rule=rule, ctx=ctx)[1]
 
 
 def _softmax_of_negatives(z, lse, d_loss, rule, ctx):
@@ -490,7 +506,7 @@ def _softmax_of_negatives(z, lse, d_loss, rule, ctx):
     return tf.exp(f - lse[:, None]) * d_loss[:, None] * dfdz
 
 
-def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
+def _dz_matmuls(p, local_label, x_s, w, *, normalize: bool):
     """Softmax·d_loss p [B, k] -> dL/dx_s [B, D], logits part of dL/dw [k, D]; the target entry's
     gradient goes to f'_y instead (`backward`)."""
     is_t = _target_mask(local_label, tf.shape(w)[0])
@@ -504,28 +520,28 @@ def _dz_matmuls(p, local_label, x_s, w, normalize: bool):
 
 
 @tf.function(jit_compile=True)
-def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, normalize: bool):
+def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, *, normalize: bool):
     """Kept exponentials e [B, n], this block's positions pos [k] (None: all), coeff [B] =
     d_loss·exp(m − lse)."""
     p = _block_columns(e, pos) * coeff[:, None]
-    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
+    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize=normalize)
 
 
 @tf.function(jit_compile=True)
-def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, normalize: bool, rule, ctx):
+def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, *, normalize: bool, rule, ctx):
     """Kept plain logits z [B, n], this block's positions pos [k] -> as `_kept_grads`."""
     p = _softmax_of_negatives(_block_columns(z, pos), lse, d_loss, rule, ctx)
-    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize)
+    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize=normalize)
 
 
 @tf.function(jit_compile=True)
-def _streamed_grads(x_s, weight, rows, local_label, lse, d_loss, normalize: bool, rule, ctx):
+def _streamed_grads(x_s, weight, rows, local_label, lse, d_loss, *, normalize: bool, rule, ctx):
     """Recompute one block's softmax from the global lse, then as `_kept_grads` (the target
     entries' values do not matter: `_dz_matmuls` drops them)."""
     w = _read_rows(weight, rows)
-    z, _ = _logits(x_s, w, normalize)
+    z, _ = _logits(x_s, w, normalize=normalize)
     p = _softmax_of_negatives(z, lse, d_loss, rule, ctx)
-    return _dz_matmuls(p, local_label, x_s, w, normalize)
+    return _dz_matmuls(p, local_label, x_s, w, normalize=normalize)
 
 
 def _block_columns(kept, pos):
@@ -533,7 +549,7 @@ def _block_columns(kept, pos):
     return kept if pos is None else tf.gather(kept, pos, axis=1)
 
 
-def _row_grad(pw, w, local_label, dw_rows, normalize: bool):
+def _row_grad(pw, w, local_label, dw_rows, *, normalize: bool):
     """The block's exact row gradient [k, D]: the radial correction of the logits part (normalized
     rows) plus the target path's label-row gradients [B, D] (block_label [B]: -1 elsewhere)."""
     if normalize:
@@ -546,17 +562,17 @@ def _row_grad(pw, w, local_label, dw_rows, normalize: bool):
 # Their own kernels: XLA fuses a row reduction placed after a matmul into the matmul and loses the
 # fast one (measured 1.6x slower).
 @tf.function(jit_compile=True)
-def _row_grad_kernel(pw, weight, rows, local_label, dw_rows, normalize: bool):
+def _row_grad_kernel(pw, weight, rows, local_label, dw_rows, *, normalize: bool):
     """-> the block's row gradient [k, D] float32."""
     w = tf.cast(_read_rows(weight, rows), tf.float32)
-    return _row_grad(pw, w, local_label, dw_rows, normalize)
+    return _row_grad(pw, w, local_label, dw_rows, normalize=normalize)
 
 
 @tf.function(jit_compile=True)
-def _update_kernel(pw, weight, slots, rows, local_label, dw_rows, lr, rule, normalize: bool):
+def _update_kernel(pw, weight, slots, rows, local_label, dw_rows, lr, rule, *, normalize: bool):
     """-> the block's rows and slots after `rule`, float32 ([k, D], tuple of [k, ...])."""
     w = tf.cast(_read_rows(weight, rows), tf.float32)
-    g = _row_grad(pw, w, local_label, dw_rows, normalize)
+    g = _row_grad(pw, w, local_label, dw_rows, normalize=normalize)
     state = tuple(tf.cast(_read_rows(s, rows), tf.float32) for s in slots)
     return rule(w, g, state, tf.cast(lr, tf.float32))
 
