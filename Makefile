@@ -41,7 +41,7 @@ setup: record-reader
 record-reader: $(VENV)/.stamp
 	$(PY) -m pipelines.record_blocks
 
-test: setup test-tools fonts-test onnx
+test: setup test-tools fonts-test onnx lint
 	$(VENV)/bin/pytest -q
 
 # ONNX export (pfc export --onnx): tf2onnx and onnxruntime in the same environment. No root.
