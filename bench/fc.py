@@ -158,9 +158,11 @@ class _Run:
 
     @property
     def rows(self) -> int:
-        """The rows taking part in a step: all of the shard, or the sampled share."""
+        """The rows taking part in a step: all of the shard, or the sampled share (g rows per
+        class: Sub-center ArcFace's sub-centers)."""
         rows = self.fc.num_local_classes
-        return rows if self.args.sample_rate == 1.0 else max(1, int(self.args.sample_rate * rows))
+        classes = rows if self.args.sample_rate == 1.0 else max(1, int(self.args.sample_rate * rows))
+        return classes * self.fc.rows_per_class
 
     def state_bytes(self) -> int:
         return sum(v.shape.num_elements() * v.dtype.size for v in (self.fc.weight, *self.opt.state().values()))

@@ -34,6 +34,11 @@ HEADS = {
     "cosface": {"name": "cosface", "scale": 64.0, "margin": 0.4},
     "arcface": {"name": "arcface", "scale": 64.0, "margin": 0.5},
     "combined": {"name": "combined", "scale": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
+    "curricularface": {"name": "curricularface", "scale": 64.0, "margin": 0.5},
+    "adaface": {"name": "adaface", "scale": 64.0, "margin": 0.4, "h": 0.333},
+    "magface": {"name": "magface", "scale": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0},
+    "subcenter_arcface": {"name": "subcenter_arcface", "scale": 64.0, "margin": 0.5, "k": 3},
+    "sphereface2": {"name": "sphereface2", "scale": 40.0, "margin": 0.4, "lam": 0.7, "t": 3.0, "loss_weight": 50.0},
 }
 
 

@@ -53,6 +53,20 @@ class _Seeds:
         return keras.initializers.GlorotUniform(seed=self())
 
 
+def from_config(cfg, precision: str = "float32") -> keras.Model:
+    """The backbone a `launch.config.Config` describes (model section, image size, seed)."""
+    m = cfg.model
+    return build_backbone(
+        m.backbone,
+        cfg.data.image_size,
+        m.embedding_dim,
+        m.dropout,
+        seed=cfg.seed,
+        batch_norm=m.batch_norm,
+        precision=precision,
+    )
+
+
 def build_backbone(
     name: str,
     image_size: int = 112,

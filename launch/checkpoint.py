@@ -61,15 +61,18 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class FCState:
-    """What a worker checkpoints of the model-parallel layer: its class range, the shard, the
-    optimizer's row-aligned state variables, its small local state (the sampler) and the
-    margin's running statistics (the same on every worker: kept once, in the manifest)."""
+    """What a worker checkpoints of the model-parallel layer: the rows of the class matrix it
+    holds (`class_range`: (g·start, g·end) with g rows per class, Sub-center ArcFace's
+    sub-centers; classes when g = 1), the shard, the optimizer's row-aligned state variables, its
+    small local state (the sampler) and the margin's running statistics (the same on every
+    worker: kept once, in the manifest)."""
 
     class_range: tuple[int, int]
     weight: tf.Variable
     slots: dict[str, tf.Variable]
     sampler: tf.random.Generator | None = None
     margin_state: dict[str, tf.Variable] = field(default_factory=dict)
+    rows_per_class: int = 1
 
 
 def checkpoint_name(step: int) -> str:
@@ -219,6 +222,7 @@ def _manifest(
             "slots": {k: v.dtype.name for k, v in fc.slots.items()},
             "shards": shards,
             "margin_state": {k: v.numpy().tolist() for k, v in fc.margin_state.items()},
+            "rows_per_class": fc.rows_per_class,
         },
         "backbone": {
             "variables": [getattr(v, "path", v.name) for v in backbone_vars],
@@ -531,6 +535,12 @@ def _restore(
 
 
 def _check_slots(path: str, info: dict, fc: FCState) -> None:
+    saved_g = info.get("rows_per_class", 1)
+    if saved_g != fc.rows_per_class:
+        raise CheckpointError(
+            f"{path}: the class matrix has {saved_g} row(s) per class (sub-centers) but this run's margin "
+            f"has {fc.rows_per_class}; resume with the same loss (loss.k)"
+        )
     if set(info["slots"]) != set(fc.slots):
         raise CheckpointError(
             f"{path}: the class matrix's optimizer state is {sorted(info['slots']) or 'none'} but this "
@@ -559,8 +569,14 @@ def restore_backbone(path: str, backbone_vars: Sequence[tf.Variable]) -> dict:
     return manifest
 
 
+def rows_per_class(path: str) -> int:
+    """Rows per class of a checkpoint's class matrix (Sub-center ArcFace's k; else 1)."""
+    return int(read_manifest(path)["fc"].get("rows_per_class", 1))
+
+
 def class_blocks(path: str, rows: int = _BLOCK_ROWS):
-    """Yield (first class, weight rows float32 [n, D]) of a checkpoint's class matrix, in class order.
+    """Yield (first row, weight rows float32 [n, D]) of a checkpoint's class matrix, in row order
+    (class c's rows are g·c .. g·c + g − 1, g = `rows_per_class(path)`).
 
     Every weight file is verified before the first block.
     """

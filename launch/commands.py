@@ -48,6 +48,14 @@ COMMANDS: dict[str, Command] = {
             "pfc embed models/fonts data/fonts64/closed closed.npy --flip-sum",
         ),
     ),
+    "clean": Command(
+        "launch.clean",
+        "list training samples far from their class's dominant sub-center (noisy labels)",
+        (
+            "pfc clean --config configs/fonts.yaml noisy.tsv",
+            "pfc clean --config configs/fonts.yaml --threshold 60 --data data/fonts64/train noisy.tsv",
+        ),
+    ),
     "data": Command(
         "launch.data_cli",
         "datasets: synthetic identities, typefaces, inspection",

@@ -358,8 +358,9 @@ class LossConfig(_Section):
         return [
             _row(f"{key}.name", name, str),
             "| `loss.<param>` | per margin | the margin's | Any parameter of the "
-            "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, and on every margin with normalized "
-            "weights `interclass_filtering_threshold` (0: off; docs/margins.md). |",
+            "chosen margin, e.g. `scale`, `margin`, `m1`, `lambda_`, `k` (Sub-center ArcFace's sub-centers "
+            "per class), and on every margin with normalized weights `interclass_filtering_threshold` "
+            "(0: off; docs/margins.md). |",
         ]
 
     def margin(self) -> margins_lib.Margin:

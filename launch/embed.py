@@ -48,8 +48,8 @@ def folder_images(folder: str) -> Iterator[tuple[str, bytes]]:
                     yield os.path.relpath(path, folder), f.read()
 
 
-def record_images(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, JPEG bytes) of every record of a dataset, in shard order."""
+def dataset_records(path: str) -> Iterator[tuple[str, int, dict]]:
+    """(shard file, index in it, parsed features) of every record of a dataset, in shard order."""
     import tensorflow as tf
 
     from pipelines import reader, schema
@@ -57,9 +57,16 @@ def record_images(path: str) -> Iterator[tuple[str, bytes]]:
     _, _, files, _ = reader.resolve(path)
     for file in files:
         for i, raw in enumerate(tf.data.TFRecordDataset(file)):
-            ex = tf.io.parse_single_example(raw, schema.feature_spec(with_identity=True))
-            source = ex[schema.SOURCE_KEY].numpy().decode("utf-8", "replace")
-            yield source or f"{os.path.basename(file)}:{i}", ex[schema.IMAGE_KEY].numpy()
+            yield file, i, tf.io.parse_single_example(raw, schema.feature_spec(with_identity=True))
+
+
+def record_images(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, JPEG bytes) of every record of a dataset, in shard order."""
+    from pipelines import schema
+
+    for file, i, ex in dataset_records(path):
+        source = ex[schema.SOURCE_KEY].numpy().decode("utf-8", "replace")
+        yield source or f"{os.path.basename(file)}:{i}", ex[schema.IMAGE_KEY].numpy()
 
 
 def batches(items: Iterator[tuple[str, bytes]], size: int) -> Iterator[tuple[list[str], np.ndarray]]:

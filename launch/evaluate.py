@@ -43,9 +43,16 @@ def evaluate(
 
 
 def closed_top1(
-    embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, class_blocks, *, batch_size: int
+    embed: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_blocks,
+    *,
+    batch_size: int,
+    rows_per_class: int = 1,
 ) -> float:
-    """Top-1 accuracy of argmax_c cos(embedding, W_c) over class-matrix blocks (start, [n, D])."""
+    """Top-1 accuracy of argmax_c cos(embedding, W_c) over class-matrix blocks (first row, [n, D]);
+    with g rows per class (sub-centers), a class's score is its best row's."""
     emb = np.concatenate([embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     best = np.full(len(emb), -np.inf)
@@ -55,7 +62,7 @@ def closed_top1(
         better = cos.max(1) > best
         arg[better] = start + cos.argmax(1)[better]
         best = np.maximum(best, cos.max(1))
-    return float(np.mean(arg == labels)) if len(labels) else float("nan")
+    return float(np.mean(arg // rows_per_class == labels)) if len(labels) else float("nan")
 
 
 def summary_line(results: dict[str, dict], far: float) -> str:
@@ -119,8 +126,8 @@ def uint8_embed(model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from launch import backbones
     from launch import checkpoint as ckpt
-    from launch.backbones import build_backbone
     from launch.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -136,14 +143,7 @@ def run_eval(args: argparse.Namespace) -> int:
     sets_paths = cfg.eval_sets()
     if not sets_paths and not args.ijb:
         raise SystemExit("pfc eval: the config lists no verification sets (data.val) and no --ijb was given")
-    model = build_backbone(
-        cfg.model.backbone,
-        cfg.data.image_size,
-        cfg.model.embedding_dim,
-        cfg.model.dropout,
-        seed=cfg.seed,
-        batch_norm=cfg.model.batch_norm,
-    )
+    model = backbones.from_config(cfg)
     ckpt.restore_backbone(path, model.variables)
     sets = load_sets(sets_paths, cfg.data.image_size)
     embed = lambda x: model(x, training=False).numpy()  # noqa: E731
@@ -156,7 +156,14 @@ def run_eval(args: argparse.Namespace) -> int:
         from pipelines.verification import load_labelled
 
         images, labels = load_labelled(cfg.data.closed, (cfg.data.image_size,) * 2)
-        out["closed_top1"] = closed_top1(embed, images, labels, ckpt.class_blocks(path), batch_size=cfg.eval.batch_size)
+        out["closed_top1"] = closed_top1(
+            embed,
+            images,
+            labels,
+            ckpt.class_blocks(path),
+            batch_size=cfg.eval.batch_size,
+            rows_per_class=ckpt.rows_per_class(path),
+        )
         line += f"  closed-set top-1 {out['closed_top1']:.4f} ({len(labels)} images)"
     if args.ijb:
         from launch import ijb

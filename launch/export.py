@@ -106,22 +106,15 @@ class Embedder(tf.Module):
 
 def load_backbone(checkpoint: str):
     """-> (the checkpoint's backbone, its training image size), rebuilt from the manifest's config."""
+    from launch import backbones
     from launch import checkpoint as ckpt
-    from launch.backbones import build_backbone
     from launch.config import from_dict
 
     manifest = ckpt.read_manifest(checkpoint)
     if "config" not in manifest:
         raise ckpt.CheckpointError(f"{checkpoint}: the manifest holds no config to rebuild the backbone")
     cfg = from_dict(manifest["config"])
-    model = build_backbone(
-        cfg.model.backbone,
-        cfg.data.image_size,
-        cfg.model.embedding_dim,
-        cfg.model.dropout,
-        seed=cfg.seed,
-        batch_norm=cfg.model.batch_norm,
-    )
+    model = backbones.from_config(cfg)
     ckpt.restore_backbone(checkpoint, model.variables)
     return model, cfg.data.image_size
 

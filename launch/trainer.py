@@ -25,8 +25,8 @@ import tensorflow as tf
 
 import cluster as cluster_lib
 import partitioned_fc
+from launch import backbones
 from launch import checkpoint as ckpt
-from launch.backbones import build_backbone
 from launch.config import Config
 from launch.schedule import learning_rate
 from partitioned_fc import optimizer as shard_opt
@@ -93,15 +93,7 @@ class Trainer:
         if self.num_classes < 1:
             raise TrainingError("the number of classes is unknown: set data.num_classes or open a dataset")
         # No global seed: every initializer and RNG is seeded explicitly from cfg.seed.
-        self.model = build_backbone(
-            cfg.model.backbone,
-            cfg.data.image_size,
-            cfg.model.embedding_dim,
-            cfg.model.dropout,
-            seed=cfg.seed,
-            batch_norm=cfg.model.batch_norm,
-            precision=cfg.model.precision,
-        )
+        self.model = backbones.from_config(cfg, precision=cfg.model.precision)
         self.loss_scale = LossScale() if cfg.model.precision == "mixed_float16" else None
         self.fc = partitioned_fc.PartitionedFC(
             self.num_classes,
@@ -256,7 +248,12 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------
     def fc_state(self) -> ckpt.FCState:
         return ckpt.FCState(
-            self.fc.class_range, self.fc.weight, self.fc_opt.state(), self.fc.sampler, self.fc.margin.state()
+            self.fc.row_range,
+            self.fc.weight,
+            self.fc_opt.state(),
+            self.fc.sampler,
+            self.fc.margin.state(),
+            self.fc.rows_per_class,
         )
 
     def save(self, meta: dict | None = None) -> str:
@@ -296,7 +293,7 @@ class Trainer:
         if mode == "none":
             return None, notes
         if mode == "auto":
-            path, notes = ckpt.choose_resume(cfg.checkpoint_dir, self.comm, self.fc.class_range)
+            path, notes = ckpt.choose_resume(cfg.checkpoint_dir, self.comm, self.fc.row_range)
         else:
             path = mode
         if path is None:
@@ -304,7 +301,7 @@ class Trainer:
         manifest = ckpt.read_manifest(path)
         ckpt.check_compatible(path, manifest, self.num_classes, cfg.model.embedding_dim)
         if mode != "auto":
-            ckpt.verify(path, self.fc.class_range, self.comm)
+            ckpt.verify(path, self.fc.row_range, self.comm)
         return path, notes
 
     def restore(self, path: str, *, verified: bool = False) -> dict:

@@ -8,8 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 import cluster as cluster_lib
+from partitioned_fc import binary, sharded_softmax
 from partitioned_fc import margins as margins_lib
-from partitioned_fc import sharded_softmax
 from partitioned_fc.optimizer import ShardOptimizer
 from partitioned_fc.sharding import init_rows, shard_range
 
@@ -29,9 +29,11 @@ class PartitionedFC(tf.Module):
     """The `[C, D]` class matrix split by rows over the workers, and the exact global loss.
 
     Each worker owns the contiguous classes `class_range = (start, end)` and stores them in
-    `weight` (`tf.Variable [end - start, D]`). Calling the layer with this worker's
-    embeddings `[B_r, D]` and labels `[B_r]` (int32/int64; every worker the same B_r) returns the
-    margin softmax loss averaged over the GLOBAL batch `B = Σ B_r`, identical on every worker.
+    `weight` (`tf.Variable [g·(end - start), D]`, g = `margin.rows_per_class`: 1, or Sub-center
+    ArcFace's k sub-centers of a class in adjacent rows; `row_range` = (g·start, g·end)).
+    Calling the layer with this worker's embeddings `[B_r, D]` and labels `[B_r]` (int32/int64;
+    every worker the same B_r) returns the margin softmax loss (SphereFace2: its binary loss)
+    averaged over the GLOBAL batch `B = Σ B_r`, identical on every worker.
 
     Its gradient w.r.t. `weight` is exact (nobody else holds these rows); its gradient w.r.t. the
     local embeddings is exact for the global mean loss, so a data-parallel backbone must SUM its
@@ -46,16 +48,18 @@ class PartitionedFC(tf.Module):
 
     Args:
       num_classes: C. embedding_dim: D.
-      margin: a `partitioned_fc.margins.Margin` (default ArcFace).
+      margin: a `partitioned_fc.margins.Margin` (default ArcFace). A binary margin (SphereFace2)
+        trains its bias `margin.bias` too: its gradient is summed over workers.
       cluster: a `cluster.Cluster` (default `cluster.init()`).
       seed: the initial matrix is N(0, 0.01²) drawn from `seed`; for the same seed the union of
-        the shards is the same [C, D] matrix at every world size.
+        the shards is the same [g·C, D] matrix at every world size.
       sample_rate: Partial FC (An et al.). Below 1, each call keeps every owned class that is a
         label in the global batch and fills up to max(1, int(sample_rate · C_r)) classes with
         uniformly sampled negatives (seeded, reproducible); logits, softmax and gradient use only
-        those rows, whose local indices are left in `sampled_index`. 1.0 is the full layer.
+        those classes' rows, whose local indices (all g rows of each class) are left in
+        `sampled_index`. 1.0 is the full layer.
       chunk_size: None (the `[B, C_r]` exponentials are kept, fastest) or K: logits in blocks of K
-        rows with a streaming logsumexp, recomputed in the backward; `[B, C_r]` never exists.
+        classes with a streaming logsumexp, recomputed in the backward; `[B, C_r]` never exists.
       compute_dtype: dtype of the logits matmuls ('float32', 'bfloat16', 'float16'); softmax
         statistics and gradients stay float32.
       param_dtype: dtype of the stored shard (and of its optimizer state); 16-bit halves the bytes
@@ -99,7 +103,7 @@ class PartitionedFC(tf.Module):
         self.compute_dtype = compute_dtype
         self.param_dtype = param_dtype
         self.class_range = shard_range(self.num_classes, self.cluster.size, self.cluster.rank)
-        rows = self.class_range[1] - self.class_range[0]
+        rows = self.row_range[1] - self.row_range[0]
         with self.name_scope:
             self.weight = tf.Variable(tf.zeros([rows, self.embedding_dim], param_dtype), name="weight")
             # Drives λ schedules (SphereFace); the training loop advances it.
@@ -113,11 +117,22 @@ class PartitionedFC(tf.Module):
                 self.sampled_index = tf.Variable(
                     tf.zeros([0], tf.int32), trainable=False, shape=tf.TensorShape([None]), name="sampled_index"
                 )
-        init_rows(self.weight, self.class_range[0], self.seed)
+        init_rows(self.weight, self.row_range[0], self.seed)
+        self.margin.bind(self.num_classes)  # SphereFace2: its bias starts where C puts it
 
     @property
     def num_local_classes(self) -> int:
         return self.class_range[1] - self.class_range[0]
+
+    @property
+    def rows_per_class(self) -> int:
+        return self.margin.rows_per_class
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """(first, end) of this shard's rows in the [g·C, D] matrix of every class's rows."""
+        g = self.rows_per_class
+        return g * self.class_range[0], g * self.class_range[1]
 
     def get_config(self) -> dict:
         return {
@@ -144,16 +159,13 @@ class PartitionedFC(tf.Module):
         # The tape form differentiates w.r.t. a tensor of the rows taking part (the whole shard,
         # or a gather of the sampled rows, whose gradient is then IndexedSlices).
         weight = tf.convert_to_tensor(self.weight) if index is None else tf.gather(self.weight, index)
-        per_sample, correct = sharded_softmax.sharded_cross_entropy(
-            self.cluster,
-            x_all,
-            weight,
-            local_label,
-            self.margin,
-            self._step(step),
-            chunk_size=self.chunk_size,
-            compute_dtype=tf.as_dtype(self.compute_dtype),
-        )
+        kernels = {"chunk_size": self.chunk_size, "compute_dtype": tf.as_dtype(self.compute_dtype)}
+        if self.margin.binary:  # SphereFace2: its bias gets its gradient too
+            args = (self.cluster, x_all, weight, self.margin.bias, local_label, self.margin)
+            per_sample, correct = binary.sharded_binary_loss(*args, **kernels)
+        else:
+            args = (self.cluster, x_all, weight, local_label, self.margin, self._step(step))
+            per_sample, correct = sharded_softmax.sharded_cross_entropy(*args, **kernels)
         loss = tf.reduce_mean(per_sample)
         if return_accuracy:
             return loss, tf.reduce_mean(correct)
@@ -173,25 +185,17 @@ class PartitionedFC(tf.Module):
         x = tf.convert_to_tensor(embeddings)
         x_all, local_label = self._gather_batch(x, labels)
         index, local_label = self._select_rows(local_label)
-        source = sharded_softmax.RowSource(self.weight, index)
-        fwd = sharded_softmax.forward(
-            self.cluster,
-            x_all,
-            source,
-            local_label,
-            self.margin,
-            self._step(step),
-            chunk_size=self.chunk_size,
-            compute_dtype=tf.as_dtype(self.compute_dtype),
-        )
+        source = sharded_softmax.RowSource(self.weight, index, self.rows_per_class)
+        fwd = self._forward(x_all, source, local_label, step)
         loss = tf.reduce_mean(fwd.loss)
         finite = tf.math.is_finite(loss)
-        sink = sharded_softmax.RowUpdates(self.weight, optimizer.slots(), optimizer.rule, tf.cast(lr, tf.float32))
+        lr = tf.cast(lr, tf.float32)
+        sink = sharded_softmax.RowUpdates(self.weight, optimizer.slots(), optimizer.rule, lr)
 
         def run_backward():
             d_loss = tf.fill(tf.shape(fwd.loss), 1.0 / tf.cast(tf.size(fwd.loss), tf.float32))
-            dx, done = sharded_softmax.backward(fwd, source, d_loss, sink, tf.constant(0), self.margin)
-            with tf.control_dependencies([done]):
+            dx, done = self._backward(fwd, source, d_loss, sink, lr)
+            with tf.control_dependencies(done):
                 return tf.identity(dx)
 
         dx_all = tf.cond(finite, run_backward, lambda: tf.zeros_like(x_all))
@@ -200,6 +204,24 @@ class PartitionedFC(tf.Module):
 
     def _step(self, step):
         return self.step if step is None else step
+
+    def _forward(self, x_all, source, local_label, step):
+        """The softmax's or the binary loss's forward over the rows of `source`."""
+        kernels = {"chunk_size": self.chunk_size, "compute_dtype": tf.as_dtype(self.compute_dtype)}
+        if self.margin.binary:
+            return binary.forward(self.cluster, x_all, source, local_label, self.margin, self.margin.bias, **kernels)
+        return sharded_softmax.forward(
+            self.cluster, x_all, source, local_label, self.margin, self._step(step), **kernels
+        )
+
+    def _backward(self, fwd, source, d_loss, sink, lr):
+        """-> (dL/dx [B, D] this shard's share, the ops that must run first: the row updates and,
+        for the binary loss, the bias's gradient step, b -= lr · dL/db summed over workers)."""
+        if not self.margin.binary:
+            dx, done = sharded_softmax.backward(fwd, source, d_loss, sink, tf.constant(0), self.margin)
+            return dx, [done]
+        dx, done, db = binary.backward(fwd, source, d_loss, sink, tf.constant(0), self.margin)
+        return dx, [done, self.margin.bias.assign_sub(lr * self.cluster.allreduce_sum(db))]
 
     def _gather_batch(self, embeddings, labels):
         """-> the global batch [B, D] float32 and each label's row in this shard [B] (-1: not here)."""
@@ -227,12 +249,14 @@ class PartitionedFC(tf.Module):
         return x_all, tf.where(owned, tf.cast(y_all - start, tf.int32), -1)
 
     def _select_rows(self, local_label):
-        """-> (sampled rows [K] or None for all, labels as positions among the rows taking part)."""
+        """-> (sampled rows [g·K] or None for all, labels as positions among the classes taking part)."""
         if self.sample_rate == 1.0:
             return None, local_label
-        index = self._sample(local_label)
+        classes = self._sample(local_label)
+        g = self.rows_per_class
+        index = tf.reshape(classes[:, None] * g + tf.range(g)[None, :], [-1])  # every row of each class
         self.sampled_index.assign(index)
-        return index, tf.where(local_label >= 0, tf.searchsorted(index, local_label, out_type=tf.int32), -1)
+        return index, tf.where(local_label >= 0, tf.searchsorted(classes, local_label, out_type=tf.int32), -1)
 
     def _sample(self, local_label: tf.Tensor) -> tf.Tensor:
         """[B] local labels (-1: not owned) -> [K] sorted local rows: all positives + random negatives."""

@@ -157,6 +157,17 @@ class Margin:
     interclass_filtering_threshold: ClassVar[float] = 0.0
     # True where the negatives' rule needs every sample's cos θ_y (one [B] exchange).
     needs_target_cos: ClassVar[bool] = False
+    # True for a one-vs-all binary loss (SphereFace2): no softmax, a sum of per-class terms.
+    binary: ClassVar[bool] = False
+
+    def bind(self, num_classes: int) -> None:
+        """Called by the layer with C: a margin whose start depends on it (SphereFace2's bias)
+        sets it here. Nothing for the others."""
+
+    @property
+    def rows_per_class(self) -> int:
+        """Weight rows per class: k sub-centers (Sub-center ArcFace), adjacent; 1 elsewhere."""
+        return 1
 
     def target_logit(self, cos: tf.Tensor, k: tf.Tensor, step=0, context=None) -> tf.Tensor:
         """[B] cos θ_y, [B] factor k (plain f_y = k·cos θ_y), `batch_context`'s value -> [B] f'_y."""
@@ -574,6 +585,119 @@ class MagFace(Margin):
         return self.lambda_g * (context / self.u_a**2 + 1.0 / context)
 
 
+@dataclasses.dataclass(frozen=True)
+class SubCenterArcFace(ArcFace):
+    """Sub-center ArcFace (Deng et al. 2020): k sub-centers per class; a class's cos θ is the
+    largest over its sub-centers, cos θ_j = max_i cos(x, W_{j,i}), then ArcFace's margin on the
+    target, f'_y = s cos(θ_y + m). A noisy sample can settle on a non-dominant sub-center instead
+    of pulling its class's dominant one (docs/margins.md; `pfc clean` lists such samples).
+    The weight has k·C rows: class j's sub-centers are rows k·j .. k·j + k − 1."""
+
+    name: ClassVar[str] = "subcenter_arcface"
+    k: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (sub-centers per class) must be an integer >= 1, got {self.k!r}")
+        super().__post_init__()
+
+    @property
+    def rows_per_class(self) -> int:
+        return int(self.k)
+
+
+@dataclasses.dataclass(frozen=True)
+class SphereFace2(Margin):
+    """SphereFace2 (Wen et al. 2022), its "C" (additive cosine) form: C one-vs-all binary
+    classifiers instead of a softmax. With g(c) = 2((c + 1)/2)^t − 1 and a learned bias b (a
+    scalar, the same for every class):
+
+      ℓ = w/r · [λ log(1 + e^{−(r (g(cos θ_y) − m) + b)}) + (1 − λ) Σ_{j≠y} log(1 + e^{r (g(cos θ_j) + m) + b})]
+
+    r = `scale`, m = `margin`, λ = `lam`, w = `loss_weight`. The paper's r = 40, m = 0.4, λ = 0.7,
+    t = 3; w = 50 is its reference code's loss weight. Every class's term depends on its own
+    cos θ_j only, so the sum over classes shards with one [B] allreduce and no logsumexp
+    (docs/margins.md). b starts where the paper puts it for C classes (`bind`) and is learned:
+    `bias` (a tf.Variable, in `state()`, checkpointed). Negatives above
+    `interclass_filtering_threshold` add no term.
+    """
+
+    name: ClassVar[str] = "sphereface2"
+    binary: ClassVar[bool] = True
+    scale: float = 40.0
+    margin: float = 0.4
+    lam: float = 0.7
+    t: float = 3.0
+    loss_weight: float = 50.0
+    interclass_filtering_threshold: float = _threshold_field()
+    _bias: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        _check_scale(self.loss_weight, "loss_weight")
+        _check_threshold(self.interclass_filtering_threshold)
+        if not (isinstance(self.lam, (int, float)) and 0.0 < self.lam < 1.0):
+            raise ValueError(f"lam must be in (0, 1), got {self.lam!r}")
+        if not (isinstance(self.t, (int, float)) and math.isfinite(self.t) and self.t >= 1.0):
+            raise ValueError(f"t must be a finite number >= 1, got {self.t!r}")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+        with tf.init_scope():
+            object.__setattr__(self, "_bias", tf.Variable(0.0, name="sphereface2_bias"))
+
+    @property
+    def bias(self) -> tf.Variable:
+        return self._bias
+
+    def state(self) -> dict[str, tf.Variable]:
+        return {"bias": self._bias}
+
+    def initial_bias(self, num_classes: int) -> float:
+        """The paper's start for C classes: the b at which, for cos θ = 0 everywhere, the positive
+        term's gradient balances the C − 1 negatives', λ σ(−f_y) = (1 − λ)(C − 1) σ(f_j)
+        (0 when C = 1)."""
+        if num_classes < 2:
+            return 0.0
+        lam, r, m = float(self.lam), float(self.scale), float(self.margin)
+        z = lam / ((1.0 - lam) * (num_classes - 1))
+        g0 = 2.0 * 0.5**self.t - 1.0
+        a_pos, a_neg = r * (g0 - m), r * (g0 + m)
+        # e^b is the positive root of e^{a_pos + a_neg} u² + e^{a_neg} (1 − z) u − z = 0, written
+        # without the cancellation of its two terms (z > 1 only for C ≤ 1 + λ/(1 − λ)).
+        root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_pos - a_neg))
+        if z <= 1.0:
+            return math.log(2.0 * z) - a_neg - math.log(1.0 - z + root)
+        return math.log(root - (1.0 - z)) - math.log(2.0) - a_pos
+
+    def bind(self, num_classes: int) -> None:
+        self._bias.assign(self.initial_bias(num_classes))
+
+    def _g(self, c):
+        """[...] cos θ -> g(cos θ), and its derivative."""
+        u = tf.maximum((c + 1.0) / 2.0, 0.0)
+        return 2.0 * tf.pow(u, self.t) - 1.0, self.t * tf.pow(u, self.t - 1.0)
+
+    def positive_loss(self, c, b):
+        """[B] cos θ_y, [] b -> [B] the target's term (differentiable in both)."""
+        g, _ = self._g(c)
+        f = self.scale * (g - self.margin) + b
+        return (self.loss_weight * self.lam / self.scale) * tf.nn.softplus(-f)
+
+    def negative_loss(self, c, b):
+        """[B, n] cos θ_j, [] b -> (terms [B, n], d/dcos [B, n], d/db [B, n]) of the negatives."""
+        g, dg = self._g(c)
+        f = self.scale * (g + self.margin) + b
+        w = self.loss_weight * (1.0 - self.lam) / self.scale
+        term, d_f = w * tf.nn.softplus(f), w * tf.sigmoid(f)
+        if self.interclass_filtering_threshold > 0:
+            keep = tf.cast(c <= self.interclass_filtering_threshold, c.dtype)
+            term, d_f = term * keep, d_f * keep
+        return term, d_f * self.scale * dg, d_f
+
+    def target_logit(self, cos, k, step=0, context=None):
+        raise TypeError("SphereFace2 is a binary loss: it has no softmax target logit (positive_loss)")
+
+
 _REGISTRY: dict[str, type[Margin]] = {
     cls.name: cls
     for cls in (
@@ -588,6 +712,8 @@ _REGISTRY: dict[str, type[Margin]] = {
         CurricularFace,
         AdaFace,
         MagFace,
+        SubCenterArcFace,
+        SphereFace2,
     )
 }
 _ALIASES = {
@@ -596,6 +722,7 @@ _ALIASES = {
     "a-softmax": "asoftmax",
     "am-softmax": "amsoftmax",
     "modified_softmax": "normface",
+    "subcenter": "subcenter_arcface",
 }
 
 

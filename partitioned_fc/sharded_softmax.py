@@ -48,14 +48,16 @@ BACKWARD_BLOCK = 16384
 class RowSource:
     """The rows a step works on: all of the shard, or a sampled subset (Partial FC).
 
-    weight: [C_r, D] the shard (a variable or a tensor, any float dtype).
-    index:  [K] sorted local rows taking part, or None for all of them.
+    weight: [g·C_r, D] the shard (a variable or a tensor, any float dtype), g rows per class
+            (the margin's `rows_per_class`: Sub-center ArcFace's sub-centers, adjacent).
+    index:  [g·K] sorted local rows taking part (whole classes), or None for all of them.
     Positions 0..n-1 address the rows taking part; `rows(pos)` maps them to shard rows.
     """
 
-    def __init__(self, weight, index: tf.Tensor | None = None):
+    def __init__(self, weight, index: tf.Tensor | None = None, group: int = 1):
         self.weight = weight
         self.index = index
+        self.group = int(group)
         self.n = tf.shape(index)[0] if index is not None else tf.shape(weight)[0]
 
     def rows(self, pos: tf.Tensor) -> tf.Tensor:
@@ -72,7 +74,8 @@ class TargetPath:
     """The margin's part of the graph, differentiated by `tape`. All [B] unless noted."""
 
     value: tf.Tensor  # f'_y where this worker owns the label, else 0
-    local_label: tf.Tensor  # the label's position among the rows taking part, -1 elsewhere
+    local_label: tf.Tensor  # the label's position among the classes taking part, -1 elsewhere
+    row_label: tf.Tensor  # the position of the label's (dominant) row, -1 elsewhere
     x: tf.Tensor  # [B, D] the raw global batch
     x_feat: tf.Tensor  # [B, D] normalized or raw, as the margin wants
     w_rows: tf.Tensor  # [B, D] the label rows (float32)
@@ -105,15 +108,16 @@ class KeptLogits:
 
 @dataclasses.dataclass(frozen=True)
 class KeptPlainLogits:
-    """The forward's plain logits z [B, n], kept where the margin rewrites negatives: the backward
-    needs df/dz of its rule at z (`Negatives`), which the exponentials no longer tell."""
+    """The forward's plain row logits z [B, n], kept where the margin rewrites negatives or a class
+    has several rows: the backward needs df/dz of its rule at z (`Negatives`) or which row is a
+    class's largest, which the exponentials no longer tell."""
 
     z: tf.Tensor
     block: int = BACKWARD_BLOCK
 
     def grads(self, fwd: Forward, weight, rows, pos, block_label, d_loss, *, normalize: bool):
         """-> dL/dx_s [B, D] and the logits part of dL/dw [k, D] of the rows at `pos`."""
-        neg = fwd.negatives
+        rule, ctx = _rule_and_ctx(fwd.negatives)
         return _kept_plain_grads(
             self.z,
             pos,
@@ -124,8 +128,9 @@ class KeptPlainLogits:
             rows,
             block_label,
             normalize=normalize,
-            rule=neg.rule,
-            ctx=neg.ctx,
+            rule=rule,
+            ctx=ctx,
+            group=fwd.group,
         )
 
 
@@ -140,7 +145,16 @@ class StreamedLogits:
         del pos
         rule, ctx = _rule_and_ctx(fwd.negatives)
         return _streamed_grads(
-            fwd.x_s, weight, rows, block_label, fwd.lse, d_loss, normalize=normalize, rule=rule, ctx=ctx
+            fwd.x_s,
+            weight,
+            rows,
+            block_label,
+            fwd.lse,
+            d_loss,
+            normalize=normalize,
+            rule=rule,
+            ctx=ctx,
+            group=fwd.group,
         )
 
 
@@ -155,6 +169,7 @@ class Forward:
     x_s: tf.Tensor  # [B, D] scale · x_feat in compute dtype
     logits: KeptLogits | KeptPlainLogits | StreamedLogits
     negatives: Negatives | None  # the margin's rule for non-target logits, if any
+    group: int = 1  # rows per class
 
 
 def forward(
@@ -171,21 +186,29 @@ def forward(
     """Per-sample loss and top-1 correctness over all C classes, this worker holding some rows.
 
     x:           [B, D] float32, the global batch of raw embeddings (replicated on every worker).
-    local_label: [B] int32 position of the label among `source`'s rows, -1 where another worker
+    local_label: [B] int32 position of the label among `source`'s classes, -1 where another worker
                  owns it. Returns `Forward` with loss [B] = logsumexp_j f'_ij − f'_{i,y_i} (the same
                  on every worker) and correct [B] float 0/1 (the label has the largest plain logit).
     """
     target = _target_path(x, source, local_label, margin, step)
     x_s = tf.cast(target.x_feat * float(margin.logit_scale), compute_dtype)
-    normalize = margin.normalize_weights
+    normalize, group = margin.normalize_weights, source.group
     negatives = _negatives(comm, margin, target)
     rule, ctx = _rule_and_ctx(negatives)
     with tf.name_scope("fc_forward"):  # names the kernels in a profile (bench/fc_profile.py)
         if chunk_size is None:
             s_loc, m_loc, plain_max, plain_t, kept = _kept_forward(
-                x_s, source.weight, source.index, target.value, local_label, normalize=normalize, rule=rule, ctx=ctx
+                x_s,
+                source.weight,
+                source.index,
+                target.value,
+                local_label,
+                normalize=normalize,
+                rule=rule,
+                ctx=ctx,
+                group=group,
             )
-            logits = KeptLogits(kept, m_loc) if rule is None else KeptPlainLogits(kept)
+            logits = KeptLogits(kept, m_loc) if rule is None and group == 1 else KeptPlainLogits(kept)
         else:
             s_loc, m_loc, plain_max, plain_t = _streamed_forward(
                 x_s, source, target.value, local_label, normalize=normalize, chunk_size=chunk_size, rule=rule, ctx=ctx
@@ -207,6 +230,7 @@ def forward(
         x_s=x_s,
         logits=logits,
         negatives=negatives,
+        group=group,
     )
 
 
@@ -230,7 +254,8 @@ def _rule_and_ctx(negatives: Negatives | None):
 def _target_path(x, source, local_label, margin, step) -> TargetPath:
     """f'_y of the labels this worker owns, on a tape that can differentiate it twice."""
     owned = local_label >= 0
-    w_rows = tf.cast(source.gather(tf.maximum(local_label, 0)), tf.float32)  # [B, D]
+    row_label = _dominant_row(x, source, local_label)
+    w_rows = tf.cast(source.gather(tf.maximum(row_label, 0)), tf.float32)  # [B, D]
     # persistent: the backward asks it twice, and an outer persistent tape may run it again
     tape = tf.GradientTape(watch_accessed_variables=False, persistent=True)
     with tape:
@@ -243,7 +268,21 @@ def _target_path(x, source, local_label, margin, step) -> TargetPath:
         # counted once: by the label's owner, whose gradient of it is summed with the others'
         extra = margin.extra_loss(context)
         extra = None if extra is None else tf.where(owned, extra, tf.zeros_like(extra))
-    return TargetPath(value, local_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), extra, tape)
+    return TargetPath(value, local_label, row_label, x, x_feat, w_rows, tf.where(owned, cos, 0.0), extra, tape)
+
+
+def _dominant_row(x, source: RowSource, local_label):
+    """[B, D], [B] class positions -> [B] the position of each owned label's row nearest to x in
+    angle (its dominant sub-center; the class's only row when g = 1), -1 elsewhere."""
+    g = source.group
+    if g == 1:
+        return local_label
+    first = tf.maximum(local_label, 0) * g
+    candidates = first[:, None] + tf.range(g)[None, :]  # [B, g]
+    w = tf.math.l2_normalize(tf.cast(source.gather(candidates), tf.float32), axis=2)  # [B, g, D]
+    cos = tf.reduce_sum(tf.math.l2_normalize(x, axis=1)[:, None, :] * w, axis=2)
+    best = first + tf.argmax(cos, axis=1, output_type=tf.int32)
+    return tf.where(local_label >= 0, best, -1)
 
 
 def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: RowSink, state, margin: margins_lib.Margin):
@@ -260,10 +299,11 @@ def backward(fwd: Forward, source: RowSource, d_loss: tf.Tensor, sink: RowSink, 
     def body(c, dx_s, state):
         start, pos = _chunk_bounds(source, c, block)
         rows = source.rows(pos)
-        ll = _chunk_label(target.local_label, start, tf.shape(pos)[0])
+        ll = _chunk_label(target.local_label, start, tf.shape(pos)[0] // source.group)
+        rl = _chunk_label(target.row_label, start * source.group, tf.shape(pos)[0])
         with tf.name_scope("fc_grads"):
             dx_c, pw = fwd.logits.grads(fwd, weight, rows, pos, ll, d_loss, normalize=normalize)
-        return c + 1, dx_s + dx_c, sink(state, rows, pw, ll, dw_rows, normalize=normalize)
+        return c + 1, dx_s + dx_c, sink(state, rows, pw, rl, dw_rows, normalize=normalize)
 
     _, dx_s, state = tf.while_loop(
         lambda c, *_: c < _num_chunks(source, block),
@@ -285,7 +325,7 @@ def backward_whole(fwd: Forward, source: RowSource, d_loss: tf.Tensor, margin: m
             fwd, source.weight, source.index, None, target.local_label, d_loss, normalize=normalize
         )
     with tf.name_scope("fc_row_grad"):
-        g = _row_grad_kernel(pw, source.weight, source.index, target.local_label, dw_rows, normalize=normalize)
+        g = _row_grad_kernel(pw, source.weight, source.index, target.row_label, dw_rows, normalize=normalize)
     return _dx(fwd, margin, d_t, dx_s, d_loss), g
 
 
@@ -379,7 +419,7 @@ def sharded_cross_entropy(
     chunk_size: int | None = None,
     compute_dtype: tf.DType = tf.float32,
 ):
-    """Differentiable form for autodiff tapes: [B, D], [C_r, D], [B] -> (loss [B], correct [B]).
+    """Differentiable form for autodiff tapes: [B, D], [g·C_r, D], [B] -> (loss [B], correct [B]).
 
     Gradients: w.r.t. weight exact (dense, in weight's dtype); w.r.t. x this shard's share (the
     allgather's gradient sums them over workers).
@@ -387,7 +427,7 @@ def sharded_cross_entropy(
 
     @tf.custom_gradient
     def _ce(x, w):
-        source = RowSource(w)
+        source = RowSource(w, group=margin.rows_per_class)
         fwd = forward(comm, x, source, local_label, margin, step, chunk_size=chunk_size, compute_dtype=compute_dtype)
 
         def grad(d_loss, d_correct):
@@ -409,9 +449,10 @@ def sharded_cross_entropy(
 # Blocks of rows
 # --------------------------------------------------------------------------------------------
 def _chunk_bounds(source: RowSource, c, chunk_size):
+    """Block c of `chunk_size` classes -> (its first class position, its row positions [g·k])."""
     start = c * chunk_size
-    pos = tf.range(start, tf.minimum(start + chunk_size, source.n))
-    return start, pos
+    g = source.group
+    return start, tf.range(start * g, tf.minimum((start + chunk_size) * g, source.n))
 
 
 def _chunk_label(local_label, start, k):
@@ -420,7 +461,7 @@ def _chunk_label(local_label, start, k):
 
 
 def _num_chunks(source: RowSource, chunk_size):
-    return (source.n + chunk_size - 1) // chunk_size
+    return (source.n // source.group + chunk_size - 1) // chunk_size
 
 
 def _streamed_forward(x_s, source, target, local_label, *, normalize: bool, chunk_size: int, rule, ctx):
@@ -430,9 +471,17 @@ def _streamed_forward(x_s, source, target, local_label, *, normalize: bool, chun
 
     def body(c, s, m, pmax, pt):
         start, pos = _chunk_bounds(source, c, chunk_size)
-        ll = _chunk_label(local_label, start, tf.shape(pos)[0])
+        ll = _chunk_label(local_label, start, tf.shape(pos)[0] // source.group)
         s_c, m_c, pmax_c, pt_c = _streamed_stats(
-            x_s, source.weight, source.rows(pos), target, ll, normalize=normalize, rule=rule, ctx=ctx
+            x_s,
+            source.weight,
+            source.rows(pos),
+            target,
+            ll,
+            normalize=normalize,
+            rule=rule,
+            ctx=ctx,
+            group=source.group,
         )
         m_new = tf.maximum(m, m_c)
         s = s * tf.exp(m - m_new) + s_c * tf.exp(m_c - m_new)
@@ -470,31 +519,53 @@ def _logits(x_s, w, *, normalize: bool):
     return z * inv[None, :], inv
 
 
-def _block_stats(x_s, w, t, local_label, *, normalize: bool, rule=None, ctx=None):
+def _class_logits(z, group: int):
+    """[B, g·k] row logits -> [B, k] class logits: the largest of each class's g adjacent rows."""
+    if group == 1:
+        return z
+    return tf.reduce_max(tf.reshape(z, [tf.shape(z)[0], -1, group]), axis=2)
+
+
+def _to_rows(dz, z, group: int):
+    """[B, k] gradient w.r.t. the class logits, [B, g·k] row logits -> [B, g·k]: each class's
+    gradient goes to its largest row (the first, on a tie), as the max's derivative does."""
+    if group == 1:
+        return dz
+    z3 = tf.reshape(z, [tf.shape(z)[0], -1, group])
+    hot = tf.one_hot(tf.argmax(z3, axis=2), group, dtype=dz.dtype)
+    return tf.reshape(hot * dz[:, :, None], tf.shape(z))
+
+
+def _block_stats(x_s, w, t, local_label, *, normalize: bool, rule=None, ctx=None, group: int = 1):
     """One block's logits, the negatives through `rule` (if any) and the target entry replaced
-    -> (e [B, k] = exp(f' − m), or the plain logits z [B, k] where there is a rule) and the row
-    statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B] (0 where not owned)."""
-    z, _ = _logits(x_s, w, normalize=normalize)
-    is_t = _target_mask(local_label, tf.shape(w)[0])
+    -> (e [B, k] = exp(f' − m), or the plain row logits z [B, g·k] where there is a rule or
+    g > 1) and the row statistics Σ_j e [B], m [B], max plain logit [B], plain target logit [B]
+    (0 where not owned)."""
+    z_rows, _ = _logits(x_s, w, normalize=normalize)
+    z = _class_logits(z_rows, group)
+    is_t = _target_mask(local_label, tf.shape(z)[1])
     plain_max = tf.reduce_max(z, axis=1)
     plain_t = tf.reduce_sum(tf.where(is_t, z, tf.zeros_like(z)), axis=1)
     f = tf.where(is_t, t[:, None], z if rule is None else rule(z, ctx)[0])
     m = tf.reduce_max(f, axis=1)
     e = tf.exp(f - m[:, None])
-    return (e if rule is None else z), (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
+    kept = e if rule is None and group == 1 else z_rows
+    return kept, (tf.reduce_sum(e, axis=1), m, plain_max, plain_t)
 
 
 @tf.function(jit_compile=True)
-def _kept_forward(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx):
+def _kept_forward(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx, group: int):
     """All rows taking part in one block -> (Σ e, m, plain max, plain target, kept [B, n])."""
-    kept, stats = _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize=normalize, rule=rule, ctx=ctx)
+    w = _read_rows(weight, rows)
+    kept, stats = _block_stats(x_s, w, t, local_label, normalize=normalize, rule=rule, ctx=ctx, group=group)
     return stats + (kept,)
 
 
 @tf.function(jit_compile=True)
-def _streamed_stats(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx):
+def _streamed_stats(x_s, weight, rows, t, local_label, *, normalize: bool, rule, ctx, group: int):
     """One block of rows -> (Σ e, m, plain max, plain target); its logits are dropped."""
-    return _block_stats(x_s, _read_rows(weight, rows), t, local_label, normalize=normalize, rule=rule, ctx=ctx)[1]
+    w = _read_rows(weight, rows)
+    return _block_stats(x_s, w, t, local_label, normalize=normalize, rule=rule, ctx=ctx, group=group)[1]
 
 
 def _softmax_of_negatives(z, lse, d_loss, rule, ctx):
@@ -506,11 +577,12 @@ def _softmax_of_negatives(z, lse, d_loss, rule, ctx):
     return tf.exp(f - lse[:, None]) * d_loss[:, None] * dfdz
 
 
-def _dz_matmuls(p, local_label, x_s, w, *, normalize: bool):
-    """Softmax·d_loss p [B, k] -> dL/dx_s [B, D], logits part of dL/dw [k, D]; the target entry's
+def _dz_matmuls(p, local_label, x_s, w, *, normalize: bool, z_rows=None, group: int = 1):
+    """Softmax·d_loss p [B, k] of the classes -> dL/dx_s [B, D], logits part of dL/dw [g·k, D]
+    (through each class's largest row of z_rows [B, g·k] where g > 1); the target entry's
     gradient goes to f'_y instead (`backward`)."""
-    is_t = _target_mask(local_label, tf.shape(w)[0])
-    dz = tf.where(is_t, tf.zeros_like(p), p)
+    is_t = _target_mask(local_label, tf.shape(p)[1])
+    dz = _to_rows(tf.where(is_t, tf.zeros_like(p), p), z_rows, group)
     if normalize:
         dz = dz * _inv_norm(tf.cast(w, tf.float32))[None, :]  # through z = (x_s·w_j) / |w_j|
     dz = tf.cast(dz, x_s.dtype)
@@ -528,20 +600,35 @@ def _kept_grads(e, pos, coeff, x_s, weight, rows, local_label, *, normalize: boo
 
 
 @tf.function(jit_compile=True)
-def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, *, normalize: bool, rule, ctx):
-    """Kept plain logits z [B, n], this block's positions pos [k] -> as `_kept_grads`."""
-    p = _softmax_of_negatives(_block_columns(z, pos), lse, d_loss, rule, ctx)
-    return _dz_matmuls(p, local_label, x_s, _read_rows(weight, rows), normalize=normalize)
+def _kept_plain_grads(z, pos, lse, d_loss, x_s, weight, rows, local_label, *, normalize: bool, rule, ctx, group: int):
+    """Kept plain row logits z [B, n], this block's row positions pos [g·k] -> as `_kept_grads`."""
+    return _plain_grads(
+        _block_columns(z, pos),
+        lse,
+        d_loss,
+        x_s,
+        _read_rows(weight, rows),
+        local_label,
+        normalize=normalize,
+        rule=rule,
+        ctx=ctx,
+        group=group,
+    )
 
 
 @tf.function(jit_compile=True)
-def _streamed_grads(x_s, weight, rows, local_label, lse, d_loss, *, normalize: bool, rule, ctx):
+def _streamed_grads(x_s, weight, rows, local_label, lse, d_loss, *, normalize: bool, rule, ctx, group: int):
     """Recompute one block's softmax from the global lse, then as `_kept_grads` (the target
     entries' values do not matter: `_dz_matmuls` drops them)."""
     w = _read_rows(weight, rows)
     z, _ = _logits(x_s, w, normalize=normalize)
-    p = _softmax_of_negatives(z, lse, d_loss, rule, ctx)
-    return _dz_matmuls(p, local_label, x_s, w, normalize=normalize)
+    return _plain_grads(z, lse, d_loss, x_s, w, local_label, normalize=normalize, rule=rule, ctx=ctx, group=group)
+
+
+def _plain_grads(z_rows, lse, d_loss, x_s, w, local_label, *, normalize: bool, rule, ctx, group: int):
+    """A block's plain row logits [B, g·k] and rows [g·k, D] -> as `_dz_matmuls`."""
+    p = _softmax_of_negatives(_class_logits(z_rows, group), lse, d_loss, rule, ctx)
+    return _dz_matmuls(p, local_label, x_s, w, normalize=normalize, z_rows=z_rows, group=group)
 
 
 def _block_columns(kept, pos):

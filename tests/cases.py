@@ -31,10 +31,15 @@ MARGINS = {
     "curricular_filtered": M.CurricularFace(scale=16.0, margin=0.3, interclass_filtering_threshold=0.3),
     "adaface": M.AdaFace(scale=64.0, margin=0.4, h=0.333),
     "magface": M.MagFace(scale=32.0, l_a=5.0, u_a=15.0, l_m=0.45, u_m=0.8, lambda_g=35.0),
+    "subcenter": M.SubCenterArcFace(scale=32.0, margin=0.5, k=3),
+    "subcenter_filtered": M.SubCenterArcFace(scale=16.0, margin=0.3, k=2, interclass_filtering_threshold=0.2),
+    "sphereface2": M.SphereFace2(scale=16.0, margin=0.4, lam=0.7, t=3.0, loss_weight=2.0),
+    "sphereface2_filtered": M.SphereFace2(scale=8.0, margin=0.2, lam=0.6, t=2.0, interclass_filtering_threshold=0.3),
 }
 # Where each running statistic starts in the tests: not the papers' starts, so that an update is
 # visible (t = 0) and AdaFace's ẑ is not clipped (σ = 100) for these batches (|x| ≈ 10).
-STATE_START = {"t": 0.25, "batch_mean": 9.0, "batch_std": 3.0}
+STATE_START = {"t": 0.25, "batch_mean": 9.0, "batch_std": 3.0, "bias": -3.0}
+LEARNED = ("bias",)  # state a training step moves by its gradient, not a running statistic
 
 
 def reset_state(margin) -> None:
@@ -43,10 +48,20 @@ def reset_state(margin) -> None:
         var.assign(STATE_START[name])
 
 
-GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface", "adaface")  # also in tf.function
-SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered", "magface")  # also with Partial FC
+GRAPH_MARGINS = ("arcface", "asoftmax_sched", "softmax", "curricularface", "adaface", "subcenter", "sphereface2")
+SAMPLED_MARGINS = ("arcface", "cosface", "softmax", "curricular_filtered", "magface", "subcenter", "sphereface2")
 SAMPLE_RATE = 0.3
 STEP = 7  # the training step fed to λ schedules
+
+
+def class_rows(classes, g: int) -> np.ndarray:
+    """Sorted class ids [K] -> their rows [g·K] of the [g·C, D] matrix (g rows per class, adjacent)."""
+    return (np.asarray(classes)[:, None] * g + np.arange(g)).reshape(-1)
+
+
+def row_range(class_range, g: int) -> tuple[int, int]:
+    """A worker's classes (start, end) -> its rows (g·start, g·end)."""
+    return g * class_range[0], g * class_range[1]
 
 
 def class_counts(world_size: int) -> list[int]:
@@ -81,6 +96,10 @@ TAPE_CHUNK_MARGINS = (
     "arcface_filtered",
     "adaface",
     "magface",
+    "subcenter",
+    "subcenter_filtered",
+    "sphereface2",
+    "sphereface2_filtered",
 )
 
 # The fused train step: margin, sampling, chunking, optimizer, inside tf.function or eager.
@@ -193,11 +212,71 @@ TRAIN_CASES = [
         "chunk": None,
         "graph": True,
         "opt": "adamw",
-        "opt_params": {"weight_decay": 0.01},
+        # epsilon 1e-6: one gradient entry of this batch is 1e-8 (at float32's noise level for its
+        # row), where Adam's g / (|g| + 1e-8) turns a 1e-3 rounding difference into the update's.
+        "opt_params": {"weight_decay": 0.01, "epsilon": 1e-6},
     },
     {
         "id": "curricular_pfc_bf16",
         "margin": "curricularface",
+        "rate": SAMPLE_RATE,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+        "dtype": "bfloat16",
+    },
+    {
+        "id": "subcenter_full_sgd",
+        "margin": "subcenter",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "weight_decay": 5e-4},
+    },
+    {
+        "id": "subcenter_pfc_chunk_nesterov",
+        "margin": "subcenter",
+        "rate": SAMPLE_RATE,
+        "chunk": 2,
+        "graph": True,
+        # not the filtered head at s = 16: one step at lr 0.5 separates this batch, and the next
+        # loss (3e-3) is a difference of O(10) float32 terms, below a relative 1e-5
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+    },
+    {
+        "id": "sphereface2_full_sgd",
+        "margin": "sphereface2",
+        "rate": 1.0,
+        "chunk": None,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9, "weight_decay": 5e-4},
+    },
+    {
+        "id": "sphereface2_pfc_chunk_adamw",
+        "margin": "sphereface2_filtered",
+        "rate": SAMPLE_RATE,
+        "chunk": 2,
+        "graph": False,
+        "opt": "adamw",
+        "opt_params": {"weight_decay": 0.01, "epsilon": 1e-6},
+    },
+    {
+        "id": "sphereface2_bf16",
+        "margin": "sphereface2",
+        "rate": 1.0,
+        "chunk": 3,
+        "graph": True,
+        "opt": "sgd",
+        "opt_params": {"momentum": 0.9},
+        "dtype": "bfloat16",
+    },
+    {
+        "id": "subcenter_pfc_bf16",
+        "margin": "subcenter",
         "rate": SAMPLE_RATE,
         "chunk": 3,
         "graph": True,

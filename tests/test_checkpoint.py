@@ -85,6 +85,15 @@ def test_truncated_or_foreign_files_are_named(tmp_path):
         ckpt.check_compatible(path, manifest, 6, 8)
 
 
+def test_rows_per_class_must_match(tmp_path):
+    state = fc_state(0, 6)
+    state.rows_per_class = 3  # two classes of three sub-centers
+    path = save(tmp_path, 1, state)
+    assert ckpt.rows_per_class(path) == 3
+    with pytest.raises(ckpt.CheckpointError, match="3 row\\(s\\) per class .* this run's margin has 1"):
+        ckpt.restore(path, cluster.init("local"), fc_state(0, 6), [tf.Variable(tf.zeros([2, 3]))], [tf.Variable(0)])
+
+
 def test_margin_statistics_are_kept_once_and_restored_at_any_range(tmp_path):
     state = fc_state(0, 10)
     state.margin_state["t"] = tf.Variable(0.375)

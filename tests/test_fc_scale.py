@@ -4,7 +4,18 @@ sizes 1, 2, 3 (real horovodrun) against a dense single-device reference."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from cases import LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts, global_batch, reset_state
+from cases import (
+    LOCAL_BATCH,
+    MARGINS,
+    STEP,
+    TAPE_CHUNK_MARGINS,
+    TRAIN_CASES,
+    class_counts,
+    class_rows,
+    global_batch,
+    reset_state,
+    row_range,
+)
 from helpers import horovodrun
 from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
 
@@ -29,7 +40,8 @@ def test_chunked_tape_matches_dense(scale_results, name):
     n, ranks = scale_results
     for num_classes in class_counts(n):
         ref = dense(num_classes, name, n)
-        for r, (start, end) in enumerate(all_shard_ranges(num_classes, n)):
+        for r, classes in enumerate(all_shard_ranges(num_classes, n)):
+            start, end = row_range(classes, MARGINS[name].rows_per_class)
             rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
             for chunk in (1, 3):
                 key = f"{num_classes}/tape/{name}/{chunk}"
@@ -57,13 +69,18 @@ def _adamw(w, g, state, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-8, weight_decay
     return w - lr * (m_hat / (np.sqrt(v_hat) + epsilon) + weight_decay * w), {"m": m, "v": v, "count": t}
 
 
-def _dense_grads(emb, labels, w, margin):
+def _dense_grads(emb, labels, w, margin, lr=0.0):
+    """Loss, accuracy and gradients of the dense problem; a learned scalar of the margin
+    (SphereFace2's bias) takes its gradient step with `lr`, as the fused step does."""
     w = tf.Variable(w)
     emb = tf.constant(emb)
     with tf.GradientTape() as tape:
         tape.watch(emb)
         loss, acc = partitioned_fc.dense_loss(emb, labels, w, margin, step=STEP, return_accuracy=True)
-    ge, gw = tape.gradient(loss, [emb, w])
+    learned = [margin.bias] if margin.binary else []
+    ge, gw, *gb = tape.gradient(loss, [emb, w, *learned])
+    if gb:
+        margin.bias.assign_sub(lr * gb[0])
     return float(loss), float(acc), ge.numpy(), gw.numpy()
 
 
@@ -77,34 +94,38 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
         key = f"{num_classes}/train/{case['id']}"
         inputs, labels, backbone = global_batch(num_classes, n)
         emb = (inputs @ backbone).astype(np.float32)
-        ranges = all_shard_ranges(num_classes, n)
-        w = full_matrix(num_classes, backbone.shape[1], seed=11).numpy().astype(np.float64)
+        margin = MARGINS[case["margin"]]
+        g = margin.rows_per_class
+        ranges = [row_range(c, g) for c in all_shard_ranges(num_classes, n)]  # rows, g per class
+        w = full_matrix(g * num_classes, backbone.shape[1], seed=11).numpy().astype(np.float64)
         for r, (start, end) in enumerate(ranges):
             np.testing.assert_array_equal(ranks[r][key + "/w0"], w[start:end])
         state = {
             "momentum": np.zeros_like(w),
             "m": np.zeros_like(w),
             "v": np.zeros_like(w),
-            "count": np.zeros(num_classes),
+            "count": np.zeros(g * num_classes),
         }
         prev = [(ranks[r][key + "/w0"], None) for r in range(n)]
-        margin = MARGINS[case["margin"]]
         reset_state(margin)  # as the worker did before its two steps
         for s in range(2):
             unsampled = 0
             if case["rate"] < 1:
-                classes = np.concatenate([start + ranks[r][f"{key}/{s}/index"] for r, (start, _) in enumerate(ranges)])
+                rows = np.concatenate([start + ranks[r][f"{key}/{s}/index"] for r, (start, _) in enumerate(ranges)])
+                classes = rows[::g] // g
+                np.testing.assert_array_equal(rows, class_rows(classes, g))  # whole classes
                 assert np.isin(labels, classes).all(), "a positive class was not sampled"
             else:
                 classes = np.arange(num_classes)
+            rows = class_rows(classes, g)
             loss, acc, ge, gw = _dense_grads(
-                emb, np.searchsorted(classes, labels), w[classes].astype(np.float32), margin
+                emb, np.searchsorted(classes, labels), w[rows].astype(np.float32), margin, lr=LR
             )
-            sub = {k: v[classes] for k, v in state.items()}
-            new_w, new_sub = update(w[classes], gw.astype(np.float64), sub, LR, **case["opt_params"])
-            w[classes] = new_w
+            sub = {k: v[rows] for k, v in state.items()}
+            new_w, new_sub = update(w[rows], gw.astype(np.float64), sub, LR, **case["opt_params"])
+            w[rows] = new_w
             for k, v in new_sub.items():
-                state[k][classes] = v
+                state[k][rows] = v
             for r, (start, end) in enumerate(ranges):
                 got = ranks[r]
                 where = f"{key} step {s} rank {r}/{n}"
@@ -118,8 +139,8 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
                 w_now = got[f"{key}/{s}/w"]
                 # the update itself matches (relative to its own size, not to the weights')
                 assert rel(w_now - w_prev, w[start:end] - w_prev) <= 1e-4, where
-                local = (classes >= start) & (classes < end)
-                untouched = np.setdiff1d(np.arange(end - start), classes[local] - start)
+                local = (rows >= start) & (rows < end)
+                untouched = np.setdiff1d(np.arange(end - start), rows[local] - start)
                 unsampled += untouched.size
                 np.testing.assert_array_equal(w_now[untouched], w_prev[untouched], err_msg=where)
                 for slot in ("momentum", "m", "v", "count"):
@@ -146,10 +167,12 @@ def test_16bit_storage_and_compute(scale_results, case):
         key = f"{num_classes}/train/{case['id']}"
         inputs, labels, backbone = global_batch(num_classes, n)
         emb = (inputs @ backbone).astype(np.float32)
-        w = full_matrix(num_classes, backbone.shape[1], seed=11).numpy()
+        g = MARGINS[case["margin"]].rows_per_class
+        w = full_matrix(g * num_classes, backbone.shape[1], seed=11).numpy()
         reset_state(MARGINS[case["margin"]])
         loss, _, ge, _ = _dense_grads(emb, labels, w, MARGINS[case["margin"]])
-        for r, (start, end) in enumerate(all_shard_ranges(num_classes, n)):
+        for r, classes in enumerate(all_shard_ranges(num_classes, n)):
+            start, end = row_range(classes, g)
             got = ranks[r]
             assert str(got[key + "/weight_dtype"]) == case["dtype"]
             assert set(got[key + "/state_dtypes"].tolist()) == {case["dtype"]}

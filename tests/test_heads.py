@@ -238,3 +238,147 @@ def test_quality_heads_by_name_and_bad_parameters():
         M.AdaFace(h=-1.0)
     with pytest.raises(ValueError, match="batch's feature norms"):
         M.AdaFace().target_logit(tf.constant([0.5]), tf.constant([64.0]))
+
+
+# --- Sub-center ArcFace ------------------------------------------------------------------------
+def subcenter_numpy(x, y, w, s, m, k):
+    """Sub-center ArcFace as its paper writes it: W has k·C rows (class j: rows k·j .. k·j+k−1),
+    cos θ_j = max over the class's sub-centers, ArcFace's s cos(θ_y + m) at the label (with its
+    continuation past π)."""
+    cos = np.clip(_unit(x) @ _unit(w).T, -1, 1).reshape(len(x), -1, k).max(axis=2)
+    rows = np.arange(len(y))
+    ct = cos[rows, y]
+    target = np.where(ct > math.cos(math.pi - m), np.cos(np.arccos(ct) + m), ct - m * math.sin(math.pi - m))
+    logits = s * cos
+    logits[rows, y] = s * target
+    return _ce(logits, y)
+
+
+def test_subcenter_arcface_is_the_papers_formula_and_only_the_nearest_sub_center_learns():
+    x, y, _ = _batch(seed=7, c=6)
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(3 * 6, x.shape[1]))
+    margin = M.SubCenterArcFace(scale=64.0, margin=0.5, k=3)
+    loss, gx, gw = _dense(margin, x, y, w)
+    assert loss == pytest.approx(subcenter_numpy(x, y, w, 64.0, 0.5, 3), rel=1e-9)
+    # each sample pulls (or pushes) only the nearest sub-center of each class: a row that is no
+    # sample's nearest of its class gets no gradient
+    cos = _unit(x) @ _unit(w).T
+    nearest = cos.reshape(len(x), 6, 3).argmax(axis=2) + 3 * np.arange(6)
+    unused = np.setdiff1d(np.arange(18), nearest)
+    assert unused.size and not np.any(gw[unused])
+    assert np.all(np.linalg.norm(gw[np.unique(nearest)], axis=1) > 0)
+    # finite at cos θ = ±1 (a sample on a sub-center, and opposite one)
+    x1 = np.stack([w[4], -w[4], w[0]])
+    loss1, gx1, gw1 = _dense(margin, x1, np.array([1, 1, 0]), w)
+    assert np.isfinite(loss1) and np.isfinite(gx1).all() and np.isfinite(gw1).all()
+    # k = 1 is ArcFace
+    one = _dense(M.SubCenterArcFace(scale=64.0, margin=0.5, k=1), x, y, w[:6])
+    np.testing.assert_allclose(one[0], _dense(M.ArcFace(scale=64.0, margin=0.5), x, y, w[:6])[0], rtol=1e-12)
+
+
+def test_subcenter_layer_weight_and_names():
+    import cluster
+
+    fc = partitioned_fc.PartitionedFC(7, 4, M.SubCenterArcFace(k=3), cluster.init("local"))
+    assert fc.weight.shape == (21, 4) and fc.row_range == (0, 21) and fc.num_local_classes == 7
+    from partitioned_fc.sharding import full_matrix
+
+    np.testing.assert_array_equal(fc.weight.numpy(), full_matrix(21, 4, seed=0).numpy())
+    assert M.get("subcenter", k=2) == M.SubCenterArcFace(k=2)
+    assert M.from_config(M.SubCenterArcFace(k=4, margin=0.3).get_config()) == M.SubCenterArcFace(k=4, margin=0.3)
+    with pytest.raises(ValueError, match="k \\(sub-centers per class\\) must be an integer >= 1"):
+        M.SubCenterArcFace(k=0)
+
+
+# --- SphereFace2 -------------------------------------------------------------------------------
+def _softplus(f):
+    return np.logaddexp(0.0, f)
+
+
+def sphereface2_numpy(x, y, w, b, r=40.0, m=0.4, lam=0.7, t=3.0, lw=50.0, threshold=0.0):
+    """SphereFace2-C (the paper's eq. with g(z) = 2((z + 1)/2)^t − 1), times the loss weight;
+    mean over the batch."""
+    cos = _unit(x) @ _unit(w).T
+    g = 2.0 * ((cos + 1.0) / 2.0) ** t - 1.0
+    rows = np.arange(len(y))
+    pos = lam / r * _softplus(-(r * (g[rows, y] - m) + b))
+    neg_terms = (1.0 - lam) / r * _softplus(r * (g + m) + b)
+    if threshold > 0:
+        neg_terms = np.where(cos > threshold, 0.0, neg_terms)
+    neg_terms[rows, y] = 0.0
+    return float(np.mean(lw * (pos + neg_terms.sum(axis=1))))
+
+
+def _dense_b(margin, x, y, w):
+    xv, wv = tf.Variable(x), tf.Variable(w)
+    with tf.GradientTape() as tape:
+        loss = partitioned_fc.dense_loss(xv, y, wv, margin)
+    gx, gw, gb = tape.gradient(loss, [xv, wv, margin.bias])
+    return float(loss), gx.numpy(), gw.numpy(), float(gb)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"scale": 16.0, "margin": 0.2, "lam": 0.6, "t": 2.0, "loss_weight": 1.0, "interclass_filtering_threshold": 0.4},
+    ],
+    ids=["paper", "other"],
+)
+def test_sphereface2_is_the_papers_loss_with_exact_gradients(params):
+    x, y, w = _batch(seed=9)
+    margin = M.SphereFace2(**params)
+    margin.bias.assign(-2.0)
+    kw = {"r": "scale", "m": "margin", "lam": "lam", "t": "t", "lw": "loss_weight"}
+    np_kw = {k: params[v] for k, v in kw.items() if v in params}
+    np_kw["threshold"] = params.get("interclass_filtering_threshold", 0.0)
+    loss, gx, gw, gb = _dense_b(margin, x, y, w)
+    assert loss == pytest.approx(sphereface2_numpy(x, y, w, -2.0, **np_kw), rel=1e-9)
+    # gradients by central differences of the NumPy formula (float64)
+    rng = np.random.default_rng(1)
+    for arr, grad in ((x, gx), (w, gw)):
+        for _ in range(4):
+            i = tuple(rng.integers(0, n) for n in arr.shape)
+            h = 1e-6
+            arr[i] += h
+            up = sphereface2_numpy(x, y, w, -2.0, **np_kw)
+            arr[i] -= 2 * h
+            down = sphereface2_numpy(x, y, w, -2.0, **np_kw)
+            arr[i] += h
+            assert grad[i] == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
+    h = 1e-6
+    fd = (sphereface2_numpy(x, y, w, -2.0 + h, **np_kw) - sphereface2_numpy(x, y, w, -2.0 - h, **np_kw)) / (2 * h)
+    assert gb == pytest.approx(fd, rel=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [2, 1000, 2_000_000])
+def test_sphereface2_bias_starts_where_the_gradients_balance(num_classes):
+    """At cos θ = 0 everywhere, the start b makes λ σ(−f_y) = (1 − λ)(C − 1) σ(f_j): the positive's
+    pull equals the C − 1 negatives' push (the paper's initialization)."""
+    margin = M.SphereFace2()
+    b = margin.initial_bias(num_classes)
+    g0 = 2 * 0.5**3 - 1
+    f_pos, f_neg = 40 * (g0 - 0.4) + b, 40 * (g0 + 0.4) + b
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert 0.7 * sig(-f_pos) == pytest.approx(0.3 * (num_classes - 1) * sig(f_neg), rel=1e-9)
+    import cluster
+
+    partitioned_fc.PartitionedFC(num_classes if num_classes < 10**6 else 7, 4, margin, cluster.init("local"))
+    assert float(margin.bias.numpy()) == pytest.approx(margin.initial_bias(num_classes if num_classes < 10**6 else 7))
+
+
+def test_sphereface2_finite_at_cos_plus_minus_one_and_bad_parameters():
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(5, 6))
+    x = np.stack([w[0], -w[0], w[1], -w[2]])
+    loss, gx, gw, gb = _dense_b(M.SphereFace2(), x, np.array([0, 0, 1, 3]), w)
+    assert np.isfinite([loss, gb]).all() and np.isfinite(gx).all() and np.isfinite(gw).all()
+    assert M.get("sphereface2", lam=0.5) == M.SphereFace2(lam=0.5)
+    assert M.from_config(M.SphereFace2(t=2.0).get_config()) == M.SphereFace2(t=2.0)
+    with pytest.raises(ValueError, match="lam must be in \\(0, 1\\)"):
+        M.SphereFace2(lam=1.0)
+    with pytest.raises(ValueError, match="t must be a finite number >= 1"):
+        M.SphereFace2(t=0.5)
+    with pytest.raises(TypeError, match="binary loss"):
+        M.SphereFace2().target_logit(tf.constant([0.5]), tf.constant([1.0]))

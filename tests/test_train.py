@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow  # every test trains (in this process or horovodru
 TOL = 2e-5
 
 
-def run(n, tmp, name, run_dir, steps, chunk=None):
+def run(n, tmp, name, run_dir, steps, chunk=None, loss="arcface"):
     out = tmp / name
     out.mkdir()
     argv = ["tests/workers/train_worker.py", str(out), str(run_dir), str(steps)]
-    horovodrun(n, *argv, *([str(chunk)] if chunk else []))
+    horovodrun(n, *argv, str(chunk or 0), loss)
     ranks = [dict(np.load(out / f"rank{r}.npz")) for r in range(n)]
     for key in ranks[0]:  # every worker sees the same replicated state
         for r in ranks[1:]:
@@ -72,6 +72,21 @@ def test_resume_at_another_world_size(runs, n):
     assert_same_state(got, runs[2], "final_", "final_", TOL, f"resumed at {n} vs uninterrupted at 2")
     manifest = ckpt.read_manifest(ckpt.latest(str(run_dir / "checkpoints")))
     assert manifest["world_size"] == n and manifest["step"] == 6
+
+
+def test_subcenter_rows_resume_at_another_world_size(tmp_path):
+    """Sub-center ArcFace: k rows per class split by class (k·class range per worker); stopped at
+    2 workers and resumed at 3, the run equals the uninterrupted one at 2."""
+    whole = run(2, tmp_path, "sc_whole", tmp_path / "run_sc_whole", 6, loss="subcenter")
+    half = run(2, tmp_path, "sc_half", tmp_path / "run_sc", 3, loss="subcenter")
+    got = run(3, tmp_path, "sc_resume", tmp_path / "run_sc", 6, chunk=2, loss="subcenter")
+    assert whole["final_fc_weight"].shape == (3 * train_worker.NUM_CLASSES, 8)
+    assert int(got["resumed_step"]) == 3
+    assert_same_state(got, half, "resumed_", "final_", 0, "sub-centers re-split 2 -> 3")
+    assert_same_state(got, whole, "final_", "final_", TOL, "sub-centers resumed at 3 vs uninterrupted at 2")
+    manifest = ckpt.read_manifest(ckpt.latest(str(tmp_path / "run_sc" / "checkpoints")))
+    assert manifest["fc"]["rows_per_class"] == 3
+    assert [s["class_range"] for s in manifest["fc"]["shards"]] == [[0, 15], [15, 27], [27, 39]]  # rows
 
 
 def _local_config(tmp_path, **train):
@@ -176,15 +191,24 @@ def test_export_serves_unit_embeddings_of_the_checkpointed_backbone(tmp_path):
     np.testing.assert_allclose(emb[:3], want, rtol=1e-4, atol=1e-6)
 
 
-def test_a_running_statistic_resumes_exactly(tmp_path):
-    """CurricularFace's t: a run stopped at step 2 and resumed ends with the uninterrupted run's t
-    (and loss); the checkpoint keeps it in the manifest, so any world size reads the same value."""
+@pytest.mark.parametrize(
+    "loss, stat",
+    [
+        ({"name": "curricularface", "scale": 16.0, "margin": 0.3}, "t"),
+        ({"name": "sphereface2", "scale": 16.0, "loss_weight": 5.0}, "bias"),
+    ],
+    ids=["curricular_t", "sphereface2_bias"],
+)
+def test_a_running_statistic_resumes_exactly(tmp_path, loss, stat):
+    """CurricularFace's t, SphereFace2's learned bias: a run stopped at step 2 and resumed ends
+    with the uninterrupted run's value (and loss); the checkpoint keeps it in the manifest, so any
+    world size reads the same value."""
 
     def run(run_dir, steps, resume=None):
         raw = train_worker.config(str(run_dir), steps, None)
         raw["train"]["batch_size"] = 6
         raw["checkpoint"]["every"] = 2
-        raw["loss"] = {"name": "curricularface", "scale": 16.0, "margin": 0.3}
+        raw["loss"] = dict(loss)
         out = train_lib.train(
             from_dict(raw),
             cluster.init("local"),
@@ -192,12 +216,13 @@ def test_a_running_statistic_resumes_exactly(tmp_path):
             steps_per_epoch=10,
             num_classes=train_worker.NUM_CLASSES,
         )
-        return out, ckpt.read_manifest(out["checkpoint"])["fc"]["margin_state"]["t"]
+        return out, ckpt.read_manifest(out["checkpoint"])["fc"]["margin_state"][stat]
 
+    start = from_dict({**train_worker.config("x", 4, None), "loss": loss}).loss.margin().state()[stat]
     whole, t_whole = run(tmp_path / "whole", 4)
     half, t_half = run(tmp_path / "split", 2)
     resumed, t_resumed = run(tmp_path / "split", 4)
-    assert t_half != 0.0 and t_half != t_whole
+    assert t_half != float(start.numpy()) and t_half != t_whole
     assert t_resumed == pytest.approx(t_whole, rel=1e-6)
     assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-5)
 

@@ -25,15 +25,17 @@ import partitioned_fc  # noqa: E402
 
 
 def step(fc, inputs, labels, backbone):
-    """Linear backbone x = inputs @ A, then the layer. Returns loss, acc and the three gradients."""
+    """Linear backbone x = inputs @ A, then the layer. Returns loss, acc, the three gradients and
+    the gradient of the margin's learned state (SphereFace2's bias; 0 for the others)."""
     reset_state(fc.margin)
     x_in = tf.convert_to_tensor(inputs)
     with tf.GradientTape() as tape:
         tape.watch(x_in)
         x = tf.matmul(x_in, backbone)
         loss, acc = fc(x, labels, step=STEP, return_accuracy=True)
-    g_x, g_w, g_a = tape.gradient(loss, [x_in, fc.weight, backbone])
-    return loss, acc, g_x, g_w, g_a
+    learned = [fc.margin.bias] if fc.margin.binary else []
+    g_x, g_w, g_a, *g_b = tape.gradient(loss, [x_in, fc.weight, backbone, *learned])
+    return loss, acc, g_x, g_w, g_a, g_b[0] if g_b else tf.constant(0.0)
 
 
 def main(out_dir: str) -> None:
@@ -52,13 +54,13 @@ def main(out_dir: str) -> None:
             results[key + "/w0"] = fc.weight.numpy()
             label_dtype = tf.int32 if name == "arcface" else tf.int64  # both dtypes accepted
             outs = step(fc, inputs[sl], tf.constant(labels[sl], label_dtype), a_var)
-            for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
+            for tag, v in zip(("loss", "acc", "gx", "gw", "ga", "gb"), outs):
                 results[f"{key}/{tag}"] = np.asarray(v)
             for stat, var in margin.state().items():  # after the call: advanced once
                 results[f"{key}/state/{stat}"] = var.numpy()
             if name in GRAPH_MARGINS:
                 g = tf.function(step)(fc, inputs[sl], tf.constant(labels[sl]), a_var)
-                for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), g):
+                for tag, v in zip(("loss", "acc", "gx", "gw", "ga", "gb"), g):
                     results[f"{key}/graph_{tag}"] = np.asarray(v)
         # Partial FC: the sampled index is left on the layer so the test can rebuild the dense problem.
         for name in SAMPLED_MARGINS:
@@ -67,7 +69,7 @@ def main(out_dir: str) -> None:
             )
             outs = step(fc, inputs[sl], tf.constant(labels[sl]), a_var)
             key = f"{num_classes}/sampled_{name}"
-            for tag, v in zip(("loss", "acc", "gx", "gw", "ga"), outs):
+            for tag, v in zip(("loss", "acc", "gx", "gw", "ga", "gb"), outs):
                 results[f"{key}/{tag}"] = np.asarray(tf.convert_to_tensor(v))
             results[key + "/index"] = fc.sampled_index.numpy()
         # Accuracy across shards: embeddings equal to the label's row for even samples and to another

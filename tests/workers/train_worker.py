@@ -1,7 +1,8 @@
 """Run by `horovodrun -np N`: `launch.train.train` on deterministic global batches.
 
-argv: OUT_DIR RUN_DIR STEPS [chunk]. Every worker takes its slice of global batch `s` at step s,
-so the global batches are the same at every world size; a checkpoint is written every
+argv: OUT_DIR RUN_DIR STEPS [chunk [loss]] (chunk 0: none; loss: a key of LOSSES). Every
+worker takes its slice of global batch `s` at step s, so the global batches are the same at
+every world size; a checkpoint is written every
 CKPT_EVERY steps and the run resumes from RUN_DIR's newest one. Saves the full class matrix, its
 optimizer state and the backbone (as every worker sees them) to OUT_DIR/rank{r}.npz.
 """
@@ -22,14 +23,18 @@ GLOBAL_BATCH = 6
 NUM_CLASSES = 13
 IMAGE = 16
 CKPT_EVERY = 3
+LOSSES = {
+    "arcface": {"name": "arcface", "scale": 16.0, "margin": 0.3},
+    "subcenter": {"name": "subcenter_arcface", "scale": 16.0, "margin": 0.3, "k": 3},
+}
 
 
-def config(run_dir: str, steps: int, chunk) -> dict:
+def config(run_dir: str, steps: int, chunk, loss: str = "arcface") -> dict:
     return {
         "seed": 3,
         "data": {"train": ["unused"], "num_classes": NUM_CLASSES, "image_size": IMAGE},
         "model": {"backbone": "tiny", "embedding_dim": 8, "dropout": 0.0, "batch_norm": False},
-        "loss": {"name": "arcface", "scale": 16.0, "margin": 0.3},
+        "loss": dict(LOSSES[loss]),
         "fc": {"sample_rate": 1.0, "chunk_size": chunk},
         "optim": {
             "name": "sgd",
@@ -70,11 +75,11 @@ def state(trainer: Trainer) -> dict:
     return out
 
 
-def main(out_dir: str, run_dir: str, steps: int, chunk=None) -> None:
+def main(out_dir: str, run_dir: str, steps: int, chunk=None, loss: str = "arcface") -> None:
     comm = cluster.init()
     r, n = comm.rank, comm.size
     b = GLOBAL_BATCH // n
-    cfg = from_dict(config(run_dir, steps, chunk))
+    cfg = from_dict(config(run_dir, steps, chunk, loss))
 
     def data(start):
         for s in range(start, steps):
@@ -97,4 +102,5 @@ def main(out_dir: str, run_dir: str, steps: int, chunk=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    chunk = int(sys.argv[4]) if len(sys.argv) > 4 and int(sys.argv[4]) else None
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), chunk, *sys.argv[5:6])
