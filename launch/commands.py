@@ -53,7 +53,7 @@ COMMANDS: dict[str, Command] = {
         "list training samples far from their class's dominant sub-center (noisy labels)",
         (
             "pfc clean --config configs/fonts.yaml noisy.tsv",
-            "pfc clean --config configs/fonts.yaml --threshold 60 --data data/fonts64/train noisy.tsv",
+            "pfc clean --config configs/fonts.yaml --threshold 60 --data data/fonts64 noisy.tsv",
         ),
     ),
     "data": Command(

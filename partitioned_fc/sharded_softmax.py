@@ -24,6 +24,9 @@ correction, label-row gradient and optimizer update are one kernel over the bloc
 Normalized weights are never materialized: z = (s·x) Wᵀ scaled per column by 1/|W_j|. Matmuls
 run in `compute_dtype`; logits, softmax statistics and gradients are float32.
 
+A class may own g adjacent rows (Sub-center ArcFace's sub-centers): the kernels take each
+class's largest row logit and send its gradient to that row alone; blocks hold whole classes.
+
 The target logit f'_y goes through the margin on the autodiff tape (any margin, its exact
 derivative; with the margin's batch context and extra loss term, AdaFace and MagFace);
 everything `[B, C_r]` is differentiated by hand. The tape form with kept logits runs its backward
