@@ -116,16 +116,16 @@ def batches(items: Iterator[tuple[Sample, bytes]], size: int) -> Iterator[tuple[
     """Decoded uint8 batches of one image shape (a change of shape starts a new batch)."""
     from launch.embed import batches as image_batches
 
-    pending: list[Sample] = []
+    samples: dict[str, Sample] = {}
 
     def named() -> Iterator[tuple[str, bytes]]:
         for sample, data in items:
-            pending.append(sample)
-            yield f"{sample.file}:{sample.record}", data
+            name = f"{sample.file}:{sample.record}"
+            samples[name] = sample
+            yield name, data
 
     for names, pixels in image_batches(named(), size):
-        taken, pending[:] = pending[: len(names)], pending[len(names) :]
-        yield taken, pixels
+        yield [samples.pop(n) for n in names], pixels
 
 
 def check_labels(samples: list[Sample], num_classes: int) -> None:

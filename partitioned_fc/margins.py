@@ -261,6 +261,12 @@ def _check_scale(scale: float, name: str = "scale") -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {scale!r}")
 
 
+def _check_at_least(value: Any, name: str, low: float = 0.0) -> None:
+    """A finite number >= low, or a ValueError naming the parameter."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+
+
 def _check_int_margin(m: Any) -> None:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"margin must be an integer >= 1 for L-Softmax / A-Softmax, got {m!r}")
@@ -349,8 +355,7 @@ class AMSoftmax(Margin):
     def __post_init__(self):
         _check_scale(self.scale)
         _check_threshold(self.interclass_filtering_threshold)
-        if not math.isfinite(self.margin) or self.margin < 0:
-            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+        _check_at_least(self.margin, "margin")
 
     @property
     def logit_scale(self) -> float:
@@ -494,8 +499,7 @@ class AdaFace(Margin):
         _check_scale(self.scale)
         _check_threshold(self.interclass_filtering_threshold)
         for key in ("margin", "h"):
-            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
-                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)!r}")
+            _check_at_least(getattr(self, key), key)
         with tf.init_scope():
             object.__setattr__(
                 self,
@@ -559,8 +563,7 @@ class MagFace(Margin):
             raise ValueError(f"need 0 < l_a < u_a, got l_a={self.l_a!r}, u_a={self.u_a!r}")
         if not 0 <= self.l_m <= self.u_m < math.pi:
             raise ValueError(f"need 0 <= l_m <= u_m < π, got l_m={self.l_m!r}, u_m={self.u_m!r}")
-        if not (math.isfinite(self.lambda_g) and self.lambda_g >= 0):
-            raise ValueError(f"lambda_g must be a finite number >= 0, got {self.lambda_g!r}")
+        _check_at_least(self.lambda_g, "lambda_g")
 
     @property
     def logit_scale(self) -> float:
@@ -638,10 +641,8 @@ class SphereFace2(Margin):
         _check_threshold(self.interclass_filtering_threshold)
         if not (isinstance(self.lam, (int, float)) and 0.0 < self.lam < 1.0):
             raise ValueError(f"lam must be in (0, 1), got {self.lam!r}")
-        if not (isinstance(self.t, (int, float)) and math.isfinite(self.t) and self.t >= 1.0):
-            raise ValueError(f"t must be a finite number >= 1, got {self.t!r}")
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}")
+        _check_at_least(self.t, "t", 1.0)
+        _check_at_least(self.margin, "margin")
         with tf.init_scope():
             object.__setattr__(self, "_bias", tf.Variable(0.0, name="sphereface2_bias"))
 
