@@ -134,7 +134,6 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
                     assert got[f"{key}/{s}/margin/{stat}"] == pytest.approx(var.numpy(), rel=1e-6), where
                 assert abs(got[f"{key}/{s}/loss"] - loss) <= LOSS_RTOL * abs(loss), where
                 assert got[f"{key}/{s}/acc"] == pytest.approx(acc), where
-                assert rel(got[f"{key}/{s}/demb"], ge[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH]) <= GRAD_RTOL, where
                 w_prev, _ = prev[r]
                 w_now = got[f"{key}/{s}/w"]
                 # the update itself matches (relative to its own size, not to the weights')
@@ -155,6 +154,10 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
                     before = got[f"{key}/{s - 1}/state/{slot}"] if s else np.zeros_like(got[name])
                     np.testing.assert_array_equal(got[name][untouched], before[untouched], err_msg=where)
                 prev[r] = (w_now, None)
+            # Over the whole batch: after an update one worker's samples can be fit so well that
+            # their slice of the gradient is ~1e-3 of the batch's, below float32's relative reach.
+            demb = np.concatenate([ranks[r][f"{key}/{s}/demb"] for r in range(n)])
+            assert rel(demb, ge) <= GRAD_RTOL, f"{key} step {s}"
             if case["rate"] < 1 and num_classes > len(labels):
                 assert unsampled, f"{key} step {s}: the case should leave some rows unsampled"
 
