@@ -119,6 +119,22 @@ def _build(name, image_size, embedding_dim, dropout, seed, batch_norm) -> keras.
     return keras.Model(inputs, out, name=name)
 
 
+def unit_ends(model: keras.Model) -> list[str]:
+    """Names of the layers that end the backbone's units, in order: the cuts of gradient
+    checkpointing (launch/recompute.py). Each unit's only input is the previous unit's output;
+    after the last one comes the embedding head."""
+    if model.name == "tiny":
+        return [f"conv{i}_prelu" for i in (1, 2, 3)]
+    if model.name == "mobilefacenet":
+        names = {layer.name for layer in model.layers}
+        groups = enumerate(MOBILEFACENET_GROUPS, 1)
+        blocks = [f"group{g}_block{i}" for g, (_, _, n, _) in groups for i in range(1, n + 1)]
+        ends = [f"{b}_add" if f"{b}_add" in names else f"{b}_project_bn" for b in blocks]
+        return ["stem_dw_prelu", *ends, "conv_512_prelu"]
+    units = IRESNET_UNITS[model.name]
+    return ["stem_prelu", *(f"stage{s}_unit{u}_add" for s, n in enumerate(units, 1) for u in range(1, n + 1))]
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------

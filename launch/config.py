@@ -315,6 +315,12 @@ class ModelConfig(_Section):
         "matrix has its own dtypes (fc.compute_dtype, fc.param_dtype).",
     )
 
+    gradient_checkpointing: bool = _field(
+        False,
+        "Keep only each backbone unit's input in the forward and recompute the unit in the "
+        "backward (launch/recompute.py): less activation memory, about one more forward of compute.",
+    )
+
     def _check(self) -> None:
         if not self.batch_norm and self.backbone != "tiny":
             raise self._error("batch_norm", f"false is only supported by the tiny backbone, not {self.backbone!r}")

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import cluster as cluster_lib
 import partitioned_fc
-from launch import backbones
+from launch import backbones, recompute
 from launch import checkpoint as ckpt
 from launch.config import Config
 from launch.schedule import learning_rate
@@ -95,6 +95,9 @@ class Trainer:
         # No global seed: every initializer and RNG is seeded explicitly from cfg.seed.
         self.model = backbones.from_config(cfg, precision=cfg.model.precision)
         self.loss_scale = LossScale() if cfg.model.precision == "mixed_float16" else None
+        self.forward = self.model  # the training forward: images [B_r, H, W, 3] -> [B_r, D]
+        if cfg.model.gradient_checkpointing:
+            self.forward = recompute.CheckpointedBackbone(self.model, backbones.unit_ends(self.model))
         self.fc = partitioned_fc.PartitionedFC(
             self.num_classes,
             cfg.model.embedding_dim,
@@ -190,7 +193,7 @@ class Trainer:
         # read before the forward pass changes them (stateful ops run in program order)
         before = [tf.identity(tf.convert_to_tensor(v)) for v in self._volatile]
         with tf.GradientTape() as tape:
-            emb = self.model(images, training=True)
+            emb = self.forward(images, training=True)
         out = self.fc.train_step(emb, labels, self.fc_opt, lr * cfg.optim.fc_lr_scale, step=step)
         grads = self._backbone_grads(tape, emb, variables, out.d_embeddings)
         grads, comm_s = self._sum_over_workers(grads)

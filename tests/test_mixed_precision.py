@@ -11,9 +11,9 @@ from launch.config import ConfigError, from_dict
 from launch.trainer import LossScale, Trainer
 
 
-def _trainer(tmp_path, precision: str, batch_norm: bool = True) -> Trainer:
+def _trainer(tmp_path, precision: str, batch_norm: bool = True, **model) -> Trainer:
     raw = train_worker.config(str(tmp_path / precision), 4, None)
-    raw["model"].update(precision=precision, batch_norm=batch_norm)
+    raw["model"].update(precision=precision, batch_norm=batch_norm, **model)
     raw["train"]["batch_size"] = train_worker.GLOBAL_BATCH
     raw["optim"]["warmup_steps"] = 0  # a full-size first step: its update is far above float32 rounding
     t = Trainer(from_dict(raw), cluster.init("local"), num_classes=train_worker.NUM_CLASSES)
