@@ -69,6 +69,28 @@ def class_counts(world_size: int) -> list[int]:
     return [37, world_size + 1]
 
 
+# The fused train step at the tiny class count (N + 1: one or two classes a worker) for the cases
+# whose edges it reaches (samples of a whole shard, chunks larger than a shard, sub-centers,
+# learned and running state); every case runs at 37 classes.
+TINY_TRAIN_CASES = (
+    "arc_chunk_sgd",
+    "cos_pfc_chunk_nesterov",
+    "soft_pfc_adamw",
+    "curricular_pfc_chunk",
+    "adaface_pfc_chunk",
+    "magface_full_adamw",
+    "subcenter_pfc_chunk_nesterov",
+    "sphereface2_pfc_chunk_adamw",
+    "arc_pfc_chunk_bf16",
+)
+
+
+def train_class_counts(case_id: str, world_size: int) -> list[int]:
+    """The class counts at which the fused-step case `case_id` runs (see TINY_TRAIN_CASES)."""
+    counts = class_counts(world_size)
+    return counts if case_id in TINY_TRAIN_CASES else counts[:1]
+
+
 def global_batch(num_classes: int, world_size: int, seed: int = 0):
     """(inputs [B, IN_DIM], labels [B], backbone [IN_DIM, DIM]) with repeated labels and labels on
     every shard boundary of this world size."""
@@ -303,3 +325,4 @@ TRAIN_CASES = [
         "dtype": "bfloat16",
     },
 ]
+assert set(TINY_TRAIN_CASES) <= {c["id"] for c in TRAIN_CASES}, "TINY_TRAIN_CASES names an unknown case"

@@ -15,6 +15,7 @@ from cases import (
     global_batch,
     reset_state,
     row_range,
+    train_class_counts,
 )
 from helpers import horovodrun
 from test_fc_distributed import GRAD_RTOL, LOSS_RTOL, dense, rel
@@ -90,7 +91,7 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
     not sampled keep weight and state bit for bit; FC gradients are not reduced over workers."""
     n, ranks = scale_results
     update = {"sgd": _sgd, "adamw": _adamw}[case["opt"]]
-    for num_classes in class_counts(n):
+    for num_classes in train_class_counts(case["id"], n):
         key = f"{num_classes}/train/{case['id']}"
         inputs, labels, backbone = global_batch(num_classes, n)
         emb = (inputs @ backbone).astype(np.float32)
@@ -166,7 +167,7 @@ def test_train_step_sparse_update_matches_dense(scale_results, case):
 def test_16bit_storage_and_compute(scale_results, case):
     """16-bit shards and optimizer state: stored as asked, the step's numbers near float32's."""
     n, ranks = scale_results
-    for num_classes in class_counts(n):
+    for num_classes in train_class_counts(case["id"], n):
         key = f"{num_classes}/train/{case['id']}"
         inputs, labels, backbone = global_batch(num_classes, n)
         emb = (inputs @ backbone).astype(np.float32)

@@ -8,7 +8,17 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cases import LOCAL_BATCH, MARGINS, STEP, TAPE_CHUNK_MARGINS, TRAIN_CASES, class_counts, global_batch, reset_state  # noqa: E402
+from cases import (
+    LOCAL_BATCH,
+    MARGINS,
+    STEP,
+    TAPE_CHUNK_MARGINS,
+    TRAIN_CASES,
+    class_counts,
+    global_batch,
+    reset_state,
+    train_class_counts,
+)  # noqa: E402
 
 import cluster  # noqa: E402
 import partitioned_fc  # noqa: E402
@@ -45,6 +55,8 @@ def main(out_dir: str) -> None:
                     res[f"{num_classes}/tape/{name}/{chunk}/{tag}"] = np.asarray(v)
         # The fused step: two steps of forward + backward + sparse update.
         for case in TRAIN_CASES:
+            if num_classes not in train_class_counts(case["id"], n):
+                continue
             key = f"{num_classes}/train/{case['id']}"
             fc = partitioned_fc.PartitionedFC(
                 num_classes,
