@@ -259,13 +259,13 @@ class PartitionedFC(tf.Module):
         return index, tf.where(local_label >= 0, tf.searchsorted(classes, local_label, out_type=tf.int32), -1)
 
     def _sample(self, local_label: tf.Tensor) -> tf.Tensor:
-        """[B] local labels (-1: not owned) -> [K] sorted local rows: all positives + random negatives."""
+        """[B] local labels (-1: not owned) -> [K] sorted local classes: all positives + random negatives."""
         rows = self.num_local_classes
-        owned = tf.boolean_mask(local_label, local_label >= 0)
-        positive = tf.scatter_nd(owned[:, None], tf.ones_like(owned), [rows]) > 0
-        scores = tf.where(positive, 2.0, self.sampler.uniform([rows]))  # positives sort first
-        k = tf.maximum(max(1, int(self.sample_rate * rows)), tf.reduce_sum(tf.cast(positive, tf.int32)))
-        return tf.sort(tf.math.top_k(scores, k, sorted=False).indices)
+        positives = tf.sort(tf.unique(tf.boolean_mask(local_label, local_label >= 0)).y)
+        want = tf.maximum(max(1, int(self.sample_rate * rows)) - tf.size(positives), 0)
+        by_draws = self.sample_rate <= DRAW_RATE
+        negatives = sample_negatives(self.sampler, rows, positives, want, by_draws)
+        return tf.sort(tf.concat([positives, negatives], 0))
 
     def _validate_local(self, embeddings, labels):
         x = tf.convert_to_tensor(embeddings)
@@ -289,6 +289,43 @@ class PartitionedFC(tf.Module):
                 )
         # Softmax statistics are float32 whatever the backbone's dtype; the gradient casts back.
         return tf.cast(x, tf.float32), tf.cast(y, tf.int64)
+
+
+# Rates up to this draw negatives as class ids (work in proportion to K); above, they take the
+# top of one uniform score per class (work in proportion to C_r), where draws would repeat too often.
+DRAW_RATE = 0.125
+
+
+def sample_negatives(gen: tf.random.Generator, rows: int, positives, want, by_draws: bool) -> tf.Tensor:
+    """`want` classes of [0, rows) drawn uniformly without replacement, none of the sorted [P]
+    `positives` -> [want] int32 (order arbitrary)."""
+    if not by_draws:
+        return _negatives_by_scores(gen, rows, positives, want)
+    drawn = _negatives_by_draws(gen, rows, positives, want)
+    # too few distinct draws (rare: a small shard mostly positives): the per-class scores instead
+    return tf.cond(tf.size(drawn) >= want, lambda: drawn, lambda: _negatives_by_scores(gen, rows, positives, want))
+
+
+def _negatives_by_scores(gen, rows, positives, want) -> tf.Tensor:
+    """The `want` largest of [rows] uniform scores, positives scored out -> [want]."""
+    is_positive = tf.scatter_nd(positives[:, None], tf.ones_like(positives), [rows]) > 0
+    scores = tf.where(is_positive, -1.0, gen.uniform([rows]))
+    return tf.math.top_k(scores, want, sorted=False).indices
+
+
+def _negatives_by_draws(gen, rows, positives, want) -> tf.Tensor:
+    """2·want + 64 uniform draws from [0, rows) -> up to [want] of their distinct non-positive
+    values in order of first appearance. The classes are exchangeable under the draws, so the
+    first `want` of them are a uniformly random subset of the negatives."""
+    draws = gen.uniform([2 * want + 64], 0, rows, dtype=tf.int64)  # 64 bits: no modulo bias
+    fresh = tf.cast(tf.unique(draws).y, tf.int32)
+    return tf.boolean_mask(fresh, ~_is_member(positives, fresh))[:want]
+
+
+def _is_member(sorted_set, x) -> tf.Tensor:
+    """[P] sorted, [N] -> [N] bool: x[i] in sorted_set (values of x below the sentinel 2^31 − 1)."""
+    padded = tf.concat([sorted_set, [tf.int32.max]], 0)
+    return tf.gather(padded, tf.searchsorted(padded, x)) == x
 
 
 def _assert_labels_in_range(labels: tf.Tensor, num_classes: int):

@@ -190,6 +190,31 @@ def test_partial_fc_gradient_is_sparse():
     np.testing.assert_array_equal(np.sort(g.indices.numpy()), fc.sampled_index.numpy())
 
 
+@pytest.mark.parametrize("by_draws", [True, False], ids=["draws", "scores"])
+def test_negative_sampler_draws_every_subset_of_negatives_equally_often(by_draws):
+    """3 of the 7 negatives of 9 classes: each of the 35 subsets as often as the others
+    (chi-square, p = 0.001), never a positive, never a repeat."""
+    rows, positives, want, n = 9, tf.constant([2, 8]), tf.constant(3), 7000
+    gen = tf.random.Generator.from_seed(3)
+    draw = tf.function(lambda: partitioned_fc.layer.sample_negatives(gen, rows, positives, want, by_draws))
+    counts: dict[tuple, int] = {}
+    for _ in range(n):
+        neg = tuple(sorted(draw().numpy().tolist()))
+        assert len(set(neg)) == 3 and not set(neg) & {2, 8} and 0 <= min(neg) and max(neg) < rows, neg
+        counts[neg] = counts.get(neg, 0) + 1
+    assert len(counts) == 35
+    expected = n / 35
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 65.2, (chi2, counts)  # 34 degrees of freedom
+
+
+def test_negative_sampler_falls_back_when_draws_repeat_too_much():
+    # 2064 draws over 1000 classes leave ~127 unseen: all 1000 come from the per-class scores
+    gen = tf.random.Generator.from_seed(0)
+    neg = partitioned_fc.layer.sample_negatives(gen, 1000, tf.zeros([0], tf.int32), tf.constant(1000), True)
+    np.testing.assert_array_equal(np.sort(neg.numpy()), np.arange(1000))
+
+
 @pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, "0.1"])
 def test_bad_sample_rate(rate):
     with pytest.raises(ValueError, match="sample_rate must be in \\(0, 1\\]"):
